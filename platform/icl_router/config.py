@@ -1,0 +1,162 @@
+"""Typed job configs: pydantic models, YAML as their serialisation.
+
+Every job has one config class. ``load_config(cls, path, overrides)`` reads the
+YAML, applies ``key.sub=value`` overrides (values parsed as YAML scalars), and
+validates. Unknown keys and wrong types fail with the dotted key path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the key and the fix."""
+
+
+class Config(BaseModel):
+    """Base of every config: unknown keys are errors, values are checked on set."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+C = TypeVar("C", bound=Config)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key.sub=value, e.g. embed.batch_size=64")
+    key, _, raw = item.partition("=")
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r}: empty key; expected key.sub=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: value is not valid YAML ({e.__class__.__name__})") from None
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set each ``a.b.c=value`` in a nested dict (creating levels as needed)."""
+    for item in overrides:
+        path, value = _parse_override(item)
+        node = data
+        for i, part in enumerate(path[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                dotted = ".".join(path[: i + 1])
+                raise ConfigError(f"override {item!r}: {dotted} is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def format_validation_error(err: ValidationError, *, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        dotted = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {dotted}: unknown key; remove it or check its spelling")
+        elif e["type"] == "missing":
+            lines.append(f"  {dotted}: required key is missing; add it")
+        else:
+            got = e.get("input")
+            got_s = f" (got {got!r})" if not isinstance(got, dict | list) else ""
+            lines.append(f"  {dotted}: {e['msg']}{got_s}")
+    return "\n".join(lines)
+
+
+def build_config(cls: type[C], data: dict[str, Any], *, source: str = "<dict>") -> C:
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, source=source)) from None
+
+
+def load_config(cls: type[C], path: str | Path | None, overrides: list[str] | None = None) -> C:
+    """Read ``path`` (YAML; None means all defaults), apply overrides, validate."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; pass --config with a YAML file")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(loaded).__name__}")
+        data = loaded or {}
+    if overrides:
+        data = apply_overrides(data, overrides)
+        source += " + overrides"
+    return build_config(cls, data, source=source)
+
+
+# ---------------------------------------------------------------------------
+# Shared pieces
+
+
+class SplitConfig(Config):
+    """A named split (see ``icl_router.data.splits``).
+
+    ``standard``: ID tasks split ``train_fraction`` / rest per seed, OOD tasks
+    whole (the protocol of shared/data/README.md). ``given``: the dataset's
+    own ``split`` column.
+    """
+
+    name: Literal["standard", "given"] = "standard"
+    seed: int = 0
+    train_fraction: float = 0.7
+    id_tasks: list[str] | None = None  # None: the preset for the dataset's tasks
+    ood_tasks: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "SplitConfig":
+        if not 0.0 < self.train_fraction < 1.0:
+            raise ValueError("train_fraction must be strictly between 0 and 1, e.g. 0.7")
+        return self
+
+
+class RayConfig(Config):
+    """How a job reaches Ray. ``address: null`` starts a local cluster."""
+
+    address: str | None = None
+    num_cpus: int | None = None  # logical CPUs for a local cluster (Ray Data LLM needs >= 8)
+    temp_dir: str | None = None
+
+
+# ---------------------------------------------------------------------------
+# Job configs
+
+
+class EmbedConfig(Config):
+    dataset: str
+    embedder: str = "all-MiniLM-L6-v2"  # bundled; or a sentence-transformers path / hub id
+    batch_size: int = 64
+    num_actors: int = 2
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
+    normalize: bool = True
+    max_seq_length: int | None = None
+    ray: RayConfig = RayConfig()
+
+
+class AnchorsConfig(Config):
+    dataset: str
+    k: int = 500
+    seed: int = 0
+    split: SplitConfig = SplitConfig()
+    output: str | None = None  # default: <dataset>/anchors.parquet

@@ -1,0 +1,1 @@
+"""Datasets: the Parquet layout, importers, splits, anchors and Ray Data pipelines."""
