@@ -160,3 +160,82 @@ class AnchorsConfig(Config):
     seed: int = 0
     split: SplitConfig = SplitConfig()
     output: str | None = None  # default: <dataset>/anchors.parquet
+
+
+# ---------------------------------------------------------------------------
+# Router training
+
+
+class TinyRouterConfig(Config):
+    """A Qwen2-shaped router built from a config (CPU tests, the demo).
+
+    vLLM on CPU needs a head size of 32 or more: hidden_size / num_attention_heads >= 32.
+    """
+
+    hidden_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    intermediate_size: int = 256
+    vocab_size: int = 2048  # of the byte-level BPE tokenizer trained on the dataset's texts
+    max_position_embeddings: int = 4096
+
+
+class RouterConfig(Config):
+    """Which causal LM routes. ``name_or_path: null`` builds the tiny router."""
+
+    name_or_path: str | None = None  # e.g. Qwen/Qwen2.5-7B-Instruct or a local path
+    tiny: TinyRouterConfig = TinyRouterConfig()
+    query_input: Literal["text", "vector"] = "vector"
+    profile_layout: Literal["pairs", "fused"] = "pairs"
+    dropout: float = 0.0
+
+
+class PhaseConfig(Config):
+    """A run of epochs with fixed learning rates (0 freezes that part)."""
+
+    epochs: int = 1
+    lr_projector: float = 1e-5
+    lr_router: float = 2e-6
+
+
+class DeepSpeedConfig(Config):
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    bf16: bool = False  # true on GPUs; CPUs train in fp32
+    gradient_clipping: float = 1.0
+    weight_decay: float = 0.0
+
+
+class ScalingConfig(Config):
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+
+
+class TrainConfig(Config):
+    stage: Literal[1, 2]
+    dataset: str
+    output: str  # the trained router directory
+    init_from: str | None = None  # a router directory from the previous stage
+    embedder: str = "all-MiniLM-L6-v2"
+    router: RouterConfig = RouterConfig()
+    split: SplitConfig = SplitConfig()
+    phases: list[PhaseConfig] = [PhaseConfig()]
+    batch_size: int = 32  # pairs per optimiser step per worker (stage 2: one model's pairs share a prefix)
+    max_steps: int | None = None  # stop early (tests, smoke runs)
+    max_text_tokens: int = 128  # query text is cut to this many tokens
+    checkpoint_every: int = 50  # steps
+    max_failures: int = 2  # worker failures survived by resuming from the latest checkpoint
+    storage_path: str | None = None  # Ray Train run storage; default <output>.runs
+    seed: int = 0
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if not self.phases:
+            raise ValueError("phases must list at least one phase, e.g. [{epochs: 1, lr_projector: 1e-5, lr_router: 2e-6}]")
+        if self.deepspeed.bf16 and not self.scaling.use_gpu:
+            raise ValueError("deepspeed.bf16 needs scaling.use_gpu=true; CPUs train in fp32")
+        return self

@@ -1,0 +1,1 @@
+"""Evaluation: baselines, metrics, the standard-protocol report and its plots."""
