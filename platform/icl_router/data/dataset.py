@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from urllib.parse import quote
@@ -185,6 +186,26 @@ class Dataset:
         path = path or self.anchors_path
         _write_atomic(conform(table, S.ANCHORS_SCHEMA, what="anchors"), path)
         return path
+
+    def summary(self) -> dict:
+        """Counts, tasks, splits and per-model accuracy: what to check after an import."""
+        queries, outcomes = self.read_queries(), self.read_outcomes()
+        models = outcomes.column(S.MODEL_ID).to_numpy(zero_copy_only=False)
+        names, inverse = np.unique(models, return_inverse=True)
+        correct = outcomes.column(S.CORRECT).to_numpy(zero_copy_only=False).astype(np.float64)
+        accuracy = np.bincount(inverse, weights=correct, minlength=len(names)) / np.maximum(np.bincount(inverse, minlength=len(names)), 1)
+        pairs = len(outcomes.group_by([S.QUERY_ID, S.MODEL_ID]).aggregate([]))
+        count = lambda col: dict(sorted(Counter(queries.column(col).to_pylist()).items()))  # noqa: E731
+        return {
+            "dataset": str(self.root),
+            "n_queries": len(queries),
+            "n_models": len(names),
+            "n_outcomes": len(outcomes),
+            "n_missing_outcomes": len(queries) * len(names) - pairs,  # (query, model) cells without any outcome
+            "tasks": count(S.TASK),
+            "splits": count(S.SPLIT),
+            "accuracy": {str(m): round(float(a), 4) for m, a in zip(names, accuracy)},
+        }
 
     # -- dense views ---------------------------------------------------------
     def correctness(self, query_ids: list[str], models: list[str]) -> np.ndarray:
