@@ -173,7 +173,7 @@ def _llmrouter(path: Path) -> Iterator[_Query]:
         yield _Query(
             _get(rec, "id", str, where), _get(rec, "question", str, where), _get(rec, "task", str, where), _split_of(path),
             where, _labels(rec, where), gold=_gold(rec), grader=METRIC_GRADERS.get(metric, metric), metric=metric,
-        )  # fmt: skip
+        )
 
 
 def _zeroeval(path: Path) -> Iterator[_Query]:
@@ -182,7 +182,7 @@ def _zeroeval(path: Path) -> Iterator[_Query]:
         yield _Query(
             _get(rec, "id", str, where), _get(rec, "question", str, where), task, "train", where, _labels(rec, where),
             gold=_gold(rec), grader=ZEROEVAL_GRADERS.get(task),
-        )  # fmt: skip
+        )
 
 
 def _routerbench(path: Path) -> Iterator[_Query]:
@@ -199,7 +199,7 @@ def _routerbench(path: Path) -> Iterator[_Query]:
         yield _Query(
             _get(rec, "id", str, where), prompt[0], _get(rec, "task", str, where), _split_of(path), where, _labels(rec, where),
             cost={m: _number(v, where, f"cost[{m!r}]", upper=None) for m, v in cost.items()},
-        )  # fmt: skip
+        )
 
 
 def _text_id(text: str) -> str:
