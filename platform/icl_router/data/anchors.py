@@ -1,0 +1,85 @@
+"""Anchor selection: the K queries every model's capability profile is measured on.
+
+The paper's rule (appendix A.3: 8 models, 125 anchors from each of the strata
+"exactly 1, 2, 3, 4 models correct") generalised to a pool of M models: the
+strata are "exactly s models correct" for s = 1..M-1 (queries all models got
+right or all got wrong tell models apart on nothing and are excluded); each
+stratum gives k // (M-1) anchors, the lowest strata one more each until k is
+reached. Only the train part of the split is eligible, and only queries with
+an outcome for every model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from icl_router import schemas as S
+from icl_router.config import AnchorsConfig, ConfigError
+from icl_router.data.dataset import Dataset
+from icl_router.data.splits import make_split
+
+
+def select_anchors(correct: np.ndarray, query_ids: list[str], *, k: int, seed: int) -> pa.Table:
+    """Anchors as a table (query_id, position, n_correct), ordered by stratum, then by ``query_ids`` order.
+
+    ``correct``: [Q, M], bool or the mean of ``correct`` over samples (counted
+    correct at >= 0.5); NaN where a model has no outcome (that query is not eligible).
+    """
+    correct = np.asarray(correct, dtype=np.float64)
+    if correct.ndim != 2 or correct.shape[0] != len(query_ids):
+        raise ValueError(f"correct must be [len(query_ids)={len(query_ids)}, M], got shape {correct.shape}")
+    n_models = correct.shape[1]
+    if n_models < 2:
+        raise ConfigError(f"anchors need at least 2 models with outcomes to form strata, found {n_models}")
+    if k < 1:
+        raise ConfigError(f"k={k}: the number of anchors must be at least 1")
+    complete = ~np.isnan(correct).any(axis=1)  # [Q]
+    n_correct = np.where(complete, (np.nan_to_num(correct) >= S.CORRECT_THRESHOLD).sum(axis=1), -1)  # [Q]
+
+    strata = list(range(1, n_models))
+    base, extra = divmod(k, len(strata))
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for i, s in enumerate(strata):
+        need = base + (i < extra)
+        members = np.flatnonzero(n_correct == s)
+        if len(members) < need:
+            have = [int((n_correct == t).sum()) for t in strata]
+            fix = (
+                f"use a smaller k, e.g. k={len(strata) * min(have)}"
+                if min(have)
+                else "a stratum is empty, so no k fills them all: add train queries or profile the missing models on them"
+            )
+            raise ConfigError(
+                f"k={k}: stratum n_correct={s} (queries exactly {s} of {n_models} models got right) has "
+                f"{len(members)} eligible train queries but needs {need}; strata 1..{n_models - 1} have {have}; {fix}"
+            )
+        chosen.append(np.sort(rng.choice(members, size=need, replace=False)))
+    rows = np.concatenate(chosen)
+    return pa.table(
+        {
+            S.QUERY_ID: pa.array([query_ids[i] for i in rows], pa.string()),
+            S.POSITION: pa.array(np.arange(len(rows)), pa.int32()),
+            S.N_CORRECT: pa.array(n_correct[rows], pa.int32()),
+        },
+        schema=S.ANCHORS_SCHEMA,
+    )
+
+
+def run_anchors(cfg: AnchorsConfig) -> dict:
+    ds = Dataset(cfg.dataset)
+    train = make_split(ds.read_queries(), cfg.split).train
+    models = ds.model_ids()
+    table = select_anchors(ds.correctness(train, models), train, k=cfg.k, seed=cfg.seed)
+    path = ds.write_anchors(table, Path(cfg.output) if cfg.output else None)
+    per_stratum = np.bincount(table.column(S.N_CORRECT).to_numpy(), minlength=len(models))
+    return {
+        "anchors": len(table),
+        "models": len(models),
+        "train_queries": len(train),
+        "per_stratum": {s: int(per_stratum[s]) for s in range(1, len(models))},
+        "output": str(path),
+    }

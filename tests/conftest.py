@@ -1,0 +1,100 @@
+"""Shared fixtures: real data location, a small dataset, a local Ray cluster."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from icl_router import schemas as S
+from icl_router.data.dataset import Dataset
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+LLMROUTER_TRAIN = SHARED_DATA / "routing" / "llmrouter" / "train.jsonl"
+
+
+@pytest.fixture
+def real_dataset(tmp_path) -> Dataset:
+    """The first 50 queries of the real llmrouter train set with their 9 models' outcomes."""
+    if not LLMROUTER_TRAIN.is_file():
+        pytest.skip(f"real data {LLMROUTER_TRAIN} is absent (expected ../shared/data beside the repo)")
+    with LLMROUTER_TRAIN.open() as f:
+        recs = [json.loads(line) for _, line in zip(range(50), f)]
+    ds = Dataset(tmp_path / "real")
+    ds.write_queries(
+        pa.table(
+            {
+                S.QUERY_ID: [r["id"] for r in recs],
+                S.TEXT: [r["question"] for r in recs],
+                S.TASK: [r["task"] for r in recs],
+                S.SPLIT: ["train"] * len(recs),
+            }
+        )
+    )
+    cells = [(r["id"], m, float(v)) for r in recs for m, v in sorted(r["labels"].items())]
+    ds.append_outcomes(
+        pa.table(
+            {
+                S.QUERY_ID: [q for q, _, _ in cells],
+                S.MODEL_ID: [m for _, m, _ in cells],
+                S.SAMPLE: [0] * len(cells),
+                S.SCORE: [v for _, _, v in cells],
+                S.CORRECT: [v >= S.CORRECT_THRESHOLD for _, _, v in cells],
+            }
+        )
+    )
+    return ds
+
+
+@pytest.fixture
+def small_dataset(tmp_path) -> Dataset:
+    """60 queries of three llmrouter tasks (two ID, one OOD), 4 models with different skill."""
+    tasks = ["mmlu", "gsm8k", "gpqa"]
+    n, models = 60, ["m-weak", "m-mid", "m-strong", "m-best"]
+    ids = [f"q{i:03d}" for i in range(n)]
+    ds = Dataset(tmp_path / "small")
+    ds.write_queries(
+        pa.table(
+            {
+                S.QUERY_ID: ids,
+                S.TEXT: [f"question {i} about {tasks[i % 3]}" for i in range(n)],
+                S.TASK: [tasks[i % 3] for i in range(n)],
+                S.SPLIT: ["train"] * n,
+            }
+        )
+    )
+    rng = np.random.RandomState(0)
+    correct = rng.rand(n, len(models)) < np.array([0.3, 0.5, 0.6, 0.8])  # [Q, M]
+    ds.append_outcomes(
+        pa.table(
+            {
+                S.QUERY_ID: [q for q in ids for _ in models],
+                S.MODEL_ID: models * n,
+                S.SAMPLE: [0] * (n * len(models)),
+                S.SCORE: correct.reshape(-1).astype(float),
+                S.CORRECT: correct.reshape(-1),
+            }
+        )
+    )
+    return ds
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray cluster per test session: 4 logical CPUs, its files under a fresh temp dir."""
+    import ray
+
+    from icl_router.config import RayConfig
+    from icl_router.raycluster import ensure_ray
+
+    # A short path: Ray's socket paths must stay under the 107-byte Unix limit.
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    ensure_ray(RayConfig(num_cpus=4, temp_dir=temp_dir))
+    yield ray
+    ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)
