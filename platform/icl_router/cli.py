@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from icl_router.config import ConfigError
+from icl_router.data.dataset import DatasetError
 
 # bench name -> module in icl_router.bench with ``add_args(parser)`` and ``run(args) -> dict``
 BENCHES = {
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         result = args.run(args)
-    except ConfigError as e:
+    except (ConfigError, DatasetError) as e:
         print(f"icl-router {args.command}: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     if result is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 import uuid
 from collections import Counter
 from collections.abc import Iterable
@@ -29,7 +30,8 @@ class DatasetError(ValueError):
 
 
 def new_run_id() -> str:
-    return uuid.uuid4().hex[:12]
+    """Sorts by creation time (fixed-width hex nanoseconds), so file order is append order."""
+    return f"{time.time_ns():016x}-{uuid.uuid4().hex[:6]}"
 
 
 def _write_atomic(table: pa.Table, path: Path) -> None:
