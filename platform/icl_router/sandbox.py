@@ -13,7 +13,9 @@ user before running the program:
   hits the cap; the program is PID 1 of its namespace, so when it dies (or is killed at the
   wall-clock timeout) the kernel kills every process it left behind, even ones that left the
   process group;
-- resources: RLIMIT_AS (memory), RLIMIT_CPU, RLIMIT_FSIZE (also caps captured output).
+- resources: RLIMIT_AS (memory), RLIMIT_CPU, RLIMIT_FSIZE (also caps captured output);
+- imports: the base interpreter runs, bound read-only into view, so programs get the standard
+  library only (no venv packages: enough for HumanEval / MBPP).
 
 Without root or namespaces (``isolation()`` says which) it falls back to rlimits, a fresh
 temporary directory, a process-group kill and a socket-blocking prelude, which a determined
