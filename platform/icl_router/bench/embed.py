@@ -41,11 +41,12 @@ def run(args: argparse.Namespace) -> dict:
 
     from icl_router import schemas as S
     from icl_router.config import EmbedConfig, RayConfig
-    from icl_router.data.embed import BUNDLED, embed_texts, load_embedder
+    from icl_router.data.embed import embed_texts, load_embedder
     from icl_router.raycluster import ensure_ray
 
     texts, source = load_texts(Path(args.texts), args.n)
     table = pa.table({S.QUERY_ID: [str(i) for i in range(len(texts))], S.TEXT: texts})
+    # The pool reads texts from ``table``, not from a dataset directory.
     cfg = EmbedConfig(dataset="-", embedder=args.embedder, batch_size=args.batch_size, num_actors=args.num_actors, ray=RayConfig(address=args.address))
 
     ensure_ray(cfg.ray)
@@ -53,8 +54,6 @@ def run(args: argparse.Namespace) -> dict:
     ids, ray_emb = embed_texts(table, cfg)  # [N, D]
     ray_s = time.perf_counter() - t0
 
-    if args.embedder == BUNDLED:
-        os.environ["HF_HUB_OFFLINE"] = "1"  # as in the actors: the bundled model never needs the hub
     t0 = time.perf_counter()
     model = load_embedder(args.embedder)
     t1 = time.perf_counter()
