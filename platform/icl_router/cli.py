@@ -84,11 +84,18 @@ def build_parser() -> argparse.ArgumentParser:
     jobs = {
         "embed": ("icl_router.data.embed", "run_embed", "EmbedConfig", "embed queries with sentence-transformers on Ray Data"),
         "anchors": ("icl_router.data.anchors", "run_anchors", "AnchorsConfig", "select the K anchor queries"),
+        "train": ("icl_router.train.driver", "run_train", "TrainConfig", "train the router (stage 1 or 2) with Ray Train + DeepSpeed"),
     }
     for name, (module, func, cls, help_) in jobs.items():
         p = sub.add_parser(name, help=help_)
         _config_args(p)
         p.set_defaults(run=_job(module, func, cls))
+
+    from icl_router import submit  # light: Ray is imported only when a job is submitted
+
+    p = sub.add_parser("submit", help="run a job on a Ray cluster (Jobs API), stream its logs, exit with its status")
+    submit.add_args(p, job_configs={name: cls for name, (_, _, cls, _) in jobs.items()})
+    p.set_defaults(run=submit.run)
 
     p = sub.add_parser("bench", help="benchmarks: both sides in one run, JSON as the last line")
     bsub = p.add_subparsers(dest="bench", required=True)

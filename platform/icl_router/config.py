@@ -177,8 +177,7 @@ class TinyRouterConfig(Config):
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
     intermediate_size: int = 256
-    vocab_size: int = 2048  # of the byte-level BPE tokenizer trained on the dataset's texts
-    max_position_embeddings: int = 4096
+    vocab_size: int = 3000  # of the byte-level BPE tokenizer trained on the dataset's texts
 
 
 class RouterConfig(Config):
@@ -188,7 +187,6 @@ class RouterConfig(Config):
     tiny: TinyRouterConfig = TinyRouterConfig()
     query_input: Literal["text", "vector"] = "vector"
     profile_layout: Literal["pairs", "fused"] = "pairs"
-    dropout: float = 0.0
 
 
 class PhaseConfig(Config):

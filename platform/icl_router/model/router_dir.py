@@ -1,0 +1,171 @@
+"""The trained router directory (DESIGN.md section 3), saved and loaded without training code.
+
+    config.json, model.safetensors, ...   the router LM (save_pretrained)
+    tokenizer.json, tokenizer_config.json  its tokenizer (with the chat template)
+    projector.safetensors                  projector weights + ``anchor_emb`` [K, E], the anchors' embeddings
+    icl_router.json                        format version, embedder, layout, label token ids, anchor ids
+    profiles.parquet                       model_id, query_id, correct: the registered pool
+
+The anchor embeddings sit beside the projector because they are its inputs for
+every profile: a router directory scores queries with no dataset at hand.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from icl_router import schemas as S
+from icl_router.model.prompt import PromptLayout
+from icl_router.model.router import ICLRouter
+
+FORMAT_VERSION = 1
+META_FILE = "icl_router.json"
+PROJECTOR_FILE = "projector.safetensors"
+PROFILES_FILE = "profiles.parquet"
+LM_FILES = ("config.json", "model.safetensors")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+class RouterDirError(ValueError):
+    """A router directory with a missing or mismatched part."""
+
+
+@dataclass
+class RouterMeta:
+    embedder: str
+    embedding_dim: int
+    query_input: str
+    profile_layout: str
+    placeholder_id: int
+    yes_id: int
+    no_id: int
+    anchor_query_ids: list[str]
+    stage: int = 2
+    format_version: int = FORMAT_VERSION
+    extra: dict = field(default_factory=dict)  # provenance: dataset, steps, final loss, ...
+
+
+@dataclass
+class LoadedRouter:
+    router: ICLRouter
+    meta: RouterMeta
+    pool: dict[str, np.ndarray]  # model_id -> bool [K], in registration order
+
+
+def write_profiles(path: Path, pool: dict[str, np.ndarray], anchor_ids: list[str]) -> None:
+    rows = [(m, q, bool(c)) for m, prof in pool.items() for q, c in zip(anchor_ids, prof, strict=True)]
+    table = pa.table(
+        {S.MODEL_ID: [r[0] for r in rows], S.QUERY_ID: [r[1] for r in rows], S.CORRECT: [r[2] for r in rows]},
+        schema=S.PROFILES_SCHEMA,
+    )
+    tmp = path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{path.name}")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def read_profiles(path: Path, anchor_ids: list[str]) -> dict[str, np.ndarray]:
+    table = pq.read_table(path)
+    if set(table.column_names) != set(S.PROFILES_SCHEMA.names):
+        raise RouterDirError(f"{path}: columns {table.column_names}, expected {S.PROFILES_SCHEMA.names}")
+    pos = {q: i for i, q in enumerate(anchor_ids)}
+    pool: dict[str, np.ndarray] = {}
+    for m, q, c in zip(*(table.column(n).to_pylist() for n in (S.MODEL_ID, S.QUERY_ID, S.CORRECT))):
+        if q not in pos:
+            raise RouterDirError(f"{path}: model {m!r} has an outcome on {q!r}, which is not one of the router's anchors")
+        prof = pool.setdefault(m, np.full(len(anchor_ids), -1, dtype=np.int8))
+        prof[pos[q]] = c
+    for m, prof in pool.items():
+        if (prof < 0).any():
+            missing = [anchor_ids[i] for i in np.flatnonzero(prof < 0)]
+            raise RouterDirError(f"{path}: model {m!r} lacks {len(missing)} anchors, e.g. {missing[:5]}")
+    return {m: prof.astype(bool) for m, prof in pool.items()}
+
+
+def save_router_dir(router: ICLRouter, path: str | Path, *, meta: RouterMeta, pool: dict[str, np.ndarray]) -> Path:
+    """Write the directory aside and rename it into place (an old one is replaced whole)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if router.k != len(meta.anchor_query_ids):
+        raise RouterDirError(f"the router holds {router.k} anchor vectors but meta lists {len(meta.anchor_query_ids)} anchor ids")
+    staging = path.with_name(f".{path.name}.staging-{uuid.uuid4().hex[:8]}")
+    staging.mkdir(parents=True)
+    try:
+        router.lm.save_pretrained(staging, safe_serialization=True)
+        router.layout.tokenizer.save_pretrained(staging)
+        tensors = {f"projector.{k}": v.detach().float().contiguous().cpu() for k, v in router.projector.state_dict().items()}
+        tensors["anchor_emb"] = router.anchor_emb.detach().float().contiguous().cpu()
+        save_file(tensors, staging / PROJECTOR_FILE)
+        (staging / META_FILE).write_text(json.dumps(asdict(meta), indent=1))
+        write_profiles(staging / PROFILES_FILE, pool, meta.anchor_query_ids)
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
+            os.replace(path, old)
+            os.replace(staging, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(staging, path)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return path
+
+
+def read_meta(path: str | Path) -> RouterMeta:
+    path = Path(path)
+    meta_path = path / META_FILE
+    if not meta_path.is_file():
+        raise RouterDirError(f"{path} is not a router directory: {META_FILE} is missing (train one with `icl-router train`)")
+    try:
+        raw = json.loads(meta_path.read_text())
+        meta = RouterMeta(**raw)
+    except (json.JSONDecodeError, TypeError) as e:
+        raise RouterDirError(f"{meta_path}: not a valid router description ({e})") from None
+    if meta.format_version != FORMAT_VERSION:
+        raise RouterDirError(f"{meta_path}: format_version {meta.format_version}, this icl-router reads {FORMAT_VERSION}")
+    return meta
+
+
+def load_router_dir(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> LoadedRouter:
+    """Load and cross-check every part; a missing or mismatched part is a RouterDirError."""
+    from safetensors.torch import load_file
+
+    from icl_router.model.tiny import load_router_lm
+
+    path = Path(path)
+    meta = read_meta(path)
+    for name in (*LM_FILES, *TOKENIZER_FILES, PROJECTOR_FILE, PROFILES_FILE):
+        if not (path / name).is_file():
+            raise RouterDirError(f"{path}: {name} is missing; the directory is incomplete (re-export it with `icl-router train`)")
+    lm, tokenizer = load_router_lm(path, dtype=dtype)
+    layout = PromptLayout(tokenizer, query_input=meta.query_input, profile_layout=meta.profile_layout)
+    got = (layout.placeholder_id, layout.yes_id, layout.no_id)
+    want = (meta.placeholder_id, meta.yes_id, meta.no_id)
+    if got != want:
+        raise RouterDirError(f"{path}: tokenizer gives placeholder/Yes/No ids {got} but {META_FILE} says {want}")
+    tensors = load_file(path / PROJECTOR_FILE)
+    anchor_emb = tensors.pop("anchor_emb", None)
+    if anchor_emb is None:
+        raise RouterDirError(f"{path / PROJECTOR_FILE}: anchor_emb is missing")
+    if tuple(anchor_emb.shape) != (len(meta.anchor_query_ids), meta.embedding_dim):
+        raise RouterDirError(
+            f"{path / PROJECTOR_FILE}: anchor_emb is {tuple(anchor_emb.shape)}, "
+            f"{META_FILE} says K={len(meta.anchor_query_ids)} anchors of width {meta.embedding_dim}"
+        )
+    router = ICLRouter(lm, layout, anchor_emb=anchor_emb)
+    try:
+        router.projector.load_state_dict({k.removeprefix("projector."): v for k, v in tensors.items()})
+    except RuntimeError as e:
+        raise RouterDirError(f"{path / PROJECTOR_FILE} does not fit this router LM: {str(e).splitlines()[0]}") from None
+    pool = read_profiles(path / PROFILES_FILE, meta.anchor_query_ids)
+    return LoadedRouter(router.to(device=device, dtype=dtype).eval(), meta, pool)
