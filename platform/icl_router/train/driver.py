@@ -39,99 +39,10 @@ DS_TAG = "ds"
 ROUTER_SUBDIR = "router"
 
 
-# ---------------------------------------------------------------------------
-# The schedule: which items each rank trains on at each global step.
-
-
-def epoch_batches(cfg: TrainConfig, data: dict[str, Any], *, epoch: int, rank: int, world: int) -> list[np.ndarray]:
-    """This rank's batches of one epoch (indices into ``data['items']``); every rank gets the same count."""
-    from icl_router.train.steps import batches_by_model
-
-    seed = cfg.seed * 100_003 + epoch
-    items = data["items"]
-    if cfg.stage == 2:
-        batches = batches_by_model(items[:, 1], batch_size=cfg.batch_size, seed=seed)
-    else:
-        perm = np.random.default_rng(seed).permutation(len(items))
-        batches = [perm[i : i + cfg.batch_size] for i in range(0, len(perm), cfg.batch_size)]
-    per_rank = len(batches) // world
-    return batches[rank::world][:per_rank]
-
-
-def total_steps(cfg: TrainConfig, data: dict[str, Any], *, world: int) -> tuple[int, list[tuple[int, int]]]:
-    """(total steps, [(phase, epoch)] per epoch)."""
-    epochs = [(p, e) for p, ph in enumerate(cfg.phases) for e in range(ph.epochs)]
-    n = sum(len(epoch_batches(cfg, data, epoch=i, rank=0, world=world)) for i in range(len(epochs)))
-    return (min(n, cfg.max_steps) if cfg.max_steps else n), epochs
-
-
-# ---------------------------------------------------------------------------
-# Building the router in a worker
-
-
-def build_router(cfg: TrainConfig, *, anchor_emb: np.ndarray, init_dir: str | None) -> Any:
-    """The ICLRouter to train: from ``init_from`` (a router directory), a hub id / path, or the tiny LM."""
-    import torch
-
-    from icl_router.model.prompt import PromptLayout
-    from icl_router.model.router import ICLRouter
-    from icl_router.model.tiny import load_router_lm
-
-    dtype = torch.bfloat16 if cfg.deepspeed.bf16 else torch.float32
-    torch.manual_seed(cfg.seed)  # the same fresh projector on every rank
-    projector_state = None
-    if cfg.init_from:
-        from icl_router.model.router_dir import load_router_dir
-
-        prev = load_router_dir(cfg.init_from, dtype=dtype).router
-        lm, tokenizer, projector_state = prev.lm, prev.layout.tokenizer, prev.projector.state_dict()
-    else:
-        lm, tokenizer = load_router_lm(cfg.router.name_or_path or init_dir, dtype=dtype)
-    layout = PromptLayout(tokenizer, query_input=cfg.router.query_input, profile_layout=cfg.router.profile_layout)
-    router = ICLRouter(lm, layout, anchor_emb=torch.as_tensor(anchor_emb))
-    if projector_state is not None:
-        router.projector.load_state_dict(projector_state)
-    return router.to(dtype)
-
-
-def truncate_texts(texts: list[str], tokenizer: Any, *, max_tokens: int) -> list[str]:
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    return [t if len(i) <= max_tokens else tokenizer.decode(i[:max_tokens]) for t, i in zip(texts, ids)]
-
-
-# ---------------------------------------------------------------------------
-# The worker loop
-
-
 def _say(line: str) -> None:
     # not print(): Ray Train patches it to log each line a second time
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
-
-
-def _set_lrs(engine: Any, phase: Any) -> None:
-    for group, lr in zip(engine.optimizer.param_groups, (phase.lr_projector, phase.lr_router)):
-        group["lr"] = lr
-
-
-def _make_batch(cfg: TrainConfig, router: Any, data: dict[str, Any], texts: list[str], idx: np.ndarray) -> Any:
-    import torch
-
-    from icl_router.train.steps import collate_stage1, collate_stage2
-
-    items = data["items"][idx]
-    rows = items[:, 0] if cfg.stage == 2 else items
-    q_emb = torch.as_tensor(data["embeddings"][rows])
-    if cfg.stage == 1:
-        return collate_stage1(router.layout, [texts[r] for r in rows], query_emb=q_emb)
-    return collate_stage2(
-        router.layout,
-        [texts[r] for r in rows],
-        model_idx=items[:, 1],
-        profiles=torch.as_tensor(data["profiles"]),
-        target=items[:, 2].astype(np.float32),
-        query_emb=q_emb if cfg.router.query_input == "vector" else None,
-    )
 
 
 def train_loop(loop_config: dict[str, Any]) -> None:
@@ -142,7 +53,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     import torch
 
     from icl_router.model.router_dir import RouterMeta, save_router_dir
-    from icl_router.train.steps import stage1_loss, stage2_loss
+    from icl_router.train.loop import build_router, make_optimizer, train_steps
 
     # The shm-comm op only serves inference all-reduce and needs LOCAL_SIZE, which Ray
     # never sets; turning it off here skips a 30-190 s gcc build (ENVIRONMENT.md).
@@ -151,19 +62,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     data = ray.get(loop_config["data_ref"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(cfg.seed)
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
 
     router = build_router(cfg, anchor_emb=data["anchor_emb"], init_dir=loop_config["init_dir"])
-    texts = truncate_texts(data["texts"], router.layout.tokenizer, max_tokens=cfg.max_text_tokens)
-    first = cfg.phases[0]
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": list(router.projector.parameters()), "lr": first.lr_projector},
-            {"params": list(router.lm.parameters()), "lr": first.lr_router},
-        ],
-        weight_decay=cfg.deepspeed.weight_decay,
-    )
     ds_config = {
         "train_micro_batch_size_per_gpu": cfg.batch_size,
         "gradient_accumulation_steps": 1,
@@ -172,70 +73,46 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         "bf16": {"enabled": cfg.deepspeed.bf16},
         "steps_per_print": 1 << 30,
     }
-    engine, _, _, _ = deepspeed.initialize(model=router, optimizer=optimizer, config=ds_config)
+    engine, _, _, _ = deepspeed.initialize(model=router, optimizer=make_optimizer(router, cfg), config=ds_config)
 
-    step = 0
+    start = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
             engine.load_checkpoint(d, tag=DS_TAG)
-            step = json.loads((Path(d) / STATE_FILE).read_text())["step"]
+            start = json.loads((Path(d) / STATE_FILE).read_text())["step"]
         if rank == 0:
-            _say(f"[train] resumed from step {step}")
+            _say(f"[train] resumed from step {start}")
 
-    n_total, epochs = total_steps(cfg, data, world=world)
-    loss_fn = stage2_loss if cfg.stage == 2 else stage1_loss
-    engine.train()
-    done, recent, t_last = 0, [], time.perf_counter()
-    for e, (phase_i, _) in enumerate(epochs):
-        batches = epoch_batches(cfg, data, epoch=e, rank=rank, world=world)
-        if done + len(batches) <= step:  # an epoch finished before the resumed checkpoint
-            done += len(batches)
+    recent, t_last = [], time.perf_counter()
+    for r in train_steps(cfg, engine, data, rank=rank, world=world, start=start):
+        recent.append(r.loss)
+        if rank == 0:
+            dt, t_last = time.perf_counter() - t_last, time.perf_counter()
+            _say(
+                f"[train] stage {cfg.stage} step {r.step}/{r.total} epoch {r.epoch}/{r.epochs} phase {r.phase} "
+                f"loss {r.loss:.4f} items/s {r.items * world / max(dt, 1e-9):.1f}"
+            )
+        last = r.step == r.total
+        if r.step % cfg.checkpoint_every and not last:
             continue
-        _set_lrs(engine, cfg.phases[phase_i])
-        for b, idx in enumerate(batches):
-            if done + b < step:
-                continue
-            if step >= n_total:
-                break
-            batch = _make_batch(cfg, router, data, texts, idx)
-            loss = loss_fn(engine.module, batch)
-            engine.backward(loss)
-            engine.step()
-            step += 1
-            recent.append(float(loss.detach()))
-            if rank == 0:
-                dt = time.perf_counter() - t_last
-                t_last = time.perf_counter()
-                _say(
-                    f"[train] stage {cfg.stage} step {step}/{n_total} epoch {e + 1}/{len(epochs)} "
-                    f"phase {phase_i + 1} loss {recent[-1]:.4f} items/s {len(idx) * world / max(dt, 1e-9):.1f}"
-                )
-            last = step >= n_total
-            if step % cfg.checkpoint_every == 0 or last:
-                metrics = {"step": step, "epoch": e + 1, "loss": float(np.mean(recent)), "world_size": world}
-                with tempfile.TemporaryDirectory() as d:
-                    engine.save_checkpoint(d, tag=DS_TAG)
-                    if cfg.deepspeed.zero_stage == 3:
-                        gather = deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
-                    else:
-                        gather = contextlib.nullcontext()
-                    with gather:
-                        if rank == 0:
-                            (Path(d) / STATE_FILE).write_text(json.dumps({"step": step}))
-                            if last:
-                                meta = RouterMeta(**loop_config["meta"], extra={"steps": step, "final_loss": metrics["loss"]})
-                                pool = dict(zip(data["models"], data["profiles"]))
-                                save_router_dir(engine.module, Path(d) / ROUTER_SUBDIR, meta=meta, pool=pool)
-                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-                recent = []
-        done += len(batches)
-        if step >= n_total:
-            break
-
-
-# ---------------------------------------------------------------------------
-# The driver
+        metrics = {"step": r.step, "epoch": r.epoch, "loss": float(np.mean(recent)), "world_size": world}
+        with tempfile.TemporaryDirectory() as d:
+            engine.save_checkpoint(d, tag=DS_TAG)
+            gather = (
+                deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
+                if cfg.deepspeed.zero_stage == 3
+                else contextlib.nullcontext()
+            )
+            with gather:
+                if rank == 0:
+                    (Path(d) / STATE_FILE).write_text(json.dumps({"step": r.step}))
+                    if last:
+                        meta = RouterMeta(**loop_config["meta"], extra={"steps": r.step, "final_loss": metrics["loss"]})
+                        pool = dict(zip(data["models"], data["profiles"]))
+                        save_router_dir(engine.module, Path(d) / ROUTER_SUBDIR, meta=meta, pool=pool)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        recent = []
 
 
 def prepare_data(cfg: TrainConfig) -> tuple[dict[str, Any], dict[str, Any]]:

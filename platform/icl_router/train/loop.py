@@ -1,0 +1,184 @@
+"""The training schedule and loop, plain PyTorch (no Ray, no DeepSpeed).
+
+``train_steps`` walks a schedule fixed by the seed (epochs of batches, sharded by
+rank) and yields after every optimiser step; it drives any engine with
+``backward(loss)``, ``step()``, ``module`` and ``optimizer``: the DeepSpeed engine
+in Ray Train workers (``driver.py``) or ``PlainEngine`` in one process
+(evaluation sweeps, tests).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from icl_router.config import PhaseConfig, TrainConfig
+
+
+# ---------------------------------------------------------------------------
+# The schedule: which items each rank trains on at each global step.
+
+
+def epoch_batches(cfg: TrainConfig, data: dict[str, Any], *, epoch: int, rank: int, world: int) -> list[np.ndarray]:
+    """This rank's batches of one epoch (indices into ``data['items']``); every rank gets the same count."""
+    from icl_router.train.steps import batches_by_model
+
+    seed = cfg.seed * 100_003 + epoch
+    items = data["items"]
+    if cfg.stage == 2:
+        batches = batches_by_model(items[:, 1], batch_size=cfg.batch_size, seed=seed)
+    else:
+        perm = np.random.default_rng(seed).permutation(len(items))
+        batches = [perm[i : i + cfg.batch_size] for i in range(0, len(perm), cfg.batch_size)]
+    per_rank = len(batches) // world
+    return batches[rank::world][:per_rank]
+
+
+def total_steps(cfg: TrainConfig, data: dict[str, Any], *, world: int) -> tuple[int, list[tuple[int, int]]]:
+    """(total steps, [(phase, epoch)] per epoch)."""
+    epochs = [(p, e) for p, ph in enumerate(cfg.phases) for e in range(ph.epochs)]
+    n = sum(len(epoch_batches(cfg, data, epoch=i, rank=0, world=world)) for i in range(len(epochs)))
+    return (min(n, cfg.max_steps) if cfg.max_steps else n), epochs
+
+
+# ---------------------------------------------------------------------------
+# Building the router in a worker
+
+
+def build_router(cfg: TrainConfig, *, anchor_emb: np.ndarray, init_dir: str | None) -> Any:
+    """The ICLRouter to train: from ``init_from`` (a router directory), a hub id / path, or the tiny LM."""
+    from icl_router.model.prompt import PromptLayout
+    from icl_router.model.router import ICLRouter
+    from icl_router.model.tiny import load_router_lm
+
+    dtype = torch.bfloat16 if cfg.deepspeed.bf16 else torch.float32
+    torch.manual_seed(cfg.seed)  # the same fresh projector on every rank
+    projector_state = None
+    if cfg.init_from:
+        from icl_router.model.router_dir import load_router_dir
+
+        prev = load_router_dir(cfg.init_from, dtype=dtype).router
+        lm, tokenizer, projector_state = prev.lm, prev.layout.tokenizer, prev.projector.state_dict()
+    else:
+        lm, tokenizer = load_router_lm(cfg.router.name_or_path or init_dir, dtype=dtype)
+    layout = PromptLayout(tokenizer, query_input=cfg.router.query_input, profile_layout=cfg.router.profile_layout)
+    router = ICLRouter(lm, layout, anchor_emb=torch.as_tensor(anchor_emb))
+    if projector_state is not None:
+        router.projector.load_state_dict(projector_state)
+    return router.to(dtype)
+
+
+def truncate_texts(texts: list[str], tokenizer: Any, *, max_tokens: int) -> list[str]:
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [t if len(i) <= max_tokens else tokenizer.decode(i[:max_tokens]) for t, i in zip(texts, ids)]
+
+
+# ---------------------------------------------------------------------------
+# The worker loop
+
+
+def set_lrs(engine: Any, phase: PhaseConfig) -> None:
+    for group, lr in zip(engine.optimizer.param_groups, (phase.lr_projector, phase.lr_router)):
+        group["lr"] = lr
+
+
+def make_batch(cfg: TrainConfig, router: Any, data: dict[str, Any], texts: list[str], idx: np.ndarray) -> Any:
+    from icl_router.train.steps import collate_stage1, collate_stage2
+
+    items = data["items"][idx]
+    rows = items[:, 0] if cfg.stage == 2 else items
+    q_emb = torch.as_tensor(data["embeddings"][rows])
+    if cfg.stage == 1:
+        return collate_stage1(router.layout, [texts[r] for r in rows], query_emb=q_emb)
+    return collate_stage2(
+        router.layout,
+        [texts[r] for r in rows],
+        model_idx=items[:, 1],
+        profiles=torch.as_tensor(data["profiles"]),
+        target=items[:, 2].astype(np.float32),
+        query_emb=q_emb if cfg.router.query_input == "vector" else None,
+    )
+
+
+
+
+def make_optimizer(router: Any, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW with two groups, projector then LM; ``set_lrs`` moves their rates per phase."""
+    first = cfg.phases[0]
+    return torch.optim.AdamW(
+        [
+            {"params": list(router.projector.parameters()), "lr": first.lr_projector},
+            {"params": list(router.lm.parameters()), "lr": first.lr_router},
+        ],
+        weight_decay=cfg.deepspeed.weight_decay,
+    )
+
+
+class PlainEngine:
+    """The slice of DeepSpeed's engine API the loop uses, for one process without DeepSpeed."""
+
+    def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, *, clip: float) -> None:
+        self.module, self.optimizer, self.clip = module, optimizer, clip
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> None:
+        if self.clip:
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+@dataclass
+class StepResult:
+    step: int  # global step, 1-based
+    total: int
+    epoch: int  # 1-based
+    epochs: int
+    phase: int  # 1-based
+    loss: float
+    items: int  # items in this rank's batch
+
+
+def train_steps(cfg: TrainConfig, engine: Any, data: dict[str, Any], *, rank: int = 0, world: int = 1, start: int = 0) -> Iterator[StepResult]:
+    """Run the schedule from global step ``start``; yield after each optimiser step.
+
+    Steps before ``start`` are skipped without computing anything, so a run resumed
+    from a checkpoint sees exactly the batches the uninterrupted run would have.
+    """
+    from icl_router.train.steps import stage1_loss, stage2_loss
+
+    router = engine.module
+    texts = truncate_texts(data["texts"], router.layout.tokenizer, max_tokens=cfg.max_text_tokens)
+    n_total, epochs = total_steps(cfg, data, world=world)
+    loss_fn = stage2_loss if cfg.stage == 2 else stage1_loss
+    router.train()
+    step = 0
+    for e, (phase_i, _) in enumerate(epochs):
+        batches = epoch_batches(cfg, data, epoch=e, rank=rank, world=world)
+        set_lrs(engine, cfg.phases[phase_i])
+        for idx in batches:
+            if step >= n_total:
+                return
+            step += 1
+            if step <= start:
+                continue
+            loss = loss_fn(router, make_batch(cfg, router, data, texts, idx))
+            engine.backward(loss)
+            engine.step()
+            yield StepResult(step, n_total, e + 1, len(epochs), phase_i + 1, float(loss.detach()), len(idx))
+
+
+def fit_local(cfg: TrainConfig, data: dict[str, Any], *, init_dir: str | None = None) -> Any:
+    """Train in this process (no Ray, no DeepSpeed): the same schedule, losses and optimiser."""
+    torch.manual_seed(cfg.seed)
+    router = build_router(cfg, anchor_emb=data["anchor_emb"], init_dir=init_dir)
+    engine = PlainEngine(router, make_optimizer(router, cfg), clip=cfg.deepspeed.gradient_clipping)
+    for _ in train_steps(cfg, engine, data):
+        pass
+    return router.eval()
