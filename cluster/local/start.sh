@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Start a Ray head and one worker node on 127.0.0.1 (the embedded default cluster).
+#
+#   cluster/local/start.sh            # head + 1 worker, token auth on
+#   cluster/local/stop.sh             # stop exactly these two nodes
+#
+# Every port derives from ICL_RAY_PORT_BASE, so several clusters can share a machine,
+# and each cluster keeps its files (logs, sockets, pids) under its own ICL_RAY_TEMP_DIR.
+# Settings (environment):
+#   ICL_RAY_TEMP_DIR      /tmp/icl-ray       Ray's --temp-dir; keep it short (socket paths < 107 bytes)
+#   ICL_RAY_PORT_BASE     26380              GCS = base, dashboard / job API = base+1
+#   ICL_RAY_HEAD_CPUS     1                  logical CPUs of the head (job drivers run there)
+#   ICL_RAY_WORKER_CPUS   2                  logical CPUs of the worker node
+#   ICL_RAY_WORKER_RESOURCES '{"worker": 1}' custom resources of the worker (JSON)
+#   RAY_AUTH_MODE         token              "disabled" to turn token authentication off
+#   RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH     the token; default file ~/.ray/auth_token (made if missing)
+# Prints `export RAY_ADDRESS=...` on its last line.
+set -euo pipefail
+
+RAY=${RAY:-$(command -v ray || echo "$(dirname "$0")/../../.venv/bin/ray")}
+TEMP_DIR=${ICL_RAY_TEMP_DIR:-/tmp/icl-ray}
+BASE=${ICL_RAY_PORT_BASE:-26380}
+HEAD_CPUS=${ICL_RAY_HEAD_CPUS:-1}
+WORKER_CPUS=${ICL_RAY_WORKER_CPUS:-2}
+WORKER_RESOURCES=${ICL_RAY_WORKER_RESOURCES:-'{"worker": 1}'}
+export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}
+TIMEOUT=${ICL_RAY_START_TIMEOUT:-90}
+
+GCS=127.0.0.1:$BASE
+DASHBOARD=http://127.0.0.1:$((BASE + 1))
+
+if [[ -s $TEMP_DIR/head.pid ]] && kill -0 "$(cat "$TEMP_DIR/head.pid")" 2>/dev/null; then
+    echo "start.sh: a cluster of $TEMP_DIR is already running (pid $(cat "$TEMP_DIR/head.pid")); run cluster/local/stop.sh first" >&2
+    exit 1
+fi
+mkdir -p "$TEMP_DIR"
+
+if [[ $RAY_AUTH_MODE == token && -z ${RAY_AUTH_TOKEN:-} && -z ${RAY_AUTH_TOKEN_PATH:-} && ! -s $HOME/.ray/auth_token ]]; then
+    "$RAY" get-auth-token --generate >/dev/null  # writes ~/.ray/auth_token, which clients on this machine read too
+fi
+
+# node: NAME, then `ray start` arguments. `--block` keeps one parent per node, whose pid stop.sh
+# signals: on SIGTERM it stops that node's processes and nothing else on the machine (unlike `ray stop`).
+node() {
+    local name=$1
+    shift
+    setsid "$RAY" start --block --node-ip-address=127.0.0.1 --temp-dir="$TEMP_DIR" --disable-usage-stats "$@" \
+        >"$TEMP_DIR/$name.log" 2>&1 </dev/null &
+    echo $! >"$TEMP_DIR/$name.pid"
+}
+
+# wait_nodes N: until the cluster counts N alive nodes (or the node's parent died).
+wait_nodes() {
+    local want=$1 name=$2 deadline=$((SECONDS + TIMEOUT))
+    until [[ $("$RAY" list nodes --address "$DASHBOARD" --filter "state=ALIVE" --format json 2>/dev/null |
+        python3 -c 'import json,sys; print(len(json.load(sys.stdin)))' 2>/dev/null) == "$want" ]]; do
+        if ! kill -0 "$(cat "$TEMP_DIR/$name.pid")" 2>/dev/null || ((SECONDS > deadline)); then
+            echo "start.sh: the $name node did not come up within ${TIMEOUT}s; its log:" >&2
+            tail -n 30 "$TEMP_DIR/$name.log" >&2
+            "$(dirname "$0")/stop.sh" >&2 || true
+            exit 1
+        fi
+        sleep 1
+    done
+}
+
+node head --head --port="$BASE" --dashboard-host=127.0.0.1 --dashboard-port=$((BASE + 1)) \
+    --ray-client-server-port=$((BASE + 2)) --dashboard-agent-listen-port=$((BASE + 3)) \
+    --node-manager-port=$((BASE + 4)) --object-manager-port=$((BASE + 5)) --runtime-env-agent-port=$((BASE + 6)) \
+    --dashboard-agent-grpc-port=$((BASE + 7)) --metrics-export-port=$((BASE + 8)) \
+    --min-worker-port=$((BASE + 100)) --max-worker-port=$((BASE + 399)) --num-cpus="$HEAD_CPUS"
+wait_nodes 1 head
+
+# A second node on the same machine: its own agent ports, worker port range and resources.
+node worker --address="$GCS" --dashboard-agent-listen-port=$((BASE + 13)) \
+    --node-manager-port=$((BASE + 14)) --object-manager-port=$((BASE + 15)) --runtime-env-agent-port=$((BASE + 16)) \
+    --dashboard-agent-grpc-port=$((BASE + 17)) --metrics-export-port=$((BASE + 18)) \
+    --min-worker-port=$((BASE + 400)) --max-worker-port=$((BASE + 699)) --num-cpus="$WORKER_CPUS" \
+    --resources="$WORKER_RESOURCES"
+wait_nodes 2 worker
+
+echo "start.sh: head $GCS (dashboard and job API $DASHBOARD) + 1 worker; auth $RAY_AUTH_MODE; files in $TEMP_DIR" >&2
+echo "export RAY_ADDRESS=$DASHBOARD"
