@@ -91,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
         _config_args(p)
         p.set_defaults(run=_job(module, func, cls))
 
+    p = sub.add_parser("serve", help="the OpenAI-compatible routing service on Ray Serve; prints its URL, runs until Ctrl-C")
+    _config_args(p)
+    p.add_argument("--port", type=int, help="HTTP port, overriding the config's (0: any free port)")
+    serve_job = _job("icl_router.serving.app", "run_serve", "ServeConfig")
+    p.set_defaults(run=lambda a: serve_job(argparse.Namespace(**{**vars(a), "overrides": [*a.overrides, *([f"port={a.port}"] if a.port is not None else [])]})))
+
     from icl_router import submit  # light: Ray is imported only when a job is submitted
 
     p = sub.add_parser("submit", help="run a job on a Ray cluster (Jobs API), stream its logs, exit with its status")

@@ -237,3 +237,113 @@ class TrainConfig(Config):
         if self.deepspeed.bf16 and not self.scaling.use_gpu:
             raise ValueError("deepspeed.bf16 needs scaling.use_gpu=true; CPUs train in fp32")
         return self
+
+
+# ---------------------------------------------------------------------------
+# The routing service (icl-router serve)
+
+
+class AutoscalingConfig(Config):
+    """Ray Serve ``autoscaling_config``; ``target_ongoing_requests`` is always explicit (ray.serve.llm defaults it to 1e9)."""
+
+    min_replicas: int = 1
+    max_replicas: int = 1
+    target_ongoing_requests: float = 2.0
+    upscale_delay_s: float = 30.0
+    downscale_delay_s: float = 600.0
+    metrics_interval_s: float = 10.0
+    look_back_period_s: float = 30.0
+
+    @model_validator(mode="after")
+    def _check(self) -> "AutoscalingConfig":
+        if not 0 <= self.min_replicas <= self.max_replicas or self.max_replicas < 1:
+            raise ValueError(f"need 0 <= min_replicas <= max_replicas and max_replicas >= 1, got {self.min_replicas}, {self.max_replicas}")
+        if self.target_ongoing_requests <= 0:
+            raise ValueError("target_ongoing_requests must be > 0, e.g. 2")
+        return self
+
+
+class PoolModelConfig(Config):
+    """One pool model served by ``ray.serve.llm`` (real vLLM); ``name`` is its model id in requests and profiles."""
+
+    name: str
+    path: str  # a local directory or a hub id (LLMConfig model_source)
+    cost: float = 0.0  # expected dollars per query, for the cost-aware policies
+    accelerator: Literal["cpu", "gpu"] = "cpu"
+    accelerator_type: str | None = None  # GPU only, e.g. A10G, L4, H100
+    engine_kwargs: dict[str, Any] = {}  # vLLM engine args: max_model_len, dtype, tensor_parallel_size, ...
+    env_vars: dict[str, str] = {}  # on top of the CPU defaults when accelerator=cpu
+    max_ongoing_requests: int = 16
+    autoscaling: AutoscalingConfig = AutoscalingConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "PoolModelConfig":
+        if self.accelerator == "cpu" and (self.accelerator_type or self.engine_kwargs.get("tensor_parallel_size", 1) != 1):
+            raise ValueError(f"pool model {self.name!r}: accelerator_type and tensor_parallel_size > 1 need accelerator=gpu")
+        if self.cost < 0:
+            raise ValueError(f"pool model {self.name!r}: cost must be >= 0")
+        if self.name in ("icl-router", "auto"):
+            raise ValueError(f"pool model name {self.name!r} is reserved for routed requests; rename the model")
+        return self
+
+
+class ScorerServeConfig(Config):
+    """The router deployment: a trained router directory, batched and autoscaled."""
+
+    path: str  # the router directory (icl-router train output)
+    embedder: str | None = None  # override icl_router.json's embedder (a local path); vector routers only
+    max_batch_size: int = 16  # queries scored in one forward (@serve.batch)
+    batch_wait_timeout_s: float = 0.002
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    max_ongoing_requests: int = 32
+    autoscaling: AutoscalingConfig = AutoscalingConfig(max_replicas=2)
+
+
+class PolicyConfig(Config):
+    """The default routing policy (icl_router.routing.policy); a request may override it."""
+
+    kind: Literal["highest", "threshold", "margin", "budget"] = "highest"
+    threshold: float | None = None
+    margin: float | None = None
+    budget: float | None = None
+
+
+class AuthConfig(Config):
+    """Bearer keys; none configured means open. ``*_env`` names an env var of comma-separated keys, read by the replicas."""
+
+    api_keys: list[str] = []
+    api_keys_env: str | None = None
+    admin_keys: list[str] = []
+    admin_keys_env: str | None = None
+
+
+class ServeConfig(Config):
+    """``icl-router serve``: the OpenAI-compatible routing service on Ray Serve."""
+
+    router: ScorerServeConfig
+    pool: list[PoolModelConfig]
+    policy: PolicyConfig = PolicyConfig()
+    auth: AuthConfig = AuthConfig()
+    app_name: str = "icl-router"
+    host: str = "127.0.0.1"
+    port: int = 8100  # 0: any free port
+    first_output_timeout_s: float = 20.0  # a pool model silent this long is failed over to the next
+    down_for_s: float = 15.0  # a failed model goes to the back of the order this long
+    max_prompt_chars: int = 32000  # longer prompts get 400 context_length_exceeded
+    persist_profiles: bool = False  # onboarded profiles written back to <router>/profiles.parquet
+    ingress_replicas: int = 1
+    ingress_max_ongoing_requests: int = 256
+    ray: RayConfig = RayConfig(num_cpus=8)  # ray.serve.llm: a model replica takes {CPU: 2}
+
+    @model_validator(mode="after")
+    def _check(self) -> "ServeConfig":
+        names = [m.name for m in self.pool]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"pool: names {dup} appear more than once")
+        if not names:
+            raise ValueError("pool must list at least one model, e.g. [{name: m1, path: /models/m1}]")
+        if self.first_output_timeout_s <= 0 or self.down_for_s < 0 or self.max_prompt_chars < 1:
+            raise ValueError("first_output_timeout_s > 0, down_for_s >= 0 and max_prompt_chars >= 1 are required")
+        return self

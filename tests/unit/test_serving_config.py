@@ -1,0 +1,88 @@
+"""The service configs: serve/demo.yaml and serve/production.yaml load, validate and turn into
+ray.serve.llm LLMConfigs; bad configs fail naming the key."""
+
+from pathlib import Path
+
+import pytest
+
+from icl_router.config import ConfigError, ServeConfig, load_config
+
+SERVE = Path(__file__).resolve().parents[2] / "serve"
+
+
+def test_demo_config_is_a_cpu_pool_with_explicit_autoscaling():
+    cfg = load_config(ServeConfig, SERVE / "demo.yaml")
+    assert len(cfg.pool) in (2, 3) and all(m.accelerator == "cpu" and m.accelerator_type is None for m in cfg.pool)
+    assert cfg.router.autoscaling.max_replicas >= 2 and cfg.router.autoscaling.target_ongoing_requests > 0
+    assert cfg.port != 8000 and cfg.ray.num_cpus >= 3 + 2 * (len(cfg.pool) - 1)
+
+
+def test_production_config_is_a_gpu_pool_of_7_to_9b_models_with_keys_from_the_environment():
+    cfg = load_config(ServeConfig, SERVE / "production.yaml")
+    assert 3 <= len(cfg.pool) and all(m.accelerator == "gpu" and m.accelerator_type for m in cfg.pool)
+    assert all(any(s in m.path.lower() for s in ("7b", "8b", "9b")) for m in cfg.pool)
+    assert cfg.router.num_gpus >= 1 and cfg.router.autoscaling.max_replicas > 1
+    assert not cfg.auth.api_keys and cfg.auth.api_keys_env and cfg.auth.admin_keys_env  # no secrets in the file
+    assert all(m.autoscaling.max_replicas > 1 for m in cfg.pool)
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "production.yaml"])
+def test_every_pool_model_becomes_an_llm_config(name):
+    pytest.importorskip("vllm")
+    from icl_router.serving.deployments import llm_config
+
+    cfg = load_config(ServeConfig, SERVE / name)
+    for m in cfg.pool:
+        lc = llm_config(m)
+        assert lc.model_id == m.name
+        auto = lc.deployment_config["autoscaling_config"]
+        assert auto["target_ongoing_requests"] == m.autoscaling.target_ongoing_requests  # never ray.serve.llm's 1e9
+        if m.accelerator == "cpu":
+            assert lc.accelerator_config.kind == "cpu" and lc.runtime_env["env_vars"]["VLLM_CPU_KVCACHE_SPACE"]
+        else:
+            assert lc.accelerator_type == m.accelerator_type
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("pool.0.accelerator_type=H100", "pool.0"),  # a GPU type on a CPU model
+        ("router.autoscaling.target_ongoing_requests=0", "router.autoscaling"),
+        ("router.autoscaling.min_replicas=3", "router.autoscaling"),
+        ("policy.kind=fastest", "policy.kind"),
+        ("auth.keys=[a]", "auth.keys"),
+        ("first_output_timeout_s=0", "<root>"),
+    ],
+)
+def test_bad_values_fail_naming_the_key(override, key, tmp_path):
+    import yaml
+
+    data = yaml.safe_load((SERVE / "demo.yaml").read_text())
+    path, _, value = override.partition("=")
+    node = data
+    parts = path.split(".")
+    for p in parts[:-1]:
+        node = node[int(p)] if p.isdigit() else node[p]
+    node[parts[-1]] = yaml.safe_load(value)
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError) as e:
+        load_config(ServeConfig, tmp_path / "bad.yaml")
+    assert key in str(e.value)
+
+
+def test_reserved_and_duplicate_pool_names_fail():
+    base = {"router": {"path": "r"}, "pool": [{"name": "m", "path": "p"}]}
+    ServeConfig.model_validate(base)
+    for pool in ([{"name": "auto", "path": "p"}], [{"name": "m", "path": "p"}, {"name": "m", "path": "q"}], []):
+        with pytest.raises(ValueError):
+            ServeConfig.model_validate({**base, "pool": pool})
+
+
+def test_app_args_take_a_config_path_with_overrides_or_inline_fields():
+    from icl_router.serving.app import serve_config
+
+    cfg = serve_config({"config": str(SERVE / "demo.yaml"), "overrides": ["port=9123", "router.max_batch_size=4"]})
+    assert (cfg.port, cfg.router.max_batch_size) == (9123, 4)
+    assert serve_config({"router": {"path": "r"}, "pool": [{"name": "m", "path": "p"}]}).pool[0].name == "m"
+    with pytest.raises(ConfigError, match="beside 'config'"):
+        serve_config({"config": str(SERVE / "demo.yaml"), "port": 1})
