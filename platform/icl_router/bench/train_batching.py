@@ -1,0 +1,92 @@
+"""Stage-2 training steps: naive per-pair prompts vs shared-prefix packing, same pairs, one run.
+
+Both sides start from the same tiny router weights, take the same batches (one
+model's B pairs each) and do forward + backward + Adam step; the losses of the
+two trajectories must agree (``max_loss_diff``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from typing import Any
+
+WORDS = (
+    "what which how many find the value of given a number sum product prime integer triangle area "
+    "explain why does water boil at sea level city capital country river history war year author "
+    "book write function returns list string sorted python code energy force mass velocity cell "
+    "protein gene chemical reaction acid base temperature pressure probability random choose answer"
+).split()
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--k", type=int, default=500, help="number of anchors (profile length)")
+    p.add_argument("--batch-size", type=int, default=32, help="pairs per step (all of one model)")
+    p.add_argument("--layout", choices=["pairs", "fused"], default="pairs", help="profile layout")
+    p.add_argument("--query-input", choices=["text", "vector"], default="text")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per side (after one warm-up step)")
+    p.add_argument("--query-words", type=int, default=40, help="mean words per synthetic query")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    from icl_router.model.prompt import PromptLayout
+    from icl_router.model.router import ICLRouter
+    from icl_router.model.tiny import build_tiny_router_lm
+    from icl_router.train.steps import collate_stage2, stage2_loss, train_step
+
+    rng = np.random.default_rng(args.seed)
+    n_models, emb_dim, B = 4, 384, args.batch_size
+    n_q = B * (args.steps + 1)
+    texts = [" ".join(rng.choice(WORDS, size=rng.integers(args.query_words // 2, args.query_words * 3 // 2 + 1))) + "?" for _ in range(n_q)]
+    lm, tok = build_tiny_router_lm(texts, seed=args.seed)
+    layout = PromptLayout(tok, query_input=args.query_input, profile_layout=args.layout)
+    torch.manual_seed(args.seed)
+    router = ICLRouter(lm, layout, anchor_emb=torch.randn(args.k, emb_dim))
+    profiles = torch.rand(n_models, args.k) < 0.6
+    query_emb = torch.randn(n_q, emb_dim)
+    batches = []
+    for s in range(args.steps + 1):
+        sl = slice(s * B, (s + 1) * B)
+        batches.append(
+            collate_stage2(
+                layout,
+                texts[sl],
+                model_idx=[s % n_models] * B,
+                profiles=profiles,
+                target=torch.from_numpy(rng.random(B) < 0.5).float(),
+                query_emb=query_emb[sl],
+            )
+        )
+
+    def side(shared: bool) -> tuple[float, list[float]]:
+        r = copy.deepcopy(router)
+        opt = torch.optim.Adam(r.parameters(), lr=1e-4)
+        loss = lambda rr, b: stage2_loss(rr, b, shared=shared)  # noqa: E731
+        losses = [train_step(r, batches[0], opt, loss_fn=loss)]  # warm-up, not timed
+        t0 = time.perf_counter()
+        losses += [train_step(r, b, opt, loss_fn=loss) for b in batches[1:]]
+        return time.perf_counter() - t0, losses
+
+    t_naive, l_naive = side(False)
+    t_shared, l_shared = side(True)
+    pairs = args.steps * B
+    suffix_len = float(torch.cat([b.pairs.suffix_len for b in batches]).float().mean())
+    return {
+        "naive_pairs_per_s": round(pairs / t_naive, 2),
+        "shared_pairs_per_s": round(pairs / t_shared, 2),
+        "speedup": round(t_naive / t_shared, 2),
+        "max_loss_diff": max(abs(a - b) for a, b in zip(l_naive, l_shared)),
+        "K": args.k,
+        "batch_size": B,
+        "layout": args.layout,
+        "query_input": args.query_input,
+        "steps": args.steps,
+        "prefix_tokens": int(router.prefix_ids.numel()),
+        "suffix_tokens_mean": round(suffix_len, 1),
+        "torch_threads": torch.get_num_threads(),
+    }

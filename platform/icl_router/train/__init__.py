@@ -1,0 +1,1 @@
+"""Training: pure losses and steps (``steps``); the Ray Train driver lives beside them."""
