@@ -2,7 +2,8 @@
 # Start a Ray head and one worker node on 127.0.0.1 (the embedded default cluster).
 #
 #   cluster/local/start.sh            # head + 1 worker, token auth on
-#   cluster/local/stop.sh             # stop exactly these two nodes
+#   cluster/local/start.sh worker     # (re)start the worker node of a running head, e.g. after it died
+#   cluster/local/stop.sh             # stop exactly these nodes
 #
 # Every port derives from ICL_RAY_PORT_BASE, so several clusters can share a machine,
 # and each cluster keeps its files (logs, sockets, pids) under its own ICL_RAY_TEMP_DIR.
@@ -25,13 +26,23 @@ WORKER_CPUS=${ICL_RAY_WORKER_CPUS:-2}
 WORKER_RESOURCES=${ICL_RAY_WORKER_RESOURCES:-'{"worker": 1}'}
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}
 TIMEOUT=${ICL_RAY_START_TIMEOUT:-90}
+WHAT=${1:-all}
+# Job entrypoints (`icl-router ...`) run in the nodes' environment: the tools beside `ray` come first.
+export PATH="$(dirname "$RAY"):$PATH"
 
 GCS=127.0.0.1:$BASE
 DASHBOARD=http://127.0.0.1:$((BASE + 1))
 
-if [[ -s $TEMP_DIR/head.pid ]] && kill -0 "$(cat "$TEMP_DIR/head.pid")" 2>/dev/null; then
+running() { [[ -s $TEMP_DIR/$1.pid ]] && kill -0 "$(cat "$TEMP_DIR/$1.pid")" 2>/dev/null; }
+if [[ $WHAT == all ]] && running head; then
     echo "start.sh: a cluster of $TEMP_DIR is already running (pid $(cat "$TEMP_DIR/head.pid")); run cluster/local/stop.sh first" >&2
     exit 1
+elif [[ $WHAT == worker ]] && { ! running head || running worker; }; then
+    echo "start.sh worker: needs a running head and no running worker in $TEMP_DIR" >&2
+    exit 1
+elif [[ $WHAT != all && $WHAT != worker ]]; then
+    echo "usage: start.sh [all|worker]" >&2
+    exit 2
 fi
 mkdir -p "$TEMP_DIR"
 
@@ -57,19 +68,21 @@ wait_nodes() {
         if ! kill -0 "$(cat "$TEMP_DIR/$name.pid")" 2>/dev/null || ((SECONDS > deadline)); then
             echo "start.sh: the $name node did not come up within ${TIMEOUT}s; its log:" >&2
             tail -n 30 "$TEMP_DIR/$name.log" >&2
-            "$(dirname "$0")/stop.sh" >&2 || true
+            [[ $WHAT == all ]] && { "$(dirname "$0")/stop.sh" >&2 || true; }
             exit 1
         fi
         sleep 1
     done
 }
 
-node head --head --port="$BASE" --dashboard-host=127.0.0.1 --dashboard-port=$((BASE + 1)) \
-    --ray-client-server-port=$((BASE + 2)) --dashboard-agent-listen-port=$((BASE + 3)) \
-    --node-manager-port=$((BASE + 4)) --object-manager-port=$((BASE + 5)) --runtime-env-agent-port=$((BASE + 6)) \
-    --dashboard-agent-grpc-port=$((BASE + 7)) --metrics-export-port=$((BASE + 8)) \
-    --min-worker-port=$((BASE + 100)) --max-worker-port=$((BASE + 399)) --num-cpus="$HEAD_CPUS"
-wait_nodes 1 head
+if [[ $WHAT == all ]]; then
+    node head --head --port="$BASE" --dashboard-host=127.0.0.1 --dashboard-port=$((BASE + 1)) \
+        --ray-client-server-port=$((BASE + 2)) --dashboard-agent-listen-port=$((BASE + 3)) \
+        --node-manager-port=$((BASE + 4)) --object-manager-port=$((BASE + 5)) --runtime-env-agent-port=$((BASE + 6)) \
+        --dashboard-agent-grpc-port=$((BASE + 7)) --metrics-export-port=$((BASE + 8)) \
+        --min-worker-port=$((BASE + 100)) --max-worker-port=$((BASE + 399)) --num-cpus="$HEAD_CPUS"
+    wait_nodes 1 head
+fi
 
 # A second node on the same machine: its own agent ports, worker port range and resources.
 node worker --address="$GCS" --dashboard-agent-listen-port=$((BASE + 13)) \

@@ -1,0 +1,168 @@
+"""A local head + worker node (cluster/local/start.sh) with token auth; jobs reach it only via `icl-router submit`.
+
+The head has no CPUs, so the embed actors run on the worker node while the driver runs on the
+head: the job crosses nodes. Killing the worker's raylet mid-job, then starting a new worker
+(what an autoscaler does), must end in a clear failure or in complete output, never in less.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from icl_router import schemas as S
+from icl_router.data.dataset import Dataset
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(420)]
+
+REPO = Path(__file__).resolve().parents[2]
+LOCAL = REPO / "cluster" / "local"
+BIN = Path(sys.executable).parent
+
+
+def _free_base() -> int:
+    """A port base whose derived ports (base .. base+699) are free now."""
+    for base in range(31000, 60000, 1000):
+        try:
+            for port in [base + i for i in range(19)] + [base + 100, base + 400]:
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError("no free port range")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """env (with the token, no RAY_AUTH_MODE: submit must find and send the token itself) and the address."""
+    temp_dir = tempfile.mkdtemp(prefix="icl-rc-", dir="/tmp")  # short: socket paths < 107 bytes
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(
+        PATH=f"{BIN}:{env['PATH']}",
+        RAY=str(BIN / "ray"),
+        ICL_RAY_TEMP_DIR=temp_dir,
+        ICL_RAY_PORT_BASE=str(_free_base()),
+        ICL_RAY_HEAD_CPUS="0",
+        ICL_RAY_WORKER_CPUS="2",
+        ICL_RAY_STOP_GRACE="10",
+        RAY_AUTH_TOKEN=secrets.token_hex(16),  # this cluster's own token, not ~/.ray/auth_token
+        TOKENIZERS_PARALLELISM="false",
+    )
+    try:
+        out = subprocess.run([str(LOCAL / "start.sh")], env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=180)
+        assert out.returncode == 0, out.stderr[-3000:]
+        address = out.stdout.strip().splitlines()[-1].split("=", 1)[1]
+        yield env, address, Path(temp_dir)
+    finally:
+        subprocess.run([str(LOCAL / "stop.sh")], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _submit(env, address, *args, timeout=240):
+    cmd = [str(BIN / "icl-router"), "submit", "embed", "--address", address, "--config", "jobs/embed/config.yaml", *args]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _client(env, address):
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(address, headers={"Authorization": f"Bearer {env['RAY_AUTH_TOKEN']}"})
+
+
+def _queries(n: int) -> pa.Table:
+    ids = [f"q{i:05d}" for i in range(n)]
+    words = ["route", "model", "anchor", "profile", "vector", "query", "token", "cluster"]
+    texts = [f"question {i}: " + " ".join(words[(i * k) % len(words)] for k in range(1, 12)) for i in range(n)]
+    return pa.table({S.QUERY_ID: ids, S.TEXT: texts, S.TASK: ["mmlu"] * n, S.SPLIT: ["train"] * n})
+
+
+def _cmdline(p) -> list[str]:
+    import psutil
+
+    try:
+        return p.cmdline()
+    except psutil.Error:  # gone meanwhile
+        return []
+
+
+def test_submit_needs_the_token_then_runs_embed_across_nodes(cluster, small_dataset):
+    env, address, _ = cluster
+    ds = small_dataset
+
+    wrong = _submit({**env, "RAY_AUTH_TOKEN": "not-the-token"}, address, f"dataset={ds.root}", timeout=120)
+    assert wrong.returncode == 1 and "Authentication failed" in wrong.stderr, wrong.stderr[-2000:]
+
+    done = _submit(env, address, f"dataset={ds.root}", "num_actors=1", "batch_size=16")
+    assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["status"] == "SUCCEEDED" and result["job_id"].startswith("raysubmit_")
+    assert "embed: wrote 60 384-d embeddings" in done.stdout  # the job's logs were streamed
+
+    want = sorted(ds.read_queries().column(S.QUERY_ID).to_pylist())
+    got = ds.read_embeddings("all-MiniLM-L6-v2")
+    assert sorted(got.column(S.QUERY_ID).to_pylist()) == want
+    emb = np.stack(got.column(S.EMBEDDING).to_numpy(zero_copy_only=False))  # [60, 384]
+    assert emb.shape == (60, 384) and np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-4)
+
+
+def test_a_failing_job_exits_nonzero_with_its_message(cluster, tmp_path):
+    env, address, _ = cluster
+    out = _submit(env, address, f"dataset={tmp_path / 'absent'}", timeout=120)
+    assert out.returncode == 1
+    assert "FAILED" in out.stderr and "is not a dataset" in out.stderr, out.stderr[-2000:]
+
+
+def test_killing_the_worker_mid_job_fails_clearly_or_completes(cluster, tmp_path):
+    import psutil
+
+    env, address, temp_dir = cluster
+    n = 300
+    ds = Dataset(tmp_path / "big")
+    ds.write_queries(_queries(n))
+
+    out = _submit(env, address, f"dataset={ds.root}", "num_actors=1", "batch_size=8", "--no-wait")
+    assert out.returncode == 0, out.stderr[-3000:]
+    job_id = json.loads(out.stdout.strip().splitlines()[-1])["job_id"]
+    client = _client(env, address)
+
+    # Wait until the embed actor lives on the worker node (loading its model or embedding), then kill the node.
+    worker = psutil.Process(int((temp_dir / "worker.pid").read_text()))
+    deadline = time.monotonic() + 120
+    while not any("MapWorker" in " ".join(_cmdline(p)) for p in worker.children(recursive=True)):
+        assert client.get_job_status(job_id).value in ("PENDING", "RUNNING"), client.get_job_logs(job_id)[-3000:]
+        assert time.monotonic() < deadline, "the embed actor never started on the worker node"
+        time.sleep(0.5)
+    (raylet,) = [p for p in worker.children(recursive=True) if p.name() == "raylet"]
+    raylet.send_signal(signal.SIGKILL)
+    assert client.get_job_status(job_id).value == "RUNNING", "the job ended before the node died: nothing was tested"
+    worker.wait(timeout=60)  # its `ray start --block` parent stops the node's other processes, then exits
+
+    # A new worker node, as an autoscaler would start one.
+    again = subprocess.run([str(LOCAL / "start.sh"), "worker"], env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=180)
+    assert again.returncode == 0, again.stderr[-3000:]
+
+    deadline = time.monotonic() + 180
+    while (status := client.get_job_status(job_id).value) not in ("SUCCEEDED", "FAILED", "STOPPED"):
+        assert time.monotonic() < deadline, f"job {job_id} still {status} 180 s after the node died"
+        time.sleep(2)
+    got = ds.read_embeddings("all-MiniLM-L6-v2").column(S.QUERY_ID).to_pylist()
+    if status == "SUCCEEDED":  # retried on the new node: every query embedded exactly once
+        assert sorted(got) == [f"q{i:05d}" for i in range(n)]
+    else:  # a clear failure, and nothing half-written
+        assert client.get_job_info(job_id).message, "a failed job must say why"
+        assert got == []
+    print(f"worker killed mid-job: {status}")
