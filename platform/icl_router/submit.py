@@ -11,7 +11,7 @@ sends none). Plain ``ray job submit`` also needs RAY_AUTH_MODE=token set.
 
 Paths: the job runs in a copy of --working-dir without .git/, .venv/, runs/
 and .gitignore'd files, so a relative config path into those (e.g. the
-default ``dataset: runs/demo/data``) would be missing there, and anything
+default ``dataset: runs/demo/data``) or out of it (``../shared/data``) would be missing there, and anything
 written below the copy is lost when the job ends. Such paths are refused:
 pass absolute paths the cluster sees (``dataset=/mnt/shared/data``), or
 --shared-fs when the cluster shares this machine's filesystem (the local
@@ -57,13 +57,13 @@ def auth_headers() -> dict[str, str]:
 
 
 def excluded_paths(data: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
-    """(dotted key, value) of every relative path in a config that lies in a folder never uploaded."""
+    """(dotted key, value) of every relative path in a config into a folder never uploaded, or out of the working dir."""
     found = []
     for key, value in data.items():
         if isinstance(value, dict):
             found += excluded_paths(value, f"{prefix}{key}.")
         elif isinstance(value, str) and "://" not in value and not value.startswith(("/", "~")):
-            if Path(value).parts[:1] and Path(value).parts[0] in EXCLUDES:
+            if Path(value).parts[:1] and Path(value).parts[0] in [*EXCLUDES, ".."]:
                 found.append((f"{prefix}{key}", value))
     return found
 
@@ -101,7 +101,7 @@ def submit_job(
         if bad and not shared_fs:
             listed = ", ".join(f"{k}={v}" for k, v in bad)
             raise ConfigError(
-                f"{listed}: relative path(s) into {'/, '.join(EXCLUDES)}/, which are not uploaded to the cluster "
+                f"{listed}: relative path(s) into {'/, '.join(EXCLUDES)}/ or ../, which are not uploaded to the cluster "
                 f"(the job would miss its input or lose its output); pass absolute paths the cluster sees, "
                 f"e.g. {bad[0][0]}=/mnt/shared/{bad[0][1]}, or --shared-fs if the cluster shares this filesystem"
             )

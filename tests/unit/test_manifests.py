@@ -161,3 +161,42 @@ def test_cluster_launcher_yaml_passes_rays_schema():
     with pytest.raises(jsonschema.ValidationError, match="max_worker"):
         jsonschema.validate(typo, schema)
 
+
+
+def test_submit_refuses_paths_the_cluster_cannot_see(tmp_path):
+    from icl_router.config import ConfigError
+    from icl_router.submit import submit_job
+
+    embed_cfg = str(REPO / "jobs" / "embed" / "config.yaml")
+    with pytest.raises(ConfigError, match=r"dataset=runs/demo/data: .*--shared-fs"):  # the default config's dataset
+        submit_job("embed", embed_cfg, [], address="http://127.0.0.1:9", config_class="EmbedConfig", working_dir=str(REPO))
+    outside = tmp_path / "c.yaml"
+    outside.write_text("dataset: /data\n")
+    with pytest.raises(ConfigError, match="not uploaded with --working-dir"):
+        submit_job("embed", str(outside), [], address="http://127.0.0.1:9", config_class="EmbedConfig", working_dir=str(REPO))
+    cfg = {"dataset": "/abs", "embedder": "Qwen/Qwen3-Embedding-8B", "train": {"output": "runs/x"}, "data_root": "../shared"}
+    assert excluded_paths(cfg) == [("train.output", "runs/x"), ("data_root", "../shared")]
+
+
+def test_submit_finds_the_token_where_ray_does(tmp_path, monkeypatch):
+    from icl_router.submit import SubmitError, auth_headers
+
+    for var in ["RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"]:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert auth_headers() == {}
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("from-home\n")
+    assert auth_headers() == {"Authorization": "Bearer from-home"}
+    (tmp_path / "t").write_text("from-path")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "t"))
+    assert auth_headers() == {"Authorization": "Bearer from-path"}
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "from-env")
+    assert auth_headers() == {"Authorization": "Bearer from-env"}
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    assert auth_headers() == {}
+    monkeypatch.delenv("RAY_AUTH_MODE")
+    monkeypatch.delenv("RAY_AUTH_TOKEN")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "missing"))
+    with pytest.raises(SubmitError, match="RAY_AUTH_TOKEN_PATH"):
+        auth_headers()
