@@ -84,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     jobs = {
         "embed": ("icl_router.data.embed", "run_embed", "EmbedConfig", "embed queries with sentence-transformers on Ray Data"),
         "anchors": ("icl_router.data.anchors", "run_anchors", "AnchorsConfig", "select the K anchor queries"),
+        "profile": ("icl_router.data.profile", "run_profile", "ProfileConfig", "run and grade the missing (query, model) pairs with vLLM on Ray Data"),
         "train": ("icl_router.train.driver", "run_train", "TrainConfig", "train the router (stage 1 or 2) with Ray Train + DeepSpeed"),
     }
     for name, (module, func, cls, help_) in jobs.items():

@@ -240,6 +240,69 @@ class TrainConfig(Config):
 
 
 # ---------------------------------------------------------------------------
+# Pool profiling
+
+
+class SamplingConfig(Config):
+    """vLLM sampling parameters of one candidate model (passed to ``vllm.SamplingParams`` as is)."""
+
+    temperature: float = 0.0  # greedy: profiles must be reproducible
+    top_p: float = 1.0
+    max_tokens: int = 512
+    seed: int = 0
+
+
+class CandidateModelConfig(Config):
+    """One pool model: where it is, how it samples, what a token costs, how vLLM runs it."""
+
+    name: str  # the model_id written to outcomes/
+    path: str  # a local directory or a hub id, e.g. Qwen/Qwen2.5-7B-Instruct
+    chat_template: str | None = None  # a Jinja template overriding the tokenizer's own
+    sampling: SamplingConfig = SamplingConfig()
+    cost_per_input_token: float = 0.0  # dollars
+    cost_per_output_token: float = 0.0
+    engine_kwargs: dict[str, Any] = {}  # vLLM engine args: max_model_len, dtype, tensor_parallel_size, ...
+    accelerator: Literal["cpu", "gpu"] = "cpu"
+    accelerator_type: str | None = None  # GPU only, e.g. A10G or H100
+    concurrency: int = 1  # vLLM engine replicas
+    env_vars: dict[str, str] = {}  # for the engine actors; on top of the CPU defaults when accelerator=cpu
+
+    @model_validator(mode="after")
+    def _check(self) -> "CandidateModelConfig":
+        if self.accelerator == "cpu" and (self.accelerator_type or self.engine_kwargs.get("tensor_parallel_size", 1) != 1):
+            raise ValueError(f"model {self.name!r}: accelerator_type and tensor_parallel_size > 1 need accelerator=gpu")
+        if min(self.cost_per_input_token, self.cost_per_output_token) < 0:
+            raise ValueError(f"model {self.name!r}: token costs must be >= 0")
+        return self
+
+
+class ProfileConfig(Config):
+    """``icl-router profile``: run every (query, model) pair that has no outcome yet and grade it."""
+
+    dataset: str
+    models: list[CandidateModelConfig]
+    queries: Literal["anchors", "split", "all"] = "anchors"
+    split: SplitConfig = SplitConfig()  # queries=split: which split ...
+    part: Literal["train", "test", "ood"] = "train"  # ... and which part of it
+    tasks: list[str] | None = None  # keep only these tasks (None: all)
+    shard_size: int = 256  # outcome rows per file: a killed job loses at most the shards not yet written
+    batch_size: int = 32  # rows per vLLM engine call
+    ray: RayConfig = RayConfig(num_cpus=8)  # Ray Data LLM's four stages need >= 8 logical CPUs on a local cluster
+
+    @model_validator(mode="after")
+    def _check(self) -> "ProfileConfig":
+        names = [m.name for m in self.models]
+        if not names:
+            raise ValueError("models must list at least one candidate model, e.g. [{name: m1, path: /models/m1}]")
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"models: names {dup} appear more than once; model names are the outcome model_id")
+        if self.shard_size < 1 or self.batch_size < 1:
+            raise ValueError("shard_size and batch_size must be >= 1")
+        return self
+
+
+# ---------------------------------------------------------------------------
 # The routing service (icl-router serve)
 
 

@@ -1,0 +1,181 @@
+"""Profile a pool: generate with vLLM on Ray Data, grade, append to ``outcomes/``.
+
+For each candidate model, only the selected queries that have no outcome for
+that model yet are run (a new model runs alone, new queries run alone). Each
+model's rows stream out of one Ray Data pipeline (``ray.data.llm.build_processor``
+with ``vLLMEngineProcessorConfig``: chat template -> vLLM engine -> grading) and
+are appended ``shard_size`` rows at a time, each shard its own file with a fresh
+run id. A job killed half way keeps the shards it wrote; the rerun reads them
+and runs only the rest, so every pair ends up present exactly once.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterator
+from functools import partial
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from icl_router import schemas as S
+from icl_router.config import CandidateModelConfig, ProfileConfig
+from icl_router.data.dataset import Dataset, DatasetError
+from icl_router.data.splits import make_split
+from icl_router.graders import GRADERS, grade
+from icl_router.raycluster import ensure_ray
+
+# ZeroEval's protocol: the graders read the "answer" field of a JSON object (graders/extract.py).
+_JSON = '\n\nThink step by step, then reply with a JSON object: {"reasoning": "your steps", "answer": "WHAT"}.'
+PROMPTS: dict[str, str] = {
+    "gsm8k": "{question}" + _JSON.replace("WHAT", "the final number only"),
+    "math": "{question}" + _JSON.replace("WHAT", "the final answer, in LaTeX if needed"),
+    "multiple_choice": "{question}" + _JSON.replace("WHAT", "the letter of the correct option"),
+    "crux": "{question}" + _JSON.replace("WHAT", "the output, as a Python literal"),
+    "exact_match": "{question}" + _JSON.replace("WHAT", "a short answer"),
+    "f1": "{question}" + _JSON.replace("WHAT", "a short answer"),
+    "code": "{question}\n\nWrite the complete Python function in one ```python code block.",
+}
+
+# vLLM on CPU (shared/ENVIRONMENT.md): without a KV cache cap vLLM claims 92% of RAM;
+# one OpenMP thread and no core binding suit small models on shared cores.
+CPU_ENV = {
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "OMP_NUM_THREADS": "1",
+    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+}
+
+
+def _log(msg: str) -> None:
+    print(f"profile: {msg}", file=sys.stderr, flush=True)
+
+
+def select_queries(ds: Dataset, cfg: ProfileConfig) -> pa.Table:
+    """The queries to profile (dataset order; anchors in anchor order), checked to be gradable."""
+    queries = ds.read_queries()
+    if cfg.queries == "all":
+        ids = queries.column(S.QUERY_ID).to_pylist()
+    elif cfg.queries == "anchors":
+        ids = ds.read_anchors().column(S.QUERY_ID).to_pylist()
+    else:
+        ids = make_split(queries, cfg.split).part(cfg.part)
+    index = {q: i for i, q in enumerate(queries.column(S.QUERY_ID).to_pylist())}
+    unknown = [q for q in ids if q not in index]
+    if unknown:
+        raise DatasetError(f"{len(unknown)} selected queries are not in {ds.queries_path} (e.g. {unknown[:3]})")
+    table = queries.take(pa.array([index[q] for q in ids], pa.int64()))
+    if cfg.tasks is not None:
+        table = table.filter(pc.is_in(table.column(S.TASK), pa.array(cfg.tasks, pa.string())))
+    bad: dict[str, int] = {}
+    for task, grader, gold in zip(*(table.column(c).to_pylist() for c in (S.TASK, S.GRADER, S.GOLD))):
+        if grader not in GRADERS or gold is None:
+            key = f"{task} (grader={grader!r}{', gold missing' if gold is None else ''})"
+            bad[key] = bad.get(key, 0) + 1
+    if bad:
+        raise DatasetError(
+            f"{sum(bad.values())} selected queries cannot be graded: {bad}; graders are {sorted(GRADERS)} and need a gold. "
+            "Leave those tasks out with `tasks: [...]` in the config, or fix the grader/gold columns"
+        )
+    return table
+
+
+def build_prompt(grader: str, question: str) -> str:
+    return PROMPTS[grader].replace("{question}", question)  # not format(): the templates hold JSON braces
+
+
+def _request(row: dict[str, Any], *, sampling: dict[str, Any]) -> dict[str, Any]:
+    """Ray Data preprocess: one chat request per query; id, grader and gold ride along to grading."""
+    return {
+        "messages": [{"role": "user", "content": build_prompt(row[S.GRADER], row[S.TEXT])}],
+        "sampling_params": sampling,
+        S.QUERY_ID: row[S.QUERY_ID],
+        S.GRADER: row[S.GRADER],
+        S.GOLD: row[S.GOLD],
+    }
+
+
+def _outcome(row: dict[str, Any], *, model_id: str, cost_in: float, cost_out: float) -> dict[str, Any]:
+    """Ray Data postprocess: grade one response into an outcome row."""
+    response = row["generated_text"]
+    score = float(grade(row[S.GRADER], response, row[S.GOLD]))
+    n_in, n_out = int(row["num_input_tokens"]), int(row["num_generated_tokens"])
+    return {
+        S.QUERY_ID: row[S.QUERY_ID],
+        S.MODEL_ID: model_id,
+        S.SAMPLE: 0,
+        S.SCORE: score,
+        S.CORRECT: score >= S.CORRECT_THRESHOLD,
+        S.RESPONSE: response,
+        S.COST: n_in * cost_in + n_out * cost_out,
+        # Per row: the engine's time from submitting this request to its last token (other
+        # requests of the batch run alongside, so the sum over rows exceeds the wall time).
+        S.LATENCY_S: float(row["time_taken_llm"]),
+        S.PROMPT_TOKENS: n_in,
+        S.COMPLETION_TOKENS: n_out,
+    }
+
+
+def engine_config(m: CandidateModelConfig, *, batch_size: int) -> Any:
+    """The ``vLLMEngineProcessorConfig`` of one candidate model (CPU or GPU placement)."""
+    from ray.data.llm import ChatTemplateStageConfig, vLLMEngineProcessorConfig
+
+    cpu = m.accelerator == "cpu"
+    return vLLMEngineProcessorConfig(
+        model_source=m.path,
+        engine_kwargs=dict(m.engine_kwargs),
+        batch_size=batch_size,
+        concurrency=m.concurrency,
+        accelerator_type=m.accelerator_type,
+        # CPU: the default placement asks for a GPU and waits forever. GPU: one GPU bundle per
+        # tensor-parallel worker, Ray's default.
+        placement_group_config={"bundles": [{"CPU": 1}]} if cpu else None,
+        runtime_env={"env_vars": {**CPU_ENV, **m.env_vars} if cpu else dict(m.env_vars)},
+        chat_template_stage=ChatTemplateStageConfig(chat_template=m.chat_template),
+        # The engine tokenizes prompts and detokenizes outputs itself: two actor stages fewer.
+        tokenize_stage=False,
+        detokenize_stage=False,
+    )
+
+
+def generate_outcomes(todo: pa.Table, m: CandidateModelConfig, *, batch_size: int, shard_size: int) -> Iterator[pa.Table]:
+    """Outcome tables of ``shard_size`` rows (the last may be smaller), in completion order."""
+    import ray
+    from ray.data.llm import build_processor
+
+    processor = build_processor(
+        engine_config(m, batch_size=batch_size),
+        preprocess=partial(_request, sampling=m.sampling.model_dump()),
+        postprocess=partial(_outcome, model_id=m.name, cost_in=m.cost_per_input_token, cost_out=m.cost_per_output_token),
+    )
+    blocks = [todo.slice(i, shard_size) for i in range(0, len(todo), shard_size)]
+    yield from processor(ray.data.from_arrow(blocks)).iter_batches(batch_size=shard_size, batch_format="pyarrow")
+
+
+def run_profile(cfg: ProfileConfig) -> dict:
+    ds = Dataset(cfg.dataset)
+    selected = select_queries(ds, cfg).select([S.QUERY_ID, S.TEXT, S.TASK, S.GRADER, S.GOLD])
+    summary: dict[str, Any] = {"dataset": str(ds.root), "queries": len(selected), "ran": 0, "models": {}}
+    for i, m in enumerate(cfg.models, 1):
+        done = pa.array(list(set(ds.read_outcomes([m.name]).column(S.QUERY_ID).to_pylist())), pa.string())
+        todo = selected.filter(pc.invert(pc.is_in(selected.column(S.QUERY_ID), done)))
+        info = {"skipped": len(selected) - len(todo), "ran": 0, "files": 0, "accuracy": None, "seconds": 0.0}
+        summary["models"][m.name] = info
+        _log(f"model {i}/{len(cfg.models)} {m.name!r}: {len(todo)} pairs to run, {info['skipped']} already have outcomes")
+        if len(todo) == 0:
+            continue
+        ensure_ray(cfg.ray)
+        t0, correct = time.perf_counter(), 0
+        for shard in generate_outcomes(todo, m, batch_size=cfg.batch_size, shard_size=cfg.shard_size):
+            (path,) = ds.append_outcomes(shard)  # a fresh run id per shard: never overwrites
+            info["ran"] += len(shard)
+            info["files"] += 1
+            correct += pc.sum(shard.column(S.CORRECT).cast(pa.int64())).as_py() or 0
+            _log(f"{m.name}: {info['ran']}/{len(todo)} done, wrote {path.name}")
+        info["seconds"] = round(time.perf_counter() - t0, 2)
+        info["accuracy"] = round(correct / info["ran"], 4)
+        summary["ran"] += info["ran"]
+        _log(f"{m.name}: {info['ran']} outcomes in {info['seconds']} s, accuracy {info['accuracy']}")
+    return summary
