@@ -96,7 +96,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         last = r.step == r.total
         if r.step % cfg.checkpoint_every and not last:
             continue
-        metrics = {"step": r.step, "epoch": r.epoch, "loss": float(np.mean(recent)), "world_size": world}
+        metrics = {"step": r.step, "epoch": r.epoch, "loss": float(np.mean(recent)), "world_size": world, "resumed_from": start}
         with tempfile.TemporaryDirectory() as d:
             engine.save_checkpoint(d, tag=DS_TAG)
             gather = (
@@ -226,6 +226,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         "zero_stage": cfg.deepspeed.zero_stage,
         "seconds": round(time.time() - t0, 1),
         "checkpoint": result.checkpoint.path,
+        "resumed_from": result.metrics.get("resumed_from"),
     }
     print(f"[train] stage {cfg.stage} done: {summary['steps']} steps, loss {summary['final_loss']:.4f}, router at {output}", flush=True)
     return summary

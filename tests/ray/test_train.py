@@ -1,0 +1,127 @@
+"""Both training stages as Ray Train + DeepSpeed jobs on real routing data (2 CPU workers, ZeRO-2)."""
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from icl_router.config import AnchorsConfig, SplitConfig, TrainConfig
+from icl_router.data.anchors import run_anchors
+from icl_router.data.dataset import Dataset
+from icl_router.data.embed import BUNDLED, load_embedder
+from icl_router.data.importers import import_dataset
+from icl_router.model.router_dir import load_router_dir
+from icl_router.train.driver import run_train
+
+LLMROUTER_TRAIN = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "routing" / "llmrouter" / "train.jsonl"
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
+
+TINY = {"hidden_size": 128, "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 1200}
+
+
+@pytest.fixture(scope="module")
+def real_data(tmp_path_factory):
+    """240 real LLMRouter queries x 9 models, MiniLM embeddings, 18 anchors."""
+    if not LLMROUTER_TRAIN.is_file():
+        pytest.skip(f"real data {LLMROUTER_TRAIN} is absent")
+    root = tmp_path_factory.mktemp("train")
+    lines = LLMROUTER_TRAIN.read_text().splitlines()[::20][:240]  # every 20th: all tasks
+    src = root / "train.jsonl"
+    src.write_text("\n".join(lines) + "\n")
+    ds = import_dataset("llmrouter", [str(src)], root / "data")
+    q = ds.read_queries()
+    emb = load_embedder(BUNDLED).encode(q.column("text").to_pylist(), batch_size=32, normalize_embeddings=True)
+    import pyarrow as pa
+
+    ds.append_embeddings(
+        pa.table({"query_id": q.column("query_id"), "embedding": pa.array(list(emb), pa.list_(pa.float32(), 384)), "embedder": [BUNDLED] * len(q)})
+    )
+    run_anchors(AnchorsConfig(dataset=str(ds.root), k=16, split=SplitConfig(name="given")))
+    return ds
+
+
+def train_workers_of_this_cluster():
+    """RayTrainWorker processes under this session's raylet (other Ray clusters may run on the machine)."""
+    import psutil
+    import ray
+
+    session = ray._private.worker._global_node.get_session_dir_path()
+    raylets = [p for p in psutil.process_iter(["cmdline"]) if any("raylet" in c for c in (p.info["cmdline"] or [])[:1])
+               and any(session in c for c in p.info["cmdline"] or [])]
+    return [c for r in raylets for c in r.children(recursive=True) if "RayTrainWorker" in " ".join(c.cmdline())]
+
+
+def config(ds: Dataset, out, *, stage, **kw) -> TrainConfig:
+    base = {
+        "stage": stage,
+        "dataset": str(ds.root),
+        "output": str(out),
+        "router": {"tiny": TINY, "query_input": "vector", "profile_layout": "pairs"},
+        "split": {"name": "given"},
+        "phases": [{"epochs": 1, "lr_projector": 1e-3, "lr_router": 0.0}, {"epochs": 1, "lr_projector": 1e-3, "lr_router": 1e-3}],
+        "batch_size": 16,
+        "max_text_tokens": 32,
+        "scaling": {"num_workers": 2},
+        "deepspeed": {"zero_stage": 2},
+    }
+    base.update(kw)
+    return TrainConfig.model_validate(base)
+
+
+def test_both_stages_write_a_loadable_router(ray_local, real_data, tmp_path):
+    s1 = run_train(config(real_data, tmp_path / "r1", stage=1, checkpoint_every=100))
+    assert s1["steps"] > 0 and s1["workers"] == 2 and s1["zero_stage"] == 2
+    first = load_router_dir(tmp_path / "r1")
+    s2 = run_train(config(real_data, tmp_path / "r2", stage=2, init_from=str(tmp_path / "r1"), max_steps=12, checkpoint_every=100,
+                          phases=[{"epochs": 2, "lr_projector": 1e-3, "lr_router": 1e-3}]))
+    assert s2["steps"] == 12 and np.isfinite(s2["final_loss"])
+    loaded = load_router_dir(tmp_path / "r2")
+    meta = json.loads((tmp_path / "r2" / "icl_router.json").read_text())
+    assert meta["stage"] == 2 and meta["extra"]["steps"] == 12 and len(meta["anchor_query_ids"]) == 16
+    # the pool holds every model with its real outcomes on the anchors
+    anchors = meta["anchor_query_ids"]
+    want = real_data.correctness(anchors, sorted(loaded.pool)) >= 0.5  # [K, M]
+    assert sorted(loaded.pool) == real_data.model_ids() and len(loaded.pool) == 9
+    np.testing.assert_array_equal(np.stack([loaded.pool[m] for m in sorted(loaded.pool)], 1), want)
+    # stage 2 started from stage 1 and trained on: weights moved, both stages' projectors differ
+    p1 = first.router.projector.inp.weight
+    p2 = loaded.router.projector.inp.weight
+    assert not torch.equal(p1, p2)
+    caches = [loaded.router.build_prefix_cache(torch.as_tensor(p)) for p in loaded.pool.values()]
+    p = loaded.router.score(["What is 2+2?"], caches, query_emb=torch.randn(1, 384))
+    assert p.shape == (1, 9) and bool(((p > 0) & (p < 1)).all())
+
+
+def test_killed_worker_resumes_from_checkpoint_and_ends_at_the_same_step(ray_local, real_data, tmp_path):
+    cfg = config(real_data, tmp_path / "r", stage=2, max_steps=24, checkpoint_every=6, max_failures=2,
+                 phases=[{"epochs": 3, "lr_projector": 1e-3, "lr_router": 1e-3}])
+    storage = tmp_path / "r.runs" / "stage2"
+    killed = {}
+
+    def killer():
+        deadline = time.time() + 300
+        while time.time() < deadline and not killed:
+            # two checkpoint folders: the first is surely registered with the controller
+            if len(list(storage.glob("checkpoint_*"))) >= 2:
+                workers = train_workers_of_this_cluster()
+                if workers:
+                    os.kill(workers[-1].pid, signal.SIGKILL)
+                    killed["pid"] = workers[-1].pid
+                    return
+            time.sleep(0.2)
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    summary = run_train(cfg)
+    t.join(timeout=5)
+    assert killed, "no worker was killed: the run ended before its first checkpoint"
+    assert summary["steps"] == 24
+    assert summary["resumed_from"] >= 6 and summary["resumed_from"] % 6 == 0
+    assert load_router_dir(tmp_path / "r").meta.extra["steps"] == 24
