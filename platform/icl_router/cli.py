@@ -98,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve_job = _job("icl_router.serving.app", "run_serve", "ServeConfig")
     p.set_defaults(run=lambda a: serve_job(argparse.Namespace(**{**vars(a), "overrides": [*a.overrides, *([f"port={a.port}"] if a.port is not None else [])]})))
 
+    p = sub.add_parser("register", help="add models to a trained router's pool from their anchor outcomes (no training)")
+    p.add_argument("--router", required=True, help="router directory (icl_router.json, profiles.parquet, ...)")
+    p.add_argument("--dataset", required=True, help="dataset directory holding the models' outcomes on the router's anchors")
+    p.add_argument("--model", required=True, action="append", help="model id; repeat to register several")
+    p.set_defaults(run=lambda a: importlib.import_module("icl_router.routing.register").register_models(a.router, a.dataset, a.model))
+
     from icl_router import submit  # light: Ray is imported only when a job is submitted
 
     p = sub.add_parser("submit", help="run a job on a Ray cluster (Jobs API), stream its logs, exit with its status")

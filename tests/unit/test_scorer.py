@@ -1,0 +1,93 @@
+"""The cached batched scorer equals the uncached full forward for every (query, model)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from icl_router.model.prompt import PromptLayout
+from icl_router.model.router import ICLRouter
+from icl_router.model.tiny import build_tiny_router_lm
+from icl_router.routing.scorer import Scorer
+from icl_router.train.steps import collate_stage2
+
+QUERIES = [
+    "Hi?",
+    "Name the capital city of France.",
+    "Write a python function that returns the sorted list of primes below n, then explain why the sieve "
+    "of Eratosthenes is faster than trial division for large n, and what its memory cost is. " * 3,
+    "What is 2+2?",
+    "A triangle has sides 3, 4 and 5. What is its area?",
+]
+MODES = [(q, p) for q in ("text", "vector") for p in ("pairs", "fused")]
+E, K, T = 24, 8, 3
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    lm, tok = build_tiny_router_lm(QUERIES * 4, vocab_size=600)
+    return lm.eval(), tok
+
+
+def make(tiny, query_input, profile_layout):
+    lm, tok = tiny
+    torch.manual_seed(1)
+    router = ICLRouter(lm, PromptLayout(tok, query_input=query_input, profile_layout=profile_layout), anchor_emb=torch.randn(K, E))
+    profiles = torch.rand(T, K, generator=torch.Generator().manual_seed(0)) < 0.5  # [T, K]
+    pool = {f"m{t}": profiles[t].numpy() for t in range(T)}
+    return router, profiles, pool
+
+
+def full_forward(router, profiles, query_emb):
+    """p(Yes) [Q, T] from the naive per-pair prompts (prefix recomputed for every pair)."""
+    Q, n = len(QUERIES), len(profiles)
+    batch = collate_stage2(
+        router.layout,
+        QUERIES * n,
+        model_idx=[t for t in range(n) for _ in range(Q)],
+        profiles=profiles,
+        target=[0.0] * (n * Q),
+        query_emb=query_emb.repeat(n, 1),
+    )
+    with torch.no_grad():
+        return torch.sigmoid(router.forward_pairs(batch.pairs)).view(n, Q).T.numpy()
+
+
+@pytest.mark.parametrize("query_input,profile_layout", MODES)
+@pytest.mark.parametrize("max_rows,pack", [(64, 8), (9, 2), (1, 1)])  # all in one row; a filler suffix; unpacked
+def test_cached_scores_equal_full_forward(tiny, query_input, profile_layout, max_rows, pack):
+    router, profiles, pool = make(tiny, query_input, profile_layout)
+    lens = [len(router.layout.suffix(q).ids) for q in QUERIES]
+    if query_input == "text":  # the batch pads hard (>100 tokens): padding must not leak into any score
+        assert max(lens) - min(lens) > 100
+    q_emb = torch.randn(len(QUERIES), E)
+    p = Scorer(router, pool, max_rows=max_rows, pack=pack).score(QUERIES, query_emb=q_emb)
+    ref = full_forward(router, profiles, q_emb)
+    assert p.shape == (len(QUERIES), T)
+    assert np.abs(p - ref).max() < 1e-4
+    assert np.abs(p[:, 0] - p[:, 1]).max() > 1e-6  # scores depend on the profile
+
+
+def test_add_remove_and_model_subset(tiny):
+    router, profiles, pool = make(tiny, "vector", "pairs")
+    q_emb = np.random.default_rng(0).standard_normal((len(QUERIES), E)).astype(np.float32)
+    scorer = Scorer(router, pool, pack=2)
+    full = scorer.score(QUERIES, query_emb=q_emb)
+    assert scorer.models == ["m0", "m1", "m2"]
+    np.testing.assert_array_equal(scorer.score(QUERIES, query_emb=q_emb, models=["m2", "m0"]), full[:, [2, 0]])
+    scorer.remove("m1")
+    assert scorer.models == ["m0", "m2"]
+    np.testing.assert_allclose(scorer.score(QUERIES, query_emb=q_emb), full[:, [0, 2]], atol=1e-6)
+    scorer.add("m0", pool["m1"])  # re-adding replaces the profile
+    np.testing.assert_allclose(scorer.score(QUERIES, query_emb=q_emb, models=["m0"]), full[:, [1]], atol=1e-6)
+    with pytest.raises(KeyError, match="'m1'.*registered"):
+        scorer.score(QUERIES, query_emb=q_emb, models=["m1"])
+    with pytest.raises(ValueError, match="query_emb"):
+        scorer.score(QUERIES)
+    with pytest.raises(ValueError, match=f"shape \\({K},\\)"):
+        scorer.add("m9", np.ones(K + 1, dtype=bool))
+    for m in scorer.models:
+        scorer.remove(m)
+    with pytest.raises(ValueError, match="pool is empty"):
+        scorer.score(QUERIES, query_emb=q_emb)
