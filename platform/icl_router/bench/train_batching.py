@@ -28,6 +28,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=3, help="timed steps per side (after one warm-up step)")
     p.add_argument("--query-words", type=int, default=40, help="mean words per synthetic query")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadiest on a shared 2-core machine)")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -39,6 +40,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from icl_router.model.tiny import build_tiny_router_lm
     from icl_router.train.steps import collate_stage2, stage2_loss, train_step
 
+    torch.set_num_threads(args.threads)
     rng = np.random.default_rng(args.seed)
     n_models, emb_dim, B = 4, 384, args.batch_size
     n_q = B * (args.steps + 1)

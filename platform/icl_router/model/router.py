@@ -124,7 +124,10 @@ class ICLRouter(nn.Module):
         """Hidden states [..., H] -> logit(Yes) - logit(No) [...], from the two LM-head rows only."""
         head = self.lm.get_output_embeddings()
         ids = torch.tensor([self.yes_id, self.no_id], device=h.device)
-        logits = F.linear(h, head.weight[ids], None if head.bias is None else head.bias[ids])  # [..., 2]
+        if hasattr(head.weight, "ds_id"):  # partitioned by DeepSpeed ZeRO-3: only a module call gathers it
+            logits = head(h)[..., ids]  # [..., 2]
+        else:
+            logits = F.linear(h, head.weight[ids], None if head.bias is None else head.bias[ids])  # [..., 2]
         return logits[..., 0] - logits[..., 1]
 
     # ---- stage 2 ---------------------------------------------------------------
@@ -149,7 +152,7 @@ class ICLRouter(nn.Module):
             return self._forward_packed(pairs)
         kv = self._prefix_kv(pairs.profiles)
         idx = pairs.model_idx.to(kv[0][0].device)
-        kv = tuple((k[idx], v[idx]) for k, v in kv)  # per layer [N, kv_heads, P, head_dim]
+        kv = tuple((k.index_select(0, idx), v.index_select(0, idx)) for k, v in kv)  # per layer [N, kv_heads, P, head_dim]
         return self._suffix_forward(kv, pairs.suffix_ids, pairs.suffix_len, pairs.query_emb)
 
     def _forward_packed(self, pairs: Pairs) -> torch.Tensor:
