@@ -200,3 +200,29 @@ def test_submit_finds_the_token_where_ray_does(tmp_path, monkeypatch):
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "missing"))
     with pytest.raises(SubmitError, match="RAY_AUTH_TOKEN_PATH"):
         auth_headers()
+
+
+def test_submit_shared_fs_makes_hidden_paths_absolute_and_uploads_without_them(monkeypatch):
+    import sys
+    import types
+
+    from icl_router.submit import EXCLUDES, submit_job
+
+    sent = {}
+
+    class FakeClient:  # stands in for ray.job_submission.JobSubmissionClient: records what would be sent
+        def __init__(self, address, headers):
+            sent.update(address=address, headers=headers)
+
+        def submit_job(self, **kwargs):
+            sent.update(kwargs)
+            return "raysubmit_test"
+
+    monkeypatch.setitem(sys.modules, "ray.job_submission", types.SimpleNamespace(JobSubmissionClient=FakeClient))
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "t0k")
+    monkeypatch.chdir(REPO)
+    out = submit_job("embed", "jobs/embed/config.yaml", ["num_actors=1"], address="http://h:8265", config_class="EmbedConfig", shared_fs=True, wait=False)
+    want = f"icl-router embed --config jobs/embed/config.yaml num_actors=1 dataset={REPO / 'runs/demo/data'}"
+    assert out == {"job_id": "raysubmit_test", "status": "PENDING", "entrypoint": want}
+    assert sent["entrypoint"] == want and sent["headers"] == {"Authorization": "Bearer t0k"}
+    assert sent["runtime_env"] == {"working_dir": str(REPO), "excludes": EXCLUDES}
