@@ -1,10 +1,11 @@
 """Generation throughput: one tiny model, same prompts, Ray Data + vLLM (the profile job's path) vs a transformers loop.
 
-Both sides decode greedily exactly ``max_tokens`` tokens per prompt (vLLM ``ignore_eos``,
-transformers ``min_new_tokens``). Headline figures include startup on both sides: for
-vLLM the Ray Data pipeline (actors, engine load; ``ray.init`` excluded), for transformers
-the model load. ``vllm_steady_tokens_per_s`` counts only rows after the first block
-arrived; ``hf_generate_only_tokens_per_s`` only the generate calls.
+Both sides use the same number of CPU threads (``--threads``) and decode greedily exactly
+``max_tokens`` tokens per prompt (vLLM ``ignore_eos``, transformers ``min_new_tokens``).
+Headline figures include startup on both sides: for vLLM the Ray Data pipeline (actors,
+engine load; ``ray.init`` excluded), for transformers the model load.
+``vllm_steady_tokens_per_s`` counts only rows after the first block arrived;
+``hf_generate_only_tokens_per_s`` only the generate calls.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=32, help="vLLM rows per engine call; transformers prompts per generate")
     p.add_argument("--questions", default=str(ZEROEVAL), help="ZeroEval matrix.jsonl (GSM8K questions); generated ones if absent")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads of each side (vLLM's OMP_NUM_THREADS, torch.set_num_threads)")
     p.add_argument("--address", default=None, help="Ray cluster address; default: a local cluster")
 
 
@@ -59,6 +61,7 @@ def run_vllm(model: Path, prompts: list[str], args: argparse.Namespace) -> tuple
         path=str(model),
         sampling=SamplingConfig(max_tokens=args.max_tokens),
         engine_kwargs={"dtype": "float32", "enforce_eager": True, "max_model_len": 1024},
+        env_vars={"OMP_NUM_THREADS": str(args.threads)},
     )
     sampling = {**m.sampling.model_dump(), "ignore_eos": True}
     table = pa.table({"i": list(range(len(prompts))), "prompt": prompts})
@@ -80,6 +83,7 @@ def run_hf(model: Path, prompts: list[str], args: argparse.Namespace) -> tuple[d
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(str(model), padding_side="left")
     lm = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32).eval()
@@ -98,10 +102,8 @@ def run_hf(model: Path, prompts: list[str], args: argparse.Namespace) -> tuple[d
 
 
 def run(args: argparse.Namespace) -> dict:
-    import torch
-
     from icl_router.config import RayConfig
-    from icl_router.data.profile import CPU_ENV, build_prompt
+    from icl_router.data.profile import build_prompt
     from icl_router.raycluster import ensure_ray
     from icl_router.testing import make_tiny_causal_lm
 
@@ -127,7 +129,7 @@ def run(args: argparse.Namespace) -> dict:
         "batch_size": args.batch_size,
         "tokens": {"vllm": v_tokens, "hf": h_tokens},
         "same_text_fraction": round(same / len(prompts), 3),  # greedy on both sides: mostly equal; float32 ties may flip
-        "threads": {"vllm_omp": int(CPU_ENV["OMP_NUM_THREADS"]), "torch": torch.get_num_threads()},
+        "threads": args.threads,
         "questions": source,
         "cpus": os.cpu_count(),
     }
