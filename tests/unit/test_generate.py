@@ -141,3 +141,10 @@ def test_cli_generate(tmp_path, capsys):
     assert summary["n_queries"] == 120 and summary["n_models"] == 4 and summary["n_outcomes"] == 480
     assert set(summary["splits"]) == {"train", "test", "ood"}
     assert Dataset(tmp_path / "g").read_queries().equals(generate_tables(GenerateConfig(seed=3, n_queries=120, n_models=4))[0])
+
+
+def test_every_grader_is_registered(tmp_path):
+    from icl_router.graders import GRADERS
+
+    ds = generate_dataset(tmp_path / "g", GenerateConfig(n_queries=200))
+    assert set(ds.read_queries().column("grader").to_pylist()) <= set(GRADERS)

@@ -222,7 +222,7 @@ def generate_tables(cfg: GenerateConfig) -> tuple[pa.Table, pa.Table]:
             S.TASK: family.tolist(),
             S.SPLIT: split.tolist(),
             S.GOLD: golds,
-            S.GRADER: ["numeric" if f in numeric else "exact_match" for f in family],
+            S.GRADER: ["gsm8k" if f in numeric else "exact_match" for f in family],  # graders registered in icl_router.graders
             S.METRIC: [f"synthetic-{LEVELS[lv]}" for lv in level],
         },
         schema=S.QUERIES_SCHEMA,
