@@ -66,7 +66,7 @@ def build_router(cfg: TrainConfig, *, anchor_emb: np.ndarray, init_dir: str | No
     else:
         lm, tokenizer = load_router_lm(cfg.router.name_or_path or init_dir, dtype=dtype)
     layout = PromptLayout(tokenizer, query_input=cfg.router.query_input, profile_layout=cfg.router.profile_layout)
-    router = ICLRouter(lm, layout, anchor_emb=torch.as_tensor(anchor_emb))
+    router = ICLRouter(lm, layout, anchor_emb=torch.tensor(anchor_emb))
     if projector_state is not None:
         router.projector.load_state_dict(projector_state)
     return router.to(dtype)
@@ -98,7 +98,7 @@ def make_batch(cfg: TrainConfig, router: Any, data: dict[str, Any], texts: list[
         router.layout,
         [texts[r] for r in rows],
         model_idx=items[:, 1],
-        profiles=torch.as_tensor(data["profiles"]),
+        profiles=torch.tensor(data["profiles"]),
         target=items[:, 2].astype(np.float32),
         query_emb=q_emb if cfg.router.query_input == "vector" else None,
     )
