@@ -9,8 +9,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from icl_router.config import ConfigError
-from icl_router.data.dataset import DatasetError
+from icl_router.errors import UserError
 
 # bench name -> module in icl_router.bench with ``add_args(parser)`` and ``run(args) -> dict``
 BENCHES = {
@@ -46,7 +45,8 @@ def _job(module: str, func: str, cls: str) -> Callable[[argparse.Namespace], Any
         from icl_router import config as config_mod
         from icl_router.config import load_config
 
-        cfg = load_config(getattr(config_mod, cls), a.config, a.overrides)
+        output = [f"output={a.output}"] if getattr(a, "output", None) else []  # evaluate's / demo's --output
+        cfg = load_config(getattr(config_mod, cls), a.config, [*a.overrides, *output])
         return getattr(importlib.import_module(module), func)(cfg)
 
     return run
@@ -86,10 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
         "anchors": ("icl_router.data.anchors", "run_anchors", "AnchorsConfig", "select the K anchor queries"),
         "profile": ("icl_router.data.profile", "run_profile", "ProfileConfig", "run and grade the missing (query, model) pairs with vLLM on Ray Data"),
         "train": ("icl_router.train.driver", "run_train", "TrainConfig", "train the router (stage 1 or 2) with Ray Train + DeepSpeed"),
+        "demo": ("icl_router.demo", "run_demo", "DemoConfig", "the whole platform end to end on the synthetic default"),
+        "evaluate": ("icl_router.evaluation.run", "run_evaluate", "EvaluateConfig", "the standard protocol beside every baseline: report.json, report.md, plots"),
     }
     for name, (module, func, cls, help_) in jobs.items():
         p = sub.add_parser(name, help=help_)
-        _config_args(p)
+        _config_args(p, required=name != "demo")  # the demo runs on its defaults
+        if name in ("evaluate", "demo"):  # --output DIR is the override output=DIR
+            p.add_argument("--output", help="report directory (the override output=DIR)")
         p.set_defaults(run=_job(module, func, cls))
 
     p = sub.add_parser("serve", help="the OpenAI-compatible routing service on Ray Serve; prints its URL, runs until Ctrl-C")
@@ -129,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         result = args.run(args)
-    except (ConfigError, DatasetError) as e:
+    except UserError as e:
         print(f"icl-router {args.command}: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     if result is not None:

@@ -23,9 +23,10 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from icl_router import schemas as S
+from icl_router.errors import UserError
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError):
     """A dataset directory or table that breaks the contract."""
 
 

@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 import torch
 
 from icl_router import schemas as S
+from icl_router.errors import UserError
 from icl_router.model.prompt import PromptLayout
 from icl_router.model.router import ICLRouter
 
@@ -36,7 +37,7 @@ LM_FILES = ("config.json", "model.safetensors")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
-class RouterDirError(ValueError):
+class RouterDirError(UserError):
     """A router directory with a missing or mismatched part."""
 
 

@@ -14,10 +14,12 @@ from typing import Literal
 
 import numpy as np
 
+from icl_router.errors import UserError
+
 PolicyKind = Literal["highest", "threshold", "margin", "budget"]
 
 
-class PolicyError(ValueError):
+class PolicyError(UserError):
     """A policy that cannot be applied to this pool."""
 
 

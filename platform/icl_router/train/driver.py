@@ -119,7 +119,7 @@ def prepare_data(cfg: TrainConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """(arrays for the workers, router meta fields) from the dataset and the named split."""
     from icl_router.data.routing_set import load_routing_set
 
-    rs = load_routing_set(cfg.dataset, split=cfg.split, embedder=cfg.embedder)
+    rs = load_routing_set(cfg.dataset, split=cfg.split, embedder=cfg.embedder, models=cfg.models)
     if not rs.anchor_ids:
         raise ValueError(f"{cfg.dataset} has no anchors.parquet; run `icl-router anchors` first")
     items = rs.training_pairs() if cfg.stage == 2 else np.union1d(rs.rows("train"), rs.anchor_rows)
