@@ -50,47 +50,46 @@ if [[ $RAY_AUTH_MODE == token && -z ${RAY_AUTH_TOKEN:-} && -z ${RAY_AUTH_TOKEN_P
     "$RAY" get-auth-token --generate >/dev/null  # writes ~/.ray/auth_token, which clients on this machine read too
 fi
 
-# node: NAME, then `ray start` arguments. `--block` keeps one parent per node, whose pid stop.sh
-# signals: on SIGTERM it stops that node's processes and nothing else on the machine (unlike `ray stop`).
+# node NAME WANT ARGS...: start a node with `ray start` arguments ARGS, wait until the cluster counts
+# WANT alive nodes. `--block` keeps one parent per node, whose pid stop.sh signals: on SIGTERM it stops
+# that node's processes and nothing else on the machine (unlike `ray stop`). Ray gives a starting node
+# 30 s (hard-coded) to register with the GCS, too little on an overloaded machine: try twice.
 node() {
-    local name=$1
-    shift
-    setsid "$RAY" start --block --node-ip-address=127.0.0.1 --temp-dir="$TEMP_DIR" --disable-usage-stats "$@" \
-        >"$TEMP_DIR/$name.log" 2>&1 </dev/null &
-    echo $! >"$TEMP_DIR/$name.pid"
-}
-
-# wait_nodes N: until the cluster counts N alive nodes (or the node's parent died).
-wait_nodes() {
-    local want=$1 name=$2 deadline=$((SECONDS + TIMEOUT))
-    until [[ $("$RAY" list nodes --address "$DASHBOARD" --filter "state=ALIVE" --format json 2>/dev/null |
-        python3 -c 'import json,sys; print(len(json.load(sys.stdin)))' 2>/dev/null) == "$want" ]]; do
-        if ! kill -0 "$(cat "$TEMP_DIR/$name.pid")" 2>/dev/null || ((SECONDS > deadline)); then
-            echo "start.sh: the $name node did not come up within ${TIMEOUT}s; its log:" >&2
-            tail -n 30 "$TEMP_DIR/$name.log" >&2
-            [[ $WHAT == all ]] && { "$(dirname "$0")/stop.sh" >&2 || true; }
-            exit 1
-        fi
-        sleep 1
+    local name=$1 want=$2 attempt deadline
+    shift 2
+    for attempt in 1 2; do
+        setsid "$RAY" start --block --node-ip-address=127.0.0.1 --temp-dir="$TEMP_DIR" --disable-usage-stats "$@" \
+            >"$TEMP_DIR/$name.log" 2>&1 </dev/null &
+        echo $! >"$TEMP_DIR/$name.pid"
+        deadline=$((SECONDS + TIMEOUT))
+        while running "$name" && ((SECONDS < deadline)); do
+            [[ $("$RAY" list nodes --address "$DASHBOARD" --filter "state=ALIVE" --format json 2>/dev/null |
+                python3 -c 'import json,sys; print(len(json.load(sys.stdin)))' 2>/dev/null) == "$want" ]] && return 0
+            sleep 1
+        done
+        echo "start.sh: the $name node did not come up (attempt $attempt); its log:" >&2
+        tail -n 20 "$TEMP_DIR/$name.log" >&2
+        running "$name" && kill -TERM "$(cat "$TEMP_DIR/$name.pid")"
+        for _ in $(seq 30); do running "$name" || break; sleep 1; done  # its processes and ports are gone
     done
+    [[ $WHAT == all ]] && { "$(dirname "$0")/stop.sh" >&2 || true; }
+    exit 1
 }
 
 if [[ $WHAT == all ]]; then
-    node head --head --port="$BASE" --dashboard-host=127.0.0.1 --dashboard-port=$((BASE + 1)) \
+    node head 1 --head --port="$BASE" --dashboard-host=127.0.0.1 --dashboard-port=$((BASE + 1)) \
         --ray-client-server-port=$((BASE + 2)) --dashboard-agent-listen-port=$((BASE + 3)) \
         --node-manager-port=$((BASE + 4)) --object-manager-port=$((BASE + 5)) --runtime-env-agent-port=$((BASE + 6)) \
         --dashboard-agent-grpc-port=$((BASE + 7)) --metrics-export-port=$((BASE + 8)) \
         --min-worker-port=$((BASE + 100)) --max-worker-port=$((BASE + 399)) --num-cpus="$HEAD_CPUS"
-    wait_nodes 1 head
 fi
 
 # A second node on the same machine: its own agent ports, worker port range and resources.
-node worker --address="$GCS" --dashboard-agent-listen-port=$((BASE + 13)) \
+node worker 2 --address="$GCS" --dashboard-agent-listen-port=$((BASE + 13)) \
     --node-manager-port=$((BASE + 14)) --object-manager-port=$((BASE + 15)) --runtime-env-agent-port=$((BASE + 16)) \
     --dashboard-agent-grpc-port=$((BASE + 17)) --metrics-export-port=$((BASE + 18)) \
     --min-worker-port=$((BASE + 400)) --max-worker-port=$((BASE + 699)) --num-cpus="$WORKER_CPUS" \
     --resources="$WORKER_RESOURCES"
-wait_nodes 2 worker
 
 echo "start.sh: head $GCS (dashboard and job API $DASHBOARD) + 1 worker; auth $RAY_AUTH_MODE; files in $TEMP_DIR" >&2
 echo "export RAY_ADDRESS=$DASHBOARD"

@@ -85,6 +85,7 @@ def submit_job(
     ``config_class`` (a class name in icl_router.config) loads the config here first, so a bad
     config fails before anything is uploaded. Raises SubmitError unless the job SUCCEEDED.
     """
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
     overrides = list(overrides or [])
@@ -115,7 +116,7 @@ def submit_job(
             runtime_env={"working_dir": str(wd), "excludes": EXCLUDES},
             metadata={"job": job},
         )
-    except (ConnectionError, RuntimeError, ValueError) as e:  # Ray's auth errors are RuntimeErrors
+    except (AuthenticationError, ConnectionError, RuntimeError, ValueError) as e:
         raise SubmitError(f"could not submit to {address}: {e}") from None
     print(f"submit: {job} is {job_id} on {address}: {entrypoint}", file=sys.stderr, flush=True)
     if not wait:

@@ -219,6 +219,7 @@ def test_submit_shared_fs_makes_hidden_paths_absolute_and_uploads_without_them(m
             return "raysubmit_test"
 
     monkeypatch.setitem(sys.modules, "ray.job_submission", types.SimpleNamespace(JobSubmissionClient=FakeClient))
+    monkeypatch.setitem(sys.modules, "ray.exceptions", types.SimpleNamespace(AuthenticationError=RuntimeError))
     monkeypatch.setenv("RAY_AUTH_TOKEN", "t0k")
     monkeypatch.chdir(REPO)
     out = submit_job("embed", "jobs/embed/config.yaml", ["num_actors=1"], address="http://h:8265", config_class="EmbedConfig", shared_fs=True, wait=False)
