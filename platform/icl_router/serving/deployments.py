@@ -52,7 +52,7 @@ def deployment_name(model_id: str) -> str:
     return "LLMServer:" + model_id.replace("/", "--").replace(".", "_")
 
 
-@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, logging_config={"enable_access_log": False})
 class Registry:
     """The pool: which models are deployed, which are routable (have a profile), their costs.
 
@@ -99,12 +99,23 @@ class Registry:
     def anchors(self) -> list[str]:
         return list(self.anchor_ids)
 
-    async def register(self, model_id: str, profile: list[bool] | dict[str, bool], *, cost: float | None, serving: dict | None, replace: bool) -> dict:
-        """Add a model's profile (and, with ``serving``, deploy it as its own Serve app first).
+    async def register(
+        self, model_id: str, profile: list[bool] | dict[str, bool] | None, *, dataset: str | None, cost: float | None, serving: dict | None, replace: bool
+    ) -> dict:
+        """Add a model's profile, given or read from a dataset's anchor outcomes (and, with
+        ``serving``, deploy the model as its own Serve app first).
 
         Raises ValueError (bad input), KeyError (not deployed), FileExistsError (registered, no replace).
         """
-        prof = self._profile(model_id, profile)
+        if (profile is None) == (dataset is None):
+            raise ValueError("give exactly one of 'profile' (outcomes on the anchors) or 'dataset' (a dataset directory with the model's anchor outcomes)")
+        if dataset is not None:
+            from icl_router.data.dataset import Dataset
+            from icl_router.routing.register import anchor_profiles
+
+            prof = await asyncio.to_thread(lambda: anchor_profiles(Dataset(dataset), [model_id], self.anchor_ids)[model_id])
+        else:
+            prof = self._profile(model_id, profile)
         if model_id in self.profiles and model_id in self.models and not replace:
             raise FileExistsError(f"model {model_id!r} is already registered; pass replace: true to update its profile")
         if serving is not None:
@@ -161,6 +172,7 @@ class Router:
         self.scorer = Scorer(loaded.router)
         self.embedder = load_embedder(embedder or loaded.meta.embedder) if loaded.meta.query_input == "vector" else None
         self.registry, self.version, self.lock = registry, -1, asyncio.Lock()
+        self.profiles: dict[str, list[bool]] = {}  # what the scorer holds
         self.metrics = router_metrics()
         self._batch.set_max_batch_size(max_batch_size)
         self._batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
@@ -172,10 +184,10 @@ class Router:
             if version <= self.version:
                 return
             snap = await self.registry.snapshot.remote()
-            have = set(self.scorer.models)
             for m, prof in snap["routable"].items():
-                if m not in have or not np.array_equal(self.scorer.profile(m), prof):
-                    await asyncio.to_thread(self.scorer.add, m, prof)  # one prefix forward
+                if self.profiles.get(m) != prof:
+                    await asyncio.to_thread(self.scorer.add, m, np.array(prof, dtype=bool))  # one prefix forward
+                    self.profiles[m] = prof
             self.version = snap["version"]
 
     async def score(self, text: str, version: int) -> dict[str, float]:

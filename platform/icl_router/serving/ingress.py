@@ -82,7 +82,8 @@ class CompletionBody(BaseModel):
 class RegisterBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str = Field(min_length=1)
-    profile: list[StrictBool] | dict[str, StrictBool]  # outcomes on the K anchors (list: in anchor order)
+    profile: list[StrictBool] | dict[str, StrictBool] | None = None  # outcomes on the K anchors (list: in anchor order)
+    dataset: str | None = None  # or: a dataset directory holding the model's outcomes on the anchors
     cost: float | None = Field(default=None, ge=0)
     serving: dict[str, Any] | None = None  # a pool model config (path, engine_kwargs, ...): deploy it too
     replace: StrictBool = False
@@ -114,8 +115,13 @@ def _keys(listed: list[str], env: str | None) -> list[str]:
 app = FastAPI(title="icl-router", docs_url=None, redoc_url=None)
 
 
+METRICS: dict = {}  # this replica's metrics, set by Ingress.__init__
+
+
 @app.exception_handler(ApiError)
 async def _api_error(_: Request, e: ApiError) -> JSONResponse:
+    if "errors" in METRICS:
+        METRICS["errors"].inc(tags={"code": e.code})
     return error_response(e.status, e.message, code=e.code, param=e.param, type_=e.type)
 
 
@@ -148,7 +154,8 @@ class Ingress:
         self.api_keys = _keys(auth["api_keys"], auth["api_keys_env"])
         self.admin_keys = _keys(auth["admin_keys"], auth["admin_keys_env"])
         self.default_policy = Policy(**{k: v for k, v in settings["policy"].items()})
-        self.metrics = ingress_metrics()
+        self.metrics = METRICS
+        METRICS.update(ingress_metrics())
         self.snap: dict = {"version": -1, "routable": {}, "models": {}}
         self.down: dict[str, float] = {}  # model -> monotonic time until which it goes last
         self._poller: asyncio.Task | None = None
@@ -217,12 +224,17 @@ class Ingress:
             policy = self.default_policy if r.policy is None else Policy(r.policy, threshold=r.threshold, margin=r.margin, budget=r.budget)
         except PolicyError as e:
             raise ApiError(400, f"routing: {e}", code="invalid_value", param="routing") from None
-        t0 = time.perf_counter()
-        p = await self.router.score.remote(text, self.snap["version"])
-        scoring_ms = (time.perf_counter() - t0) * 1e3
-        p = {m: v for m, v in p.items() if m in self.snap["routable"]}
-        if not p:
+        if not self.snap["routable"]:
             raise ApiError(503, "no routable model: register one with POST /admin/models", code="no_routable_model", type_="server_error")
+        t0 = time.perf_counter()
+        try:
+            p = await asyncio.wait_for(self.router.score.remote(text, self.snap["version"]), self.s["first_output_timeout_s"])
+            p = {m: v for m, v in p.items() if m in self.snap["routable"]}
+        except Exception as e:  # the router is down: serve unscored (every p 0.5, the policy still applies)
+            log.warning("router failed (%s: %s); routing unscored", type(e).__name__, str(e)[:200])
+            p = {m: 0.5 for m in self.snap["routable"]}
+            self.metrics["fallbacks"].inc(tags={"from_model": "router", "to_model": "unscored"})
+        scoring_ms = (time.perf_counter() - t0) * 1e3
         try:
             if r.models:
                 p = restrict(p, r.models)
@@ -244,7 +256,7 @@ class Ingress:
         return order, headers
 
     async def _dispatch(self, kind: Literal["chat", "completions"], body: ChatBody | CompletionBody, text: str) -> Response:
-        from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest, ErrorResponse
+        from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
 
         order, headers = await self._order(body, text)
         route = headers[H + "route"]
@@ -267,12 +279,13 @@ class Ingress:
                 if route == "direct":
                     break
                 continue
-            err = next((x for x in _flat(first) if isinstance(x, ErrorResponse)), None)
+            # ray.serve.llm yields its engine's ErrorResponse (not the public subclass): match by shape
+            err = next((x for x in _flat(first) if hasattr(x, "error") and not hasattr(x, "choices")), None)
             if err is not None:
                 code = int(err.error.code or 500)
                 if code < 500:  # the request's fault: no other model would do better
-                    self.metrics["errors"].inc(tags={"code": str(code)})
-                    return error_response(code, err.error.message, code=err.error.type or "invalid_request_error", headers=headers)
+                    METRICS["errors"].inc(tags={"code": str(code)})
+                    return error_response(code, err.error.message, code=str(err.error.type or "invalid_request_error"), param=err.error.param, headers=headers)
                 self.down[model] = time.monotonic() + self.s["down_for_s"]
                 failed.append(f"{model}:error{code}")
                 if route == "direct":
@@ -358,7 +371,7 @@ class Ingress:
         self._auth(request, admin=True)
         body = await self._body(request, RegisterBody)
         try:
-            out = await self.registry.register.remote(body.model, body.profile, cost=body.cost, serving=body.serving, replace=body.replace)
+            out = await self.registry.register.remote(body.model, body.profile, dataset=body.dataset, cost=body.cost, serving=body.serving, replace=body.replace)
         except (FileExistsError, KeyError, ValueError) as e:
             cause = getattr(e, "cause", e)  # the registry's own exception inside Ray's RayTaskError
             msg = cause.args[0] if isinstance(cause, KeyError) else str(cause)

@@ -1,0 +1,378 @@
+"""The routing service end to end: Ray Serve + ray.serve.llm (real vLLM on CPU), driven by the real
+`openai` client over loopback.
+
+One app serves the module (its start dominates the time): a tiny router directory built here
+with random weights (routing quality is not the point: the plumbing is) whose profiles cover
+tiny-a only, and two tiny vLLM models, tiny-a and tiny-b. tiny-b is served by name until the
+onboarding test registers its profile, so the tests run in file order.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.vllm
+
+API_KEY, ADMIN_KEY = "sk-test-user", "sk-test-admin"
+K = 8
+COSTS = {"tiny-a": 0.01, "tiny-b": 0.001}
+QUERY = "What is the sum of 17 and 25?"
+
+
+def _router_dir(path: Path, texts: list[str]) -> Path:
+    import torch
+
+    from icl_router.model.prompt import PromptLayout
+    from icl_router.model.router import ICLRouter
+    from icl_router.model.router_dir import RouterMeta, save_router_dir
+    from icl_router.model.tiny import build_tiny_router_lm
+
+    lm, tok = build_tiny_router_lm(texts, seed=0)
+    layout = PromptLayout(tok, query_input="vector", profile_layout="pairs")
+    torch.manual_seed(0)
+    router = ICLRouter(lm, layout, anchor_emb=torch.randn(K, 384))
+    anchors = [f"anchor-{i}" for i in range(K)]
+    meta = RouterMeta(
+        embedder="all-MiniLM-L6-v2", embedding_dim=384, query_input="vector", profile_layout="pairs",
+        placeholder_id=layout.placeholder_id, yes_id=layout.yes_id, no_id=layout.no_id, anchor_query_ids=anchors,
+    )
+    return save_router_dir(router, path, meta=meta, pool={"tiny-a": np.random.RandomState(0).rand(K) < 0.5})
+
+
+@pytest.fixture(scope="module")
+def service():
+    """(base URL, metrics URL): the app up on free loopback ports, everything under one temp dir."""
+    import ray
+    from ray import serve
+
+    from icl_router.config import AuthConfig, AutoscalingConfig, PoolModelConfig, RayConfig, ScorerServeConfig, ServeConfig
+    from icl_router.serving.app import free_port, start
+    from icl_router.testing import make_tiny_causal_lm
+
+    root = Path(tempfile.mkdtemp(prefix="srv-", dir="/tmp"))  # short: Ray's socket paths have a 107-byte limit
+    old_tmp = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(root / "tmp")  # vLLM's vllm_dist_* files; workers inherit it
+    (root / "tmp").mkdir()
+    if ray.is_initialized():
+        ray.shutdown()
+    metrics_port = free_port()
+    ray.init(num_cpus=10, _temp_dir=str(root / "ray"), include_dashboard=False, _metrics_export_port=metrics_port,
+             _system_config={"metrics_report_interval_ms": 1000})
+    texts = [QUERY, "Write a Python function that reverses a list.", "Who wrote Hamlet?"]
+    pool = [
+        PoolModelConfig(
+            name=name, path=str(make_tiny_causal_lm(root / name, seed=i, texts=texts)), cost=COSTS[name],
+            engine_kwargs={"dtype": "float32", "enforce_eager": True, "max_model_len": 512},
+            autoscaling=AutoscalingConfig(min_replicas=1, max_replicas=1, target_ongoing_requests=8),
+        )
+        for i, name in enumerate(COSTS)
+    ]
+    fast = dict(upscale_delay_s=1, downscale_delay_s=4, metrics_interval_s=0.5, look_back_period_s=2)
+    cfg = ServeConfig(
+        router=ScorerServeConfig(
+            path=str(_router_dir(root / "router", texts)), num_cpus=1,
+            autoscaling=AutoscalingConfig(min_replicas=1, max_replicas=2, target_ongoing_requests=0.5, **fast),
+        ),
+        pool=pool,
+        auth=AuthConfig(api_keys=[API_KEY], admin_keys=[ADMIN_KEY]),
+        port=free_port(),
+        first_output_timeout_s=10,
+        down_for_s=30,
+        max_prompt_chars=2000,
+        ray=RayConfig(num_cpus=10),
+    )
+    t0 = time.monotonic()
+    url = start(cfg)
+    print(f"service up in {time.monotonic() - t0:.0f} s at {url}")
+    yield url, f"http://127.0.0.1:{metrics_port}/metrics"
+    serve.shutdown()
+    ray.shutdown()
+    if old_tmp is None:
+        os.environ.pop("TMPDIR")
+    else:
+        os.environ["TMPDIR"] = old_tmp
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def client(service):
+    import openai
+
+    return openai.OpenAI(base_url=service[0], api_key=API_KEY, timeout=60, max_retries=0)
+
+
+def _http(url: str, *, method: str = "GET", body: bytes | dict | None = None, key: str | None = None) -> tuple[int, dict, dict]:
+    """(status, headers, JSON body) without raising on 4xx/5xx."""
+    data = json.dumps(body).encode() if isinstance(body, dict) else body
+    req = urllib.request.Request(url, data=data, method=method, headers={"content-type": "application/json"})
+    if key:
+        req.add_header("authorization", f"Bearer {key}")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, dict(r.headers), json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), json.loads(e.read())
+
+
+def _admin(service) -> str:
+    return service[0].removesuffix("/v1") + "/admin/models"
+
+
+def _chat(client, content: str = QUERY, *, model: str = "icl-router", max_tokens: int = 4, **kw):
+    raw = client.chat.completions.with_raw_response.create(model=model, messages=[{"role": "user", "content": content}], max_tokens=max_tokens, **kw)
+    return raw.headers, raw.parse()
+
+
+def _p(headers) -> dict[str, float]:
+    return {m: float(v) for m, v in (kv.split("=") for kv in headers["x-icl-router-p"].split(","))}
+
+
+@pytest.mark.timeout(600)
+def test_onboarding_makes_a_served_model_routable_within_5_s(service, client):
+    status, _, listed = _http(_admin(service), key=ADMIN_KEY)
+    assert status == 200 and listed["k"] == K and len(listed["anchors"]) == K
+    rows = {r["id"]: r for r in listed["data"]}
+    assert rows["tiny-a"]["routable"] and not rows["tiny-b"]["routable"] and rows["tiny-b"]["accuracy"] is None
+    headers, _ = _chat(client)
+    assert _p(headers).keys() == {"tiny-a"}  # tiny-b is served but has no profile yet
+
+    profile = [True, False] * (K // 2)
+    assert _http(_admin(service), method="POST", body={"model": "tiny-b", "profile": profile}, key=API_KEY)[0] == 401  # user key
+    bad = _http(_admin(service), method="POST", body={"model": "tiny-b", "profile": profile[:-1]}, key=ADMIN_KEY)
+    assert bad[0] == 400 and "K=8" in bad[2]["error"]["message"]
+    assert _http(_admin(service), method="POST", body={"model": "nope", "profile": profile}, key=ADMIN_KEY)[0] == 404  # not deployed
+
+    t0 = time.perf_counter()
+    status, _, out = _http(_admin(service), method="POST", body={"model": "tiny-b", "profile": profile}, key=ADMIN_KEY)
+    headers, resp = _chat(client, extra_body={"routing": {"models": ["tiny-b"]}})
+    elapsed = time.perf_counter() - t0
+    print(f"onboarding: POST to first routed answer {elapsed:.2f} s")
+    assert status == 201 and out["accuracy"] == 0.5
+    assert headers["x-icl-router-route"] == "routed" and headers["x-icl-router-model"] == "tiny-b" and resp.model == "tiny-b"
+    assert elapsed < 5.0
+    assert _p(_chat(client)[0]).keys() == {"tiny-a", "tiny-b"}  # every routed query now scores both
+    rows = {r["id"]: r for r in _http(_admin(service), key=ADMIN_KEY)[2]["data"]}
+    assert rows["tiny-b"]["routable"] and rows["tiny-b"]["accuracy"] == 0.5
+    again = _http(_admin(service), method="POST", body={"model": "tiny-b", "profile": profile}, key=ADMIN_KEY)
+    assert again[0] == 409 and again[2]["error"]["code"] == "model_exists"
+
+
+@pytest.mark.timeout(120)
+def test_routed_and_pass_through_requests(client):
+    assert [m.id for m in client.models.list()] == ["icl-router", "auto", "tiny-a", "tiny-b"]
+    for alias in ("icl-router", "auto"):
+        headers, resp = _chat(client, model=alias)
+        p = _p(headers)
+        assert headers["x-icl-router-route"] == "routed" and headers["x-icl-router-policy"] == "highest"
+        assert headers["x-icl-router-chosen"] == max(p, key=p.get) == headers["x-icl-router-model"] == resp.model
+        assert all(0 < v < 1 for v in p.values()) and resp.choices[0].message.content
+        assert "x-icl-router-fallback" not in headers
+    for name in COSTS:
+        headers, resp = _chat(client, model=name)
+        assert headers["x-icl-router-route"] == "direct" and resp.model == name and "x-icl-router-p" not in headers
+    raw = client.completions.with_raw_response.create(model="auto", prompt=QUERY, max_tokens=3)
+    assert raw.headers["x-icl-router-model"] == raw.parse().model and raw.parse().choices[0].text is not None
+
+
+@pytest.mark.timeout(120)
+def test_streaming_routed_and_direct(client):
+    for model in ("icl-router", "tiny-a"):
+        raw = client.chat.completions.with_raw_response.create(
+            model=model, messages=[{"role": "user", "content": QUERY}], max_tokens=8, stream=True
+        )
+        chunks = list(raw.parse())
+        assert raw.headers["content-type"].startswith("text/event-stream")
+        served = raw.headers["x-icl-router-model"]
+        assert len(chunks) >= 2 and {c.model for c in chunks} == {served}
+        assert chunks[-1].choices[0].finish_reason in ("length", "stop")
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+
+@pytest.mark.timeout(120)
+def test_policies_per_request(client):
+    cheap, dear = "tiny-b", "tiny-a"
+    cases = [  # (routing field, expected model given p)
+        ({"policy": "threshold", "threshold": 0.0}, lambda p: cheap),  # every model clears 0: the cheapest
+        ({"policy": "threshold", "threshold": 1.0}, lambda p: max(p, key=p.get)),  # none clears 1: the highest p
+        ({"policy": "budget", "budget": 0.005}, lambda p: cheap),  # only tiny-b fits
+        ({"policy": "budget", "budget": 0.0}, lambda p: cheap),  # nothing fits: the cheapest
+        ({"policy": "margin", "margin": 1.0}, lambda p: cheap),
+        ({"models": [dear]}, lambda p: dear),
+    ]
+    for routing, expect in cases:
+        headers, resp = _chat(client, extra_body={"routing": routing})
+        p = _p(headers)
+        assert headers["x-icl-router-chosen"] == expect(p) == resp.model, routing
+        assert headers["x-icl-router-policy"].startswith(routing.get("policy", "highest"))
+    import openai
+
+    for bad in ({"policy": "threshold"}, {"policy": "fastest"}, {"models": ["gpt-9"]}, {"budget": "cheap"}):
+        with pytest.raises(openai.BadRequestError) as e:
+            _chat(client, extra_body={"routing": bad})
+        assert e.value.status_code == 400 and e.value.body["param"] and "routing" in e.value.body["message"]
+
+
+@pytest.mark.timeout(60)
+def test_api_keys_and_admin_key(service, client):
+    import openai
+
+    for key in ("", "sk-wrong", ADMIN_KEY):  # the admin key is not an API key
+        bad = openai.OpenAI(base_url=service[0], api_key=key or "x", max_retries=0)
+        if not key:
+            bad = bad.with_options(default_headers={"Authorization": ""})
+        with pytest.raises(openai.AuthenticationError) as e:
+            bad.models.list()
+        assert e.value.status_code == 401 and e.value.body["code"] == "invalid_api_key"
+    for key in (None, API_KEY):
+        status, _, body = _http(_admin(service), key=key)
+        assert status == 401 and body["error"]["type"] == "invalid_request_error"
+    assert client.models.list().data  # the right key still works
+
+
+@pytest.mark.timeout(120)
+def test_bad_inputs_get_4xx_openai_errors_and_the_service_keeps_serving(service, client):
+    url = service[0] + "/chat/completions"
+    msgs = [{"role": "user", "content": "hi"}]
+    cases = [
+        (b'{"model": "auto", "messages": [', 400, "invalid_json"),
+        (b"[1, 2]", 400, "invalid_json"),
+        ({"model": "gpt-9", "messages": msgs}, 404, "model_not_found"),
+        ({"model": "auto", "messages": []}, 400, "invalid_value"),
+        ({"model": "auto", "messages": [{"role": "user", "content": "  "}]}, 400, "invalid_value"),
+        ({"model": "auto", "messages": [{"role": "user", "content": "x" * 2001}]}, 400, "context_length_exceeded"),
+        ({"model": "auto", "messages": "hi"}, 400, "invalid_value"),
+        ({"model": "auto", "messages": [{"role": "wizard", "content": "hi"}]}, 400, "invalid_value"),
+        ({"model": 7, "messages": msgs}, 400, "invalid_value"),
+        ({"model": "auto", "messages": msgs, "stream": "yes"}, 400, "invalid_value"),
+        ({"model": "auto", "messages": msgs, "max_tokens": "ten"}, 400, "invalid_value"),
+        ({"model": "tiny-a", "messages": msgs, "temperature": "hot"}, 400, "invalid_value"),
+        ({"messages": msgs}, 400, "invalid_value"),
+    ]
+    for body, status, code in cases:
+        got, _, err = _http(url, method="POST", body=body, key=API_KEY)
+        assert (got, err["error"]["code"]) == (status, code), body
+        assert err["error"]["message"] and err["error"]["type"] == "invalid_request_error"
+    # a prompt over the model's own context (512 tokens) but under the char limit: vLLM's 400, passed on
+    got, _, err = _http(url, method="POST", body={"model": "tiny-a", "messages": [{"role": "user", "content": "7 " * 900}]}, key=API_KEY)
+    assert got == 400 and "maximum context length" in err["error"]["message"], err
+    assert _http(service[0] + "/completions", method="POST", body={"model": "auto", "prompt": ""}, key=API_KEY)[0] == 400
+    assert _http(service[0] + "/nowhere", key=API_KEY)[0] == 404
+    headers, resp = _chat(client)
+    assert resp.choices and headers["x-icl-router-model"] in COSTS
+
+
+@pytest.mark.timeout(180)
+def test_prometheus_metrics(service, client):
+    for _ in range(3):
+        _chat(client)
+    deadline, text = time.monotonic() + 60, ""
+    want = ("icl_router_requests", "icl_router_scoring_latency_ms_bucket", "icl_router_batch_size_bucket", "icl_router_client_errors")
+    while time.monotonic() < deadline and not all(w in text for w in want):
+        time.sleep(2)
+        text = urllib.request.urlopen(service[1], timeout=10).read().decode()
+    assert all(w in text for w in want), [w for w in want if w not in text]
+    routed = [line for line in text.splitlines() if line.startswith("ray_icl_router_requests") and 'route="routed"' in line]
+    assert routed and sum(float(line.rsplit(" ", 1)[1]) for line in routed) >= 3
+
+
+def _replica_actor(model: str):
+    import ray
+
+    prefix = f"SERVE_REPLICA::icl-router#LLMServer:{model}#"  # the state API needs the dashboard: ask the GCS
+    name = next(a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix))
+    return ray.get_actor(name, namespace="serve")
+
+
+@pytest.mark.timeout(300)
+def test_failover_when_a_pool_replica_dies_under_traffic(client):
+    import ray
+
+    first = _chat(client)[0]["x-icl-router-chosen"]  # the router's pick for QUERY (fixed: same text)
+    other = next(m for m in COSTS if m != first)
+    results, errors, stop = [], [], threading.Event()
+
+    def worker():
+        while not stop.is_set():
+            try:
+                results.append(_chat(client)[0])
+            except Exception as e:  # any failure fails the test
+                errors.append(repr(e))
+
+    with cf.ThreadPoolExecutor(4) as ex:
+        futs = [ex.submit(worker) for _ in range(4)]
+        time.sleep(2)
+        ray.kill(_replica_actor(first), no_restart=True)
+        killed_at = len(results)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and sum("x-icl-router-fallback" in h for h in results) < 3:
+            time.sleep(0.5)
+        time.sleep(2)
+        stop.set()
+        [f.result() for f in futs]
+    assert not errors, errors[:3]
+    after = results[killed_at:]
+    fell = [h for h in after if "x-icl-router-fallback" in h]
+    assert fell, "no request failed over after the kill"
+    assert all(h["x-icl-router-chosen"] == first and h["x-icl-router-model"] == other for h in fell)
+    assert all(h["x-icl-router-fallback"].startswith(first + ":") for h in fell)
+    assert all(h["x-icl-router-model"] in (first, other) for h in results)
+    print(f"failover: {len(results)} requests, {len(fell)} failed over, 0 errors")
+
+
+def _router_replicas() -> int:
+    from ray import serve
+
+    dep = serve.status().applications["icl-router"].deployments["Router"]
+    return dep.replica_states.get("RUNNING", 0)
+
+
+@pytest.mark.timeout(300)
+def test_load_holds_concurrency_with_zero_errors_and_the_router_scales_up_and_down(client):
+    concurrency, max_requests, max_s = 8, 600, 90
+    deadline = time.monotonic() + 60  # earlier tests' traffic may have scaled it up: start from one replica
+    while time.monotonic() < deadline and _router_replicas() > 1:
+        time.sleep(1)
+    assert _router_replicas() == 1
+    done, errors, peak = [], [], [1]
+    t_end = time.monotonic() + max_s
+
+    def worker():
+        while time.monotonic() < t_end and len(done) < max_requests and not (peak[0] > 1 and len(done) > 100):
+            try:
+                h, _ = _chat(client, f"{QUERY} ({len(done)})", max_tokens=1)
+                done.append(h)
+            except Exception as e:
+                errors.append(repr(e))
+
+    def watch():
+        while time.monotonic() < t_end and len(done) < max_requests:
+            peak[0] = max(peak[0], _router_replicas())
+            time.sleep(0.5)
+
+    t0 = time.monotonic()
+    with cf.ThreadPoolExecutor(concurrency + 1) as ex:
+        w = ex.submit(watch)
+        for f in [ex.submit(worker) for _ in range(concurrency)]:
+            f.result()
+        t_end = time.monotonic()  # stop the watcher
+        w.result()
+    took = time.monotonic() - t0
+    print(f"load: {len(done)} requests at concurrency {concurrency} in {took:.0f} s ({len(done) / took:.1f}/s), "
+          f"{len(errors)} errors, router replicas peaked at {peak[0]}")
+    assert not errors, errors[:3]
+    assert peak[0] == 2, "the router never scaled up"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and _router_replicas() > 1:
+        time.sleep(1)
+    assert _router_replicas() == 1, "the router did not scale back down"
