@@ -370,6 +370,71 @@ class EvaluateConfig(Config):
 
 
 # ---------------------------------------------------------------------------
+# Evaluation
+
+
+class EvalRouterConfig(Config):
+    """One ICL-Router variant of an evaluation, trained in-process per seed (the Ray Train job's steps)."""
+
+    router: RouterConfig = RouterConfig(profile_layout="fused")
+    k: int = 100  # anchors, picked per seed on the train part
+    phases: list[PhaseConfig] = [PhaseConfig(epochs=3, lr_projector=1e-3, lr_router=1e-3)]
+    batch_size: int = 32
+    max_steps: int | None = None
+    max_text_tokens: int = 64
+    val_fraction: float = 0.1  # of train, held out to pick the step (early stopping); 0 keeps the last step
+    eval_every: int = 200  # steps between validation checks
+    pretrain_steps: int = 0  # steps of pre-training on generated pools before the real labels
+    calibrate: bool = True  # per-model Platt scaling of p on the validation slice
+    checkpoints: list[str] | None = None  # one trained router directory per seed instead of training
+
+
+class RouterBenchEvalConfig(Config):
+    """The cost/quality section: the RouterBench subset with its per-query costs."""
+
+    dataset: str = "routing/routerbench"  # under data_root, like EvaluateConfig.dataset
+    format: Literal["llmrouter", "zeroeval", "routerbench", "iclrouter"] | None = "routerbench"
+    margins: list[float] = [0.0, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0]  # margin policy sweep
+
+
+class EvaluateConfig(Config):
+    """``icl-router evaluate``: the standard protocol (shared/data/README.md) on any pool.
+
+    ``dataset`` is an imported dataset directory, or (with ``format``) JSONL files /
+    a folder of an importable format, imported into ``cache_dir``; relative paths
+    are under ``data_root``. Queries without an ``embedder`` embedding are embedded
+    in-process. Sections other than the main table are switched off by emptying them.
+    """
+
+    data_root: str = "../shared/data"
+    dataset: str = "routing/llmrouter"
+    format: Literal["llmrouter", "zeroeval", "routerbench", "iclrouter"] | None = "llmrouter"
+    cache_dir: str = "runs/cache/evaluate"  # imported and embedded copies (runs/ is not versioned)
+    embedder: str = "all-MiniLM-L6-v2"
+    split: SplitConfig = SplitConfig()  # id_tasks / ood_tasks / train_fraction; the seed comes from seeds
+    seeds: list[int] = [0, 1, 2]
+    knn_k: int = 20
+    icl_router: EvalRouterConfig = EvalRouterConfig()
+    icl_router_text: EvalRouterConfig | None = EvalRouterConfig(router=RouterConfig(query_input="text", profile_layout="fused"))
+    add_model: bool = True  # leave each model out of training, add it by profile only (first seed)
+    k_sweep: list[int] = [50, 100, 250, 500]  # accuracy vs anchors (first seed)
+    pool_sizes: list[int] = [3, 5, 7]  # accuracy vs pool size (first seed; the first n models by train accuracy)
+    sweep_max_steps: int | None = None  # caps each training of the add-model, K and pool-size sweeps
+    threads: int | None = None  # torch threads (null: torch's default); 1 on an oversubscribed machine
+    routerbench: RouterBenchEvalConfig | None = RouterBenchEvalConfig()
+    output: str | None = None  # the report directory (or --output)
+
+    @model_validator(mode="after")
+    def _check(self) -> "EvaluateConfig":
+        if not self.seeds:
+            raise ValueError("seeds must list at least one seed, e.g. [0, 1, 2]")
+        for name, r in (("icl_router", self.icl_router), ("icl_router_text", self.icl_router_text)):
+            if r is not None and r.checkpoints is not None and len(r.checkpoints) != len(self.seeds):
+                raise ValueError(f"{name}.checkpoints: one router directory per seed ({len(self.seeds)}), got {len(r.checkpoints)}")
+        return self
+
+
+# ---------------------------------------------------------------------------
 # The routing service (icl-router serve)
 
 

@@ -1,0 +1,62 @@
+"""Cost/quality curves and RouterBench's AIQ.
+
+RouterBench (Hu et al., arXiv 2403.12031, section 3): a router swept over its
+cost parameter gives points (cost, quality); mixing two routers at random
+reaches every point between them, so the router's curve is the non-decreasing
+convex hull of its points, R~(c). AIQ = 1/(c_max - c_min) * integral of R~(c)
+from c_min to c_max. All methods of one report share [c_min, c_max]: the cost
+range of the pool's single models.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from icl_router.routing.policy import Policy, choose_batch
+
+
+def hull_curve(points: np.ndarray) -> np.ndarray:
+    """[n, 2] (cost, quality) points -> [h, 2] vertices of their non-decreasing upper convex hull, by cost."""
+    pts = np.asarray(points, dtype=np.float64)
+    pts = pts[np.lexsort((-pts[:, 1], pts[:, 0]))]  # by cost, best quality first at equal cost
+    hull: list[np.ndarray] = []
+    for p in pts:
+        if hull and p[1] <= hull[-1][1]:
+            continue  # costs more, gives no more: never on a non-decreasing frontier
+        # pop while the last vertex lies on or under the chord from the one before it to p
+        while len(hull) >= 2:
+            (ax, ay), (bx, by) = hull[-1] - hull[-2], p - hull[-2]
+            if ax * by - ay * bx < 0:
+                break
+            hull.pop()
+        hull.append(p)
+    return np.array(hull)
+
+
+def aiq(points: np.ndarray, *, c_min: float, c_max: float) -> float:
+    """Mean of the hull curve over [c_min, c_max]; 0 below the cheapest point, flat after the last."""
+    h = hull_curve(points)
+    grid = np.linspace(c_min, c_max, 2001)
+    q = np.interp(grid, h[:, 0], h[:, 1], left=0.0, right=h[-1, 1])
+    q[grid < h[0, 0]] = 0.0
+    return float(np.trapezoid(q, grid) / (c_max - c_min))
+
+
+def policy_curve(p: np.ndarray, labels: np.ndarray, costs: np.ndarray, *, est_costs: np.ndarray, margins: list[float]) -> list[dict]:
+    """The margin policy (cheapest model within ``margin`` of the best p) swept over ``margins``.
+
+    p, labels, costs: [Q, T] (costs: the realised per-query cost); est_costs [T]:
+    the per-model cost the policy decides on (mean on train). -> [{margin, cost, quality}]
+    """
+    out = []
+    rows = np.arange(len(p))
+    for m in margins:
+        pick = choose_batch(p, policy=Policy(kind="margin", margin=m), costs=est_costs)
+        out.append(
+            {
+                "margin": m,
+                "cost": float(np.nanmean(costs[rows, pick])),
+                "quality": float(100 * np.nanmean(labels[rows, pick])),
+            }
+        )
+    return out

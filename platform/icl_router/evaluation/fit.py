@@ -1,0 +1,230 @@
+"""Train and score routers in one process, for evaluation and sweeps.
+
+The same schedule, losses and optimiser as the Ray Train job (``train.loop``),
+plus what evaluation needs around them: anchors on a seed's train split, a
+validation slice of train for picking the step (early stopping), pre-training
+on generated pools, and batched scoring through the profile caches.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from icl_router.config import SplitConfig, TrainConfig
+from icl_router.data.anchors import select_anchors
+from icl_router.data.routing_set import RoutingSet
+from icl_router.data.splits import make_split
+from icl_router.evaluation.baselines import routed_accuracy
+
+
+def for_seed(rs: RoutingSet, queries: Any, split: SplitConfig, *, seed: int, k: int) -> RoutingSet:
+    """The routing set with this seed's split and K anchors picked on its train part."""
+    sp = make_split(queries, split.model_copy(update={"seed": seed}))
+    rs = dataclasses.replace(rs, split=sp, anchor_ids=[])
+    train = rs.rows("train")
+    table = select_anchors(rs.labels[train], [rs.query_ids[i] for i in train], k=k, seed=seed)
+    return dataclasses.replace(rs, anchor_ids=table.column("query_id").to_pylist())
+
+
+def train_data(rs: RoutingSet, *, val_fraction: float, seed: int, models: list[int] | None = None) -> tuple[dict[str, Any], np.ndarray]:
+    """(the ``data`` dict of ``train.loop``, validation rows [v]): a ``val_fraction`` slice of
+    train (no anchors) is held out of the pairs; ``models`` keeps only those pool columns."""
+    pairs = rs.training_pairs()  # [P, 3] (row, model, label)
+    rows = np.unique(pairs[:, 0])
+    val = np.sort(np.random.default_rng(seed + 7).choice(rows, size=int(val_fraction * len(rows)), replace=False))
+    pairs = pairs[~np.isin(pairs[:, 0], val)]
+    profiles = rs.profiles()  # [M, K]
+    if models is not None:
+        keep = np.isin(pairs[:, 1], models)
+        remap = {m: i for i, m in enumerate(models)}
+        pairs = pairs[keep]
+        pairs[:, 1] = [remap[m] for m in pairs[:, 1]]
+        profiles = profiles[models]
+    data = {
+        "items": pairs,
+        "texts": rs.texts,
+        "embeddings": rs.embeddings,
+        "anchor_emb": rs.embeddings[rs.anchor_rows],
+        "profiles": profiles,
+        "models": [rs.models[m] for m in (models if models is not None else range(len(rs.models)))],
+    }
+    return data, val
+
+
+def tiny_init(cfg: TrainConfig, texts: list[str], cache: Path) -> str:
+    """A fresh tiny LM + tokenizer saved under ``cache`` (one per shape, vocab and seed)."""
+    from icl_router.train.driver import build_tiny_init
+
+    t = cfg.router.tiny
+    path = cache / f"tiny-h{t.hidden_size}-l{t.num_hidden_layers}-a{t.num_attention_heads}-v{t.vocab_size}-s{cfg.seed}"
+    if not (path / "config.json").exists():
+        build_tiny_init(cfg, texts, path)
+    return str(path)
+
+
+@torch.no_grad()
+def score(router: Any, rs: RoutingSet, rows: np.ndarray, profiles: np.ndarray, *, max_text_tokens: int = 64, chunk: int = 64) -> np.ndarray:
+    """p(correct) [len(rows), T] of the routing set's ``rows`` against T bool profiles [T, K]."""
+    from icl_router.train.loop import truncate_texts
+
+    router.eval()
+    caches = [router.build_prefix_cache(torch.as_tensor(p)) for p in profiles]
+    vector = router.layout.query_input == "vector"
+    out = []
+    for i in range(0, len(rows), chunk):
+        r = rows[i : i + chunk]
+        texts = [rs.texts[j] for j in r] if not vector else ["" for _ in r]
+        if not vector:
+            texts = truncate_texts(texts, router.layout.tokenizer, max_tokens=max_text_tokens)
+        qe = torch.as_tensor(rs.embeddings[r]) if vector else None
+        out.append(router.score(texts, caches, query_emb=qe).numpy())
+    return np.concatenate(out) if out else np.zeros((0, len(profiles)))
+
+
+def fit(
+    cfg: TrainConfig,
+    data: dict[str, Any],
+    *,
+    init_dir: str,
+    rs: RoutingSet | None = None,
+    val: np.ndarray | None = None,
+    eval_every: int = 200,
+    router: Any = None,
+    scorer: Any = None,
+    label: str = "train",
+) -> tuple[Any, dict[str, Any]]:
+    """Train (``train.loop`` steps); with ``rs`` and ``val`` rows, keep the weights of the
+    evaluation (every ``eval_every`` steps and at the end) with the best routed accuracy on val.
+    ``router``: continue training this one (e.g. after pre-training) instead of a fresh one;
+    ``scorer(router, rows) -> p [n, T]`` replaces ``score`` for the validation checks."""
+    from icl_router.train.loop import PlainEngine, build_router, make_optimizer, train_steps
+
+    torch.manual_seed(cfg.seed)
+    given = router is not None
+    if not given:
+        router = build_router(cfg, anchor_emb=data["anchor_emb"], init_dir=init_dir)
+    engine = PlainEngine(router, make_optimizer(router, cfg), clip=cfg.deepspeed.gradient_clipping)
+    val_labels = None if val is None else rs.labels[val][:, [rs.models.index(m) for m in data["models"]]]
+    best, best_acc, best_step, curve = None, -1.0, 0, []
+    t0, losses, step = time.perf_counter(), [], 0
+
+    def check(step: int) -> None:
+        nonlocal best, best_acc, best_step
+        p = scorer(router, val) if scorer else score(router, rs, val, data["profiles"], max_text_tokens=cfg.max_text_tokens)
+        acc = routed_accuracy(p, val_labels)
+        curve.append((step, acc))
+        if acc > best_acc:
+            best, best_acc, best_step = copy.deepcopy(router.state_dict()), acc, step
+        router.train()
+
+    if given and val is not None:
+        check(0)  # fine-tuning may not beat the router it starts from
+    for r in train_steps(cfg, engine, data):
+        losses.append(r.loss)
+        step = r.step
+        if r.step % 50 == 0 or r.step == r.total:
+            sys.stderr.write(
+                f"\r[{label}] step {r.step}/{r.total} epoch {r.epoch}/{r.epochs} loss {np.mean(losses[-50:]):.4f} "
+                f"{time.perf_counter() - t0:.0f}s" + (f" val best {best_acc:.1f}@{best_step}" if val is not None else "")
+            )
+            sys.stderr.flush()
+        if val is not None and r.step % eval_every == 0:
+            check(r.step)
+    if val is not None and (not curve or curve[-1][0] != step):
+        check(step)
+    sys.stderr.write("\n")
+    if best is not None:
+        router.load_state_dict(best)
+    info = {"steps": step, "seconds": round(time.perf_counter() - t0, 1), "final_loss": float(np.mean(losses[-50:])) if losses else None}
+    if val is not None:
+        p = scorer(router, val) if scorer else score(router, rs, val, data["profiles"], max_text_tokens=cfg.max_text_tokens)
+        info.update(val_acc=round(best_acc, 2), best_step=best_step, val_curve=curve, calibration=fit_calibration(p, val_labels))
+    return router.eval(), info
+
+
+def generated_labels(emb: np.ndarray, clusters: np.ndarray, *, n_models: int, rng: np.random.Generator, spread: dict[str, float] | None = None) -> np.ndarray:
+    """bool [n, n_models]: a generated pool on real query embeddings [n, d] (ENVIRONMENT.md, last section).
+
+    P(correct) = sigmoid(bias + skill along a random direction of the embedding
+    space + skill on the query's cluster - a difficulty shared by all models);
+    the default spread makes pools that look like the real one (oracle, best
+    single and the correlation between models of the LLMRouter pool).
+    """
+    s = {"bias_mu": 0.0, "bias_sd": 1.2, "dir": 1.2, "cluster": 1.5, "difficulty": 2.5, **(spread or {})}
+    x = emb - emb.mean(0)
+    dirs = rng.normal(size=(x.shape[1], n_models))  # [d, M]
+    proj = x @ dirs
+    proj /= proj.std(0, keepdims=True)  # [n, M] unit spread along each model's direction
+    n_clusters = int(clusters.max()) + 1
+    logit = (
+        rng.normal(s["bias_mu"], s["bias_sd"], n_models)
+        + rng.normal(0, s["dir"], n_models) * proj
+        + rng.normal(0, s["cluster"], (n_clusters, n_models))[clusters]
+        - rng.normal(0, s["difficulty"], (len(x), 1))
+    )  # [n, M]
+    return rng.random(logit.shape) < 1 / (1 + np.exp(-logit))
+
+
+def pretrain_generated(cfg: TrainConfig, rs: RoutingSet, data: dict[str, Any], *, init_dir: str, steps: int, steps_per_pool: int = 50, n_models: int = 12, n_clusters: int = 32, label: str = "pretrain") -> Any:
+    """A fresh router meta-trained on generated pools over the train queries (no real label):
+    a new pool every ``steps_per_pool`` steps, its profile read on the same anchors."""
+    from sklearn.cluster import KMeans
+
+    from icl_router.train.loop import PlainEngine, build_router, make_optimizer, train_steps
+
+    rows = np.unique(data["items"][:, 0])  # the train rows the real training uses (no val, no anchors)
+    anchors = rs.anchor_rows
+    both = np.concatenate([rows, anchors])
+    clusters = KMeans(n_clusters=n_clusters, n_init=1, random_state=cfg.seed).fit_predict(rs.embeddings[both])
+    rng = np.random.default_rng(cfg.seed + 1_000)
+    torch.manual_seed(cfg.seed)
+    router = build_router(cfg, anchor_emb=data["anchor_emb"], init_dir=init_dir)
+    engine = PlainEngine(router, make_optimizer(router, cfg), clip=cfg.deepspeed.gradient_clipping)
+    done, t0, losses = 0, time.perf_counter(), []
+    while done < steps:
+        lab = generated_labels(rs.embeddings[both], clusters, n_models=n_models, rng=rng)  # [n + K, M]
+        r, m = np.nonzero(np.ones((len(rows), n_models), dtype=bool))
+        pool = {**data, "items": np.stack([rows[r], m, lab[r, m]], 1).astype(np.int64), "profiles": lab[len(rows) :].T.copy()}
+        pool_cfg = cfg.model_copy(update={"max_steps": min(steps_per_pool, steps - done), "seed": int(rng.integers(1 << 30))})
+        for res in train_steps(pool_cfg, engine, pool):
+            losses.append(res.loss)
+        done += pool_cfg.max_steps
+        sys.stderr.write(f"\r[{label}] step {done}/{steps} loss {np.mean(losses[-50:]):.4f} {time.perf_counter() - t0:.0f}s")
+        sys.stderr.flush()
+    sys.stderr.write("\n")
+    return router
+
+
+def fit_calibration(p: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per-model Platt scaling on held-out rows: p, labels [n, T] -> [T, 2] (scale, offset) of logit p.
+
+    The router's p(correct) transfers ranking between models better than level
+    (ENVIRONMENT.md); a per-model offset also breaks the near-ties of an
+    under-trained router in favour of the models that are right more often.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    z = np.log(np.clip(p, 1e-6, 1 - 1e-6) / np.clip(1 - p, 1e-6, 1))  # [n, T]
+    out = np.tile([1.0, 0.0], (p.shape[1], 1))
+    for t in range(p.shape[1]):
+        known = ~np.isnan(labels[:, t])
+        y = labels[known, t] >= 0.5
+        if y.all() or not y.any():
+            continue
+        clf = LogisticRegression(C=1.0).fit(z[known, t : t + 1], y)
+        out[t] = clf.coef_[0, 0], clf.intercept_[0]
+    return out
+
+
+def calibrate(p: np.ndarray, cal: np.ndarray) -> np.ndarray:
+    """Apply ``fit_calibration``'s [T, 2] to p [n, T]."""
+    z = np.log(np.clip(p, 1e-6, 1 - 1e-6) / np.clip(1 - p, 1e-6, 1))
+    return 1 / (1 + np.exp(-(z * cal[:, 0] + cal[:, 1])))
