@@ -108,8 +108,8 @@ def test_killed_worker_resumes_from_checkpoint_and_ends_at_the_same_step(ray_loc
     def killer():
         deadline = time.time() + 300
         while time.time() < deadline and not killed:
-            # two checkpoint folders: the first is surely registered with the controller
-            if len(list(storage.glob("checkpoint_*"))) >= 2:
+            # the second checkpoint folder exists: the first is surely registered with the controller
+            if len(list(storage.glob("checkpoint-step-*"))) >= 2:
                 workers = train_workers_of_this_cluster()
                 if workers:
                     os.kill(workers[-1].pid, signal.SIGKILL)
@@ -125,3 +125,5 @@ def test_killed_worker_resumes_from_checkpoint_and_ends_at_the_same_step(ray_loc
     assert summary["steps"] == 24
     assert summary["resumed_from"] >= 6 and summary["resumed_from"] % 6 == 0
     assert load_router_dir(tmp_path / "r").meta.extra["steps"] == 24
+    # both ranks' ZeRO-2 optimizer shards are in the one checkpoint folder a resume reads
+    assert len(list((Path(summary["checkpoint"]) / "ds").glob("*optim_states.pt"))) == 2

@@ -111,7 +111,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                         meta = RouterMeta(**loop_config["meta"], extra={"steps": r.step, "final_loss": metrics["loss"]})
                         pool = dict(zip(data["models"], data["profiles"]))
                         save_router_dir(engine.module, Path(d) / ROUTER_SUBDIR, meta=meta, pool=pool)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+            # one name on every rank, so the ranks' DeepSpeed shards land in one checkpoint folder
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=f"checkpoint-step-{r.step:08d}")
         recent = []
 
 
