@@ -47,6 +47,15 @@ def real_data(tmp_path_factory):
     return ds
 
 
+def registered_checkpoints(storage: Path) -> list[str]:
+    """Checkpoints the Ray Train controller has registered (a folder on disk may not be yet)."""
+    try:
+        snap = json.loads((storage / "checkpoint_manager_snapshot.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return []
+    return [c["checkpoint_dir_name"] for c in snap.get("checkpoint_results", [])]
+
+
 def train_workers_of_this_cluster():
     """RayTrainWorker processes under this session's raylet (other Ray clusters may run on the machine)."""
     import psutil
@@ -108,8 +117,7 @@ def test_killed_worker_resumes_from_checkpoint_and_ends_at_the_same_step(ray_loc
     def killer():
         deadline = time.time() + 300
         while time.time() < deadline and not killed:
-            # the second checkpoint folder exists: the first is surely registered with the controller
-            if len(list(storage.glob("checkpoint-step-*"))) >= 2:
+            if registered_checkpoints(storage):  # the controller holds one: a restart can resume from it
                 workers = train_workers_of_this_cluster()
                 if workers:
                     os.kill(workers[-1].pid, signal.SIGKILL)
