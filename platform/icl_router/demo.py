@@ -19,6 +19,7 @@ import numpy as np
 from icl_router.config import AnchorsConfig, DemoConfig, EmbedConfig, PhaseConfig, ScalingConfig, SplitConfig, TrainConfig
 
 STEPS = 7
+SERVED = ["synth-math-7b", "synth-tiny-1b"]  # the pool of serve/demo.yaml
 
 
 def _say(i: int, msg: str) -> None:
@@ -145,6 +146,12 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     table = _table(before, after, held_out=cfg.held_out)
     (out / "report.md").write_text(f"# Demo report\n\nSynthetic pool, seed {cfg.seed}; accuracy of the routed model in percent.\n\n{table}\n")
     _plot(before, after, out / "demo.png")
+    # Stand-ins for two pool models, so `icl-router serve --config serve/demo.yaml` runs next:
+    # tiny random LMs served by real vLLM (no real model can be downloaded here).
+    from icl_router.testing import make_tiny_causal_lm
+
+    for i, name in enumerate(SERVED):
+        make_tiny_causal_lm(out / "pool" / name, seed=i)
     print(f"\n{table}\n")
     print(f"Done in {report['seconds']:.0f} s. Report: {out / 'report.md'}, plot: {out / 'demo.png'}, router: {router_dir}")
     print("Serve it: icl-router serve --config serve/demo.yaml   (see README: The routing service)")
