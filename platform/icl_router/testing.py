@@ -5,6 +5,36 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
+# Queries of different shapes and lengths for model / scorer tests.
+SAMPLE_QUERIES = [
+    "What is 2+2?",
+    "Name the capital city of France.",
+    "Write a python function that returns the sorted list of primes below n.",
+    "Why does water boil at a lower temperature on a mountain?",
+    "A triangle has sides 3, 4 and 5. What is its area?",
+]
+
+
+def full_forward_p(router, profiles, query_emb, queries):  # noqa: ANN001
+    """p(Yes) [Q, T] from the naive per-pair prompts (the prefix recomputed for every pair):
+    the reference the cached paths must equal."""
+    import torch
+
+    from icl_router.train.steps import collate_stage2
+
+    Q, T = len(queries), len(profiles)
+    batch = collate_stage2(
+        router.layout,
+        list(queries) * T,
+        model_idx=[t for t in range(T) for _ in range(Q)],
+        profiles=profiles,
+        target=[0.0] * (T * Q),
+        query_emb=None if query_emb is None else query_emb.repeat(T, 1),
+    )
+    with torch.no_grad():
+        return torch.sigmoid(router.forward_pairs(batch.pairs)).view(T, Q).T
+
+
 # Enough words, digits and JSON punctuation for a tokenizer that can spell the profile prompts.
 DEFAULT_TEXTS = [
     "Answer the question. Reply with a JSON object with the keys reasoning and answer.",

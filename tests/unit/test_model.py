@@ -7,21 +7,14 @@ import sys
 
 import pytest
 import torch
-
 from icl_router.model import prompt as P
 from icl_router.model.projector import Projector
 from icl_router.model.prompt import PromptLayout
 from icl_router.model.router import ICLRouter
 from icl_router.model.tiny import build_tiny_router_lm, load_router_lm, train_tokenizer
-from icl_router.train.steps import collate_stage2
+from icl_router.testing import SAMPLE_QUERIES as QUERIES
+from icl_router.testing import full_forward_p
 
-QUERIES = [
-    "What is 2+2?",
-    "Name the capital city of France.",
-    "Write a python function that returns the sorted list of primes below n.",
-    "Why does water boil at a lower temperature on a mountain?",
-    "A triangle has sides 3, 4 and 5. What is its area?",
-]
 MODES = [(q, p) for q in ("text", "vector") for p in ("pairs", "fused")]
 E = 24  # embedding width of the test vectors
 
@@ -130,16 +123,7 @@ def test_cached_scorer_equals_uncached(tiny, query_input, profile_layout):
     q_emb = torch.randn(Q, E)
     caches = [router.build_prefix_cache(profiles[t]) for t in range(T)]
     p = router.score(QUERIES, caches, query_emb=q_emb)  # [Q, T]
-    full = collate_stage2(
-        router.layout,
-        QUERIES * T,
-        model_idx=[t for t in range(T) for _ in range(Q)],
-        profiles=profiles,
-        target=[0.0] * (T * Q),
-        query_emb=q_emb.repeat(T, 1),
-    )
-    with torch.no_grad():
-        ref = torch.sigmoid(router.forward_pairs(full.pairs)).view(T, Q).T
+    ref = full_forward_p(router, profiles, q_emb, QUERIES)
     assert p.shape == (Q, T)
     assert (p - ref).abs().max().item() < 1e-4
     # the scores depend on the profile: a different model gets different scores

@@ -5,12 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from icl_router.model.prompt import PromptLayout
 from icl_router.model.router import ICLRouter
 from icl_router.model.tiny import build_tiny_router_lm
 from icl_router.routing.scorer import Scorer
-from icl_router.train.steps import collate_stage2
+from icl_router.testing import full_forward_p
 
 QUERIES = [
     "Hi?",
@@ -41,17 +40,7 @@ def make(tiny, query_input, profile_layout):
 
 def full_forward(router, profiles, query_emb):
     """p(Yes) [Q, T] from the naive per-pair prompts (prefix recomputed for every pair)."""
-    Q, n = len(QUERIES), len(profiles)
-    batch = collate_stage2(
-        router.layout,
-        QUERIES * n,
-        model_idx=[t for t in range(n) for _ in range(Q)],
-        profiles=profiles,
-        target=[0.0] * (n * Q),
-        query_emb=query_emb.repeat(n, 1),
-    )
-    with torch.no_grad():
-        return torch.sigmoid(router.forward_pairs(batch.pairs)).view(n, Q).T.numpy()
+    return full_forward_p(router, profiles, query_emb, QUERIES).numpy()
 
 
 @pytest.mark.parametrize("query_input,profile_layout", MODES)

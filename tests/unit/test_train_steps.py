@@ -7,10 +7,10 @@ import copy
 import numpy as np
 import pytest
 import torch
-
 from icl_router.model.prompt import PromptLayout
 from icl_router.model.router import ICLRouter
 from icl_router.model.tiny import build_tiny_router_lm
+from icl_router.testing import SAMPLE_QUERIES as QUERIES  # noqa: E402
 from icl_router.train.steps import (
     batches_by_model,
     collate_stage1,
@@ -21,13 +21,6 @@ from icl_router.train.steps import (
     train_step,
 )
 
-QUERIES = [
-    "What is 2+2?",
-    "Name the capital city of France.",
-    "Write a python function that returns the sorted list of primes below n.",
-    "Why does water boil at a lower temperature on a mountain?",
-    "A triangle has sides 3, 4 and 5. What is its area?",
-]
 MODES = [(q, p) for q in ("text", "vector") for p in ("pairs", "fused")]
 E, K, T = 24, 6, 3
 

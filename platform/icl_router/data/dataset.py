@@ -247,14 +247,20 @@ def write_dataset_atomically(root: str | Path, queries: pa.Table, outcomes: pa.T
         ds = Dataset(staging)
         ds.write_queries(queries)
         ds.append_outcomes(outcomes, run_id="import")
-        if root.exists():
-            old = root.with_name(f".{root.name}.old-{new_run_id()}")
-            os.replace(root, old)
-            os.replace(staging, root)
-            shutil.rmtree(old)
-        else:
-            os.replace(staging, root)
+        swap_into_place(staging, root)
     finally:
         if staging.exists():
             shutil.rmtree(staging)
     return Dataset(root)
+
+
+def swap_into_place(staging: Path, path: Path) -> None:
+    """Rename a fully written directory to ``path``; an old one there is moved aside first and
+    deleted last, so ``path`` always holds a whole directory (the old or the new)."""
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{new_run_id()}")
+        os.replace(path, old)
+        os.replace(staging, path)
+        shutil.rmtree(old)
+    else:
+        os.replace(staging, path)

@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 import torch
 
 from icl_router import schemas as S
+from icl_router.data.dataset import swap_into_place
 from icl_router.errors import UserError
 from icl_router.model.prompt import PromptLayout
 from icl_router.model.router import ICLRouter
@@ -109,13 +110,7 @@ def save_router_dir(router: ICLRouter, path: str | Path, *, meta: RouterMeta, po
         save_file(tensors, staging / PROJECTOR_FILE)
         (staging / META_FILE).write_text(json.dumps(asdict(meta), indent=1))
         write_profiles(staging / PROFILES_FILE, pool, meta.anchor_query_ids)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(path, old)
-            os.replace(staging, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(staging, path)
+        swap_into_place(staging, path)
     finally:
         if staging.exists():
             shutil.rmtree(staging)
