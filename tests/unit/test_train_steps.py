@@ -10,7 +10,7 @@ import torch
 from icl_router.model.prompt import PromptLayout
 from icl_router.model.router import ICLRouter
 from icl_router.model.tiny import build_tiny_router_lm
-from icl_router.testing import SAMPLE_QUERIES as QUERIES  # noqa: E402
+from icl_router.testing import SAMPLE_QUERIES as QUERIES
 from icl_router.train.steps import (
     batches_by_model,
     collate_stage1,
