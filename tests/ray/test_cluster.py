@@ -22,9 +22,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-
 from icl_router import schemas as S
+from icl_router.config import AnchorsConfig, SplitConfig
+from icl_router.data.anchors import run_anchors
 from icl_router.data.dataset import Dataset
+from icl_router.model.router_dir import load_router_dir
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 
@@ -72,8 +74,8 @@ def cluster():
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def _submit(env, address, *args, timeout=240):
-    cmd = [str(BIN / "icl-router"), "submit", "embed", "--address", address, "--config", "jobs/embed/config.yaml", *args]
+def _submit(env, address, *args, job="embed", config="jobs/embed/config.yaml", timeout=240):
+    cmd = [str(BIN / "icl-router"), "submit", job, "--address", address, "--config", config, *args]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -118,6 +120,20 @@ def test_submit_needs_the_token_then_runs_embed_across_nodes(cluster, small_data
     assert sorted(got.column(S.QUERY_ID).to_pylist()) == want
     emb = np.stack(got.column(S.EMBEDDING).to_numpy(zero_copy_only=False))  # [60, 384]
     assert emb.shape == (60, 384) and np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-4)
+
+    # then a short stage-2 training run on the worker node: 2 Ray Train workers, DeepSpeed ZeRO-2
+    run_anchors(AnchorsConfig(dataset=str(ds.root), k=6, split=SplitConfig(name="given")))
+    out = ds.root.parent / "router"
+    tiny = "{hidden_size: 64, num_hidden_layers: 1, num_attention_heads: 2, num_key_value_heads: 1, intermediate_size: 64, vocab_size: 800}"
+    trained = _submit(
+        env, address, f"dataset={ds.root}", f"output={out}", "init_from=null", "split.name=given", f"router.tiny={tiny}",
+        "max_steps=3", "checkpoint_every=3", "batch_size=8", "scaling.num_workers=2",
+        job="train", config="jobs/train-stage2/config.yaml", timeout=400,
+    )
+    assert trained.returncode == 0, trained.stderr[-3000:] + trained.stdout[-3000:]
+    assert "[train] stage 2 step 3/3" in trained.stdout  # progress streamed from the workers
+    loaded = load_router_dir(out)
+    assert loaded.meta.extra["steps"] == 3 and sorted(loaded.pool) == sorted(ds.model_ids())
 
 
 def test_a_failing_job_exits_nonzero_with_its_message(cluster, tmp_path):
