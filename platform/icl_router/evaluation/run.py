@@ -21,10 +21,15 @@ from typing import Any
 import numpy as np
 
 from icl_router import schemas as S
-from icl_router.config import ConfigError, EvalRouterConfig, EvaluateConfig, SplitConfig, TrainConfig
+from icl_router.config import (
+    ConfigError,
+    EvalRouterConfig,
+    EvaluateConfig,
+    SplitConfig,
+    TrainConfig,
+)
 from icl_router.data.dataset import Dataset, DatasetError
-from icl_router.data.routing_set import RoutingSet
-from icl_router.data.splits import make_split
+from icl_router.data.routing_set import RoutingSet, load_routing_set
 from icl_router.evaluation import baselines as B
 from icl_router.evaluation import fit as F
 
@@ -99,24 +104,13 @@ def ensure_embeddings(ds: Dataset, *, embedder: str, name: str, view: Any = None
 
 
 def dense(ds: Dataset, *, embedder: str, split: SplitConfig) -> tuple[RoutingSet, Any]:
-    """(RoutingSet without anchors, the queries table) of a dataset."""
-    q = ds.read_queries()
-    ids = q.column(S.QUERY_ID).to_pylist()
+    """(RoutingSet without anchors: each seed picks its own, the queries table) of a dataset."""
     models = ds.model_ids()
     if len(models) < 2:
         raise DatasetError(f"{ds.root} has {len(models)} models with outcomes; routing needs at least 2")
-    rs = RoutingSet(
-        models=models,
-        query_ids=ids,
-        texts=q.column(S.TEXT).to_pylist(),
-        tasks=q.column(S.TASK).to_pylist(),
-        embeddings=ds.embedding_matrix(ids, embedder=embedder),
-        labels=ds.correctness(ids, models),
-        anchor_ids=[],
-        split=make_split(q, split),
-        embedder=embedder,
-    )
-    return rs, q
+    rs = load_routing_set(ds, split=split, embedder=embedder, models=models)
+    rs.anchor_ids = []
+    return rs, ds.read_queries()
 
 
 # ---------------------------------------------------------------------------
