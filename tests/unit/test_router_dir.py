@@ -1,0 +1,99 @@
+"""The trained router directory: a round trip, and each missing or mismatched part refused by name."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from icl_router.model.prompt import PromptLayout
+from icl_router.model.router import ICLRouter
+from icl_router.model.router_dir import (
+    RouterDirError,
+    RouterMeta,
+    load_router_dir,
+    save_router_dir,
+    write_profiles,
+)
+from icl_router.model.tiny import build_tiny_router_lm
+from icl_router.testing import SAMPLE_QUERIES
+from safetensors.torch import load_file, save_file
+
+K, E = 5, 12
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    lm, tok = build_tiny_router_lm(SAMPLE_QUERIES * 4, vocab_size=600)
+    layout = PromptLayout(tok, query_input="vector", profile_layout="pairs")
+    torch.manual_seed(0)
+    router = ICLRouter(lm, layout, anchor_emb=torch.randn(K, E)).eval()
+    anchors = [f"a{i}" for i in range(K)]
+    meta = RouterMeta("emb", E, "vector", "pairs", layout.placeholder_id, layout.yes_id, layout.no_id, anchors, extra={"steps": 7})
+    pool = {"m1": np.array([1, 0, 1, 0, 1], bool), "m0": np.array([0, 0, 1, 1, 1], bool)}
+    path = save_router_dir(router, tmp_path_factory.mktemp("r") / "router", meta=meta, pool=pool)
+    return router, pool, path
+
+
+def copy(saved, tmp_path):
+    return shutil.copytree(saved[2], tmp_path / "router")
+
+
+def test_round_trip_scores_the_same(saved):
+    router, pool, path = saved
+    loaded = load_router_dir(path)
+    assert list(loaded.pool) == ["m1", "m0"] and loaded.meta.extra == {"steps": 7}
+    np.testing.assert_array_equal(loaded.pool["m1"], pool["m1"])
+    q = torch.randn(2, E)
+    caches = lambda r: [r.build_prefix_cache(torch.as_tensor(p)) for p in pool.values()]  # noqa: E731
+    want = router.score(["x", "y"], caches(router), query_emb=q)
+    got = loaded.router.score(["x", "y"], caches(loaded.router), query_emb=q)
+    assert (want - got).abs().max().item() < 1e-6
+
+
+def test_missing_file(saved, tmp_path):
+    path = copy(saved, tmp_path)
+    (path / "projector.safetensors").unlink()
+    with pytest.raises(RouterDirError, match="projector.safetensors is missing"):
+        load_router_dir(path)
+    (path / "icl_router.json").unlink()
+    with pytest.raises(RouterDirError, match="not a router directory: icl_router.json is missing"):
+        load_router_dir(path)
+
+
+def test_token_ids_that_do_not_match_the_tokenizer(saved, tmp_path):
+    path = copy(saved, tmp_path)
+    meta = json.loads((path / "icl_router.json").read_text())
+    meta["yes_id"] += 1
+    (path / "icl_router.json").write_text(json.dumps(meta))
+    with pytest.raises(RouterDirError, match="tokenizer gives placeholder/Yes/No ids"):
+        load_router_dir(path)
+
+
+def test_anchor_vectors_of_the_wrong_shape_and_a_foreign_projector(saved, tmp_path):
+    path = copy(saved, tmp_path)
+    tensors = load_file(path / "projector.safetensors")
+    save_file({**tensors, "anchor_emb": torch.zeros(K + 1, E)}, path / "projector.safetensors")
+    with pytest.raises(RouterDirError, match=r"anchor_emb is \(6, 12\), icl_router.json says K=5 anchors of width 12"):
+        load_router_dir(path)
+    save_file({**tensors, "projector.inp.weight": torch.zeros(3, E)}, path / "projector.safetensors")
+    with pytest.raises(RouterDirError, match="does not fit this router LM"):
+        load_router_dir(path)
+
+
+def test_profile_lacking_anchors_and_an_unknown_format(saved, tmp_path):
+    path = copy(saved, tmp_path)
+    anchors = json.loads((path / "icl_router.json").read_text())["anchor_query_ids"]
+    write_profiles(path / "profiles.parquet", {"m1": np.ones(K, bool)}, anchors)
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path / "profiles.parquet")
+    pq.write_table(table.slice(0, K - 2), path / "profiles.parquet")
+    with pytest.raises(RouterDirError, match="model 'm1' lacks 2 anchors"):
+        load_router_dir(path)
+    meta = json.loads((path / "icl_router.json").read_text())
+    (path / "icl_router.json").write_text(json.dumps({**meta, "format_version": 99}))
+    with pytest.raises(RouterDirError, match="format_version 99"):
+        load_router_dir(path)
