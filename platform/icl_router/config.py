@@ -495,5 +495,7 @@ class DemoConfig(Config):
     k: int = 60  # anchors
     stage1_epochs: int = 2
     stage2_epochs: int = 4
+    stage1_lr: float = 1e-3  # a tiny router trained from scratch needs far larger rates than the paper's
+    stage2_lr: float = 1e-3
     num_workers: int = 2  # Ray Train workers (DeepSpeed ZeRO-2, fp32 on CPU)
     ray: RayConfig = RayConfig(num_cpus=4)

@@ -29,7 +29,7 @@ def _say(i: int, msg: str) -> None:
 
 def _train_config(cfg: DemoConfig, out: Path, *, stage: int, models: list[str]) -> TrainConfig:
     """The CPU settings of jobs/train-stage{1,2}/config.yaml on the demo's paths."""
-    lr = 1e-3  # a tiny router trained from scratch needs far larger rates than the paper's
+    lr = cfg.stage1_lr if stage == 1 else cfg.stage2_lr
     phases = (
         [PhaseConfig(epochs=1, lr_projector=lr, lr_router=0.0), PhaseConfig(epochs=cfg.stage1_epochs - 1, lr_projector=lr, lr_router=lr)]
         if stage == 1

@@ -1,0 +1,27 @@
+"""`icl-router demo` (what `make demo` runs) end to end on a small synthetic pool, on local Ray."""
+
+import json
+
+import pytest
+from icl_router.config import DemoConfig
+from icl_router.demo import SERVED, run_demo
+from icl_router.model.router_dir import read_meta, read_profiles
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
+
+
+def test_demo_runs_end_to_end_and_registers_the_held_out_model(ray_local, tmp_path):
+    out = tmp_path / "demo"
+    run_demo(DemoConfig(output=str(out), n_queries=400, n_models=4, held_out="synth-logic-8b", k=12, stage1_epochs=1, stage2_epochs=1))
+    report = json.loads((out / "report.json").read_text())
+    assert report["held_out"] == "synth-logic-8b" and "synth-logic-8b" not in report["trained_on"]
+    # trained without it, registered afterwards from its anchor outcomes alone
+    meta = read_meta(out / "router")
+    pool = read_profiles(out / "router" / "profiles.parquet", meta.anchor_query_ids)
+    assert sorted(pool) == sorted([*report["trained_on"], "synth-logic-8b"])
+    for part in ("id", "ood"):
+        methods = {**{m: v[part] for m, v in report["after"].items()}, "before": report["before"]["icl-router"][part]}
+        assert all(0 <= v <= methods["oracle"] + 1e-9 for v in methods.values()), methods
+        assert methods["random"] < methods["oracle"]
+    assert (out / "demo.png").stat().st_size > 10_000 and (out / "report.md").is_file()
+    assert all((out / "pool" / name / "config.json").is_file() for name in SERVED)
