@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
-import os
 import shutil
 import sys
 import tempfile
@@ -30,8 +28,7 @@ from typing import Any
 import numpy as np
 
 from icl_router.config import TrainConfig
-
-log = logging.getLogger("icl_router.train")
+from icl_router.data.dataset import DatasetError, swap_into_place
 
 INIT_DIR = "init-lm"
 STATE_FILE = "train_state.json"
@@ -122,10 +119,10 @@ def prepare_data(cfg: TrainConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 
     rs = load_routing_set(cfg.dataset, split=cfg.split, embedder=cfg.embedder, models=cfg.models)
     if not rs.anchor_ids:
-        raise ValueError(f"{cfg.dataset} has no anchors.parquet; run `icl-router anchors` first")
+        raise DatasetError(f"{cfg.dataset} has no anchors.parquet; run `icl-router anchors` first")
     items = rs.training_pairs() if cfg.stage == 2 else np.union1d(rs.rows("train"), rs.anchor_rows)
     if len(items) == 0:
-        raise ValueError(f"stage {cfg.stage}: the train part of split {cfg.split.name!r} has no usable rows")
+        raise DatasetError(f"stage {cfg.stage}: the train part of split {cfg.split.name!r} has no usable rows")
     data = {
         "items": items,
         "texts": rs.texts,
@@ -214,9 +211,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
             raise RuntimeError(f"the last checkpoint {result.checkpoint.path} holds no exported router")
         staging = output.with_name(f".{output.name}.staging-{uuid.uuid4().hex[:8]}")
         shutil.copytree(exported, staging)
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(staging, output)
+        swap_into_place(staging, output)  # output always holds a whole router, the old or the new
     summary = {
         "stage": cfg.stage,
         "output": str(output),

@@ -18,7 +18,6 @@ import torch
 
 from icl_router.config import PhaseConfig, TrainConfig
 
-
 # ---------------------------------------------------------------------------
 # The schedule: which items each rank trains on at each global step.
 
@@ -102,8 +101,6 @@ def make_batch(cfg: TrainConfig, router: Any, data: dict[str, Any], texts: list[
         target=items[:, 2].astype(np.float32),
         query_emb=q_emb if cfg.router.query_input == "vector" else None,
     )
-
-
 
 
 def make_optimizer(router: Any, cfg: TrainConfig) -> torch.optim.Optimizer:
