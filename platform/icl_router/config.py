@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from icl_router.errors import UserError
 
@@ -427,6 +427,9 @@ class ScorerServeConfig(Config):
     batch_wait_timeout_s: float = 0.0  # 0: batch what queued during the previous batch, never wait
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+    threads: int | None = Field(default=None, ge=1)  # torch intra-op threads per replica; default: num_cpus (at least 1)
+    embed_cache: int = Field(default=4096, ge=0)  # query embeddings kept per replica, keyed by exact text (LRU); 0: none
+    embed_dtype: Literal["float32", "bfloat16"] = "float32"  # bfloat16: faster query embedding on CPUs with bf16, slightly moved vectors
     max_ongoing_requests: int = 32
     autoscaling: AutoscalingConfig = AutoscalingConfig(max_replicas=2)
 

@@ -134,6 +134,10 @@ def _chat(client, content: str = QUERY, *, model: str = "icl-router", max_tokens
     return raw.headers, raw.parse()
 
 
+def _timing(headers) -> dict[str, float]:
+    return {k: float(v) for k, v in (kv.split("=") for kv in headers["x-icl-router-timing"].split(";"))}
+
+
 def _p(headers) -> dict[str, float]:
     return {m: float(v) for m, v in (kv.split("=") for kv in headers["x-icl-router-p"].split(","))}
 
@@ -178,11 +182,21 @@ def test_routed_and_pass_through_requests(client):
         assert headers["x-icl-router-chosen"] == max(p, key=p.get) == headers["x-icl-router-model"] == resp.model
         assert all(0 < v < 1 for v in p.values()) and resp.choices[0].message.content
         assert "x-icl-router-fallback" not in headers
+        timing = _timing(headers)  # where the router replica spent the time
+        assert timing.keys() == {"queue", "embed", "score", "batch", "cached"} and timing["embed"] > 0 and timing["batch"] >= 1
     for name in COSTS:
         headers, resp = _chat(client, model=name)
         assert headers["x-icl-router-route"] == "direct" and resp.model == name and "x-icl-router-p" not in headers
     raw = client.completions.with_raw_response.create(model="auto", prompt=QUERY, max_tokens=3)
     assert raw.headers["x-icl-router-model"] == raw.parse().model and raw.parse().choices[0].text is not None
+
+
+@pytest.mark.timeout(120)
+def test_query_embeddings_are_cached_by_exact_text(client):
+    text = f"{QUERY} cache probe {time.time()}"  # new to every replica
+    cached = [_timing(_chat(client, text)[0])["cached"] for _ in range(3)]
+    assert cached[0] == 0 and sum(cached) >= 1, cached  # up to 2 router replicas: the third call hits a cache at the latest
+    assert _timing(_chat(client, text + "!")[0])["cached"] == 0  # exact text only
 
 
 @pytest.mark.timeout(120)
@@ -296,6 +310,9 @@ def _replica_actor(model: str):
 
 @pytest.mark.timeout(300)
 def test_failover_when_a_pool_replica_dies_under_traffic(client):
+    """Routed requests fail over; a stream cut by the kill ends with an error event; a request naming
+    the dead model gets a 503 unless it opted in with routing.fallback."""
+    import openai
     import ray
 
     first = _chat(client)[0]["x-icl-router-chosen"]  # the router's pick for QUERY (fixed: same text)
@@ -312,8 +329,25 @@ def test_failover_when_a_pool_replica_dies_under_traffic(client):
     with cf.ThreadPoolExecutor(4) as ex:
         futs = [ex.submit(worker) for _ in range(4)]
         time.sleep(2)
+        stream = iter(client.chat.completions.create(
+            model=first, messages=[{"role": "user", "content": QUERY}], max_tokens=380, stream=True, extra_body={"ignore_eos": True}
+        ))
+        chunks = [next(stream)]  # the stream is running: kill its replica
         ray.kill(_replica_actor(first), no_restart=True)
         killed_at = len(results)
+        with pytest.raises(openai.APIError) as broke:
+            chunks.extend(stream)
+        tokens = sum(bool(c.choices and c.choices[0].delta.content) for c in chunks)
+        print(f"stream cut after {tokens} tokens: {broke.value.message}")
+        assert "mid-stream" in broke.value.message and tokens < 380
+
+        with pytest.raises(openai.InternalServerError) as down:  # the named model is gone and the request did not opt in
+            _chat(client, model=first)
+        assert down.value.status_code == 503 and down.value.body["code"] == "model_unavailable"
+        headers, resp = _chat(client, model=first, extra_body={"routing": {"fallback": True}})
+        assert headers["x-icl-router-route"] == "direct" and headers["x-icl-router-model"] == resp.model == other
+        assert headers["x-icl-router-fallback"].startswith(first + ":") and _p(headers).keys() == {first, other}
+
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and sum("x-icl-router-fallback" in h for h in results) < 3:
             time.sleep(0.5)

@@ -6,6 +6,11 @@ side names the model as its only candidate (``routing.models``): the router stil
 scores the query against the whole pool and the policy runs, so the difference is the whole
 routing path (embedding, batched scoring, the extra deployment hop, the policy).
 overhead_*: percentiles of the per-pair difference (routed - direct).
+
+Every request's text is distinct (warm-up included), so the router's query-embedding cache never
+hits: the figures are the uncached path. The router's own stage times (x-icl-router-timing) are
+printed too: queue (waiting for its batch), embed, score, and the rest of the router call
+(handle hop both ways, serialisation, the batch thread) as ``hop``.
 """
 
 from __future__ import annotations
@@ -51,7 +56,7 @@ def run(args: argparse.Namespace) -> dict:
     client = openai.OpenAI(base_url=url, api_key=key, timeout=60, max_retries=0)
 
     def call(i: int, routed: bool) -> tuple[float, dict]:
-        messages = [{"role": "user", "content": f"{PROMPTS[i % len(PROMPTS)]} (#{i})"}]
+        messages = [{"role": "user", "content": f"{PROMPTS[i % len(PROMPTS)]} (#{i}{'r' if routed else 'd'})"}]
         extra = {"routing": {"models": [model]}} if routed else None
         t0 = time.perf_counter()
         raw = client.chat.completions.with_raw_response.create(
@@ -65,8 +70,9 @@ def run(args: argparse.Namespace) -> dict:
         headers = client.chat.completions.with_raw_response.create(model="icl-router", messages=[{"role": "user", "content": PROMPTS[0]}], max_tokens=1).headers
         model = headers["x-icl-router-order"].split(",")[0]
     for i in range(args.warmup):
-        call(i, i % 2 == 0)
-    direct, routed, scoring, errors = [], [], [], 0
+        call(-1 - i, i % 2 == 0)  # negative numbers: no text the measured requests send
+    direct, routed, scoring, errors, cache_hits = [], [], [], 0, 0
+    stages: dict[str, list[float]] = {"queue": [], "embed": [], "score": [], "hop": []}
     for i in range(args.requests):
         for side in (True, False) if i % 2 == 0 else (False, True):  # alternate who goes first
             try:
@@ -80,6 +86,11 @@ def run(args: argparse.Namespace) -> dict:
                     continue
                 routed.append(ms)
                 scoring.append(float(headers["x-icl-router-scoring-ms"]))
+                t = dict(kv.split("=") for kv in headers.get("x-icl-router-timing", "").split(";") if kv)
+                cache_hits += int(float(t.get("cached", 0)) > 0)  # 0 unless texts repeat: then the figure is not the uncached path
+                for k in ("queue", "embed", "score"):
+                    stages[k].append(float(t.get(k, "nan")))
+                stages["hop"].append(scoring[-1] - sum(stages[k][-1] for k in ("queue", "embed", "score")))
             else:
                 direct.append(ms)
     n = min(len(direct), len(routed))
@@ -91,6 +102,8 @@ def run(args: argparse.Namespace) -> dict:
         "overhead_p50_ms": round(float(np.median(diff)), 2),
         "overhead_p99_ms": round(float(np.percentile(diff, 99)), 2),
         "scoring_call_p50_ms": round(float(np.median(scoring)), 2),  # ingress -> router deployment -> back
+        **{f"router_{k}_p50_ms": round(float(np.median(v)), 2) for k, v in stages.items()},  # inside that call
         "requests": len(direct) + len(routed),
         "errors": errors,
+        "cache_hits": cache_hits,
     }

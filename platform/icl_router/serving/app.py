@@ -47,7 +47,10 @@ def compose(cfg: ServeConfig) -> Any:
         autoscaling_config=r.autoscaling.model_dump(),
         max_ongoing_requests=r.max_ongoing_requests,
         ray_actor_options={"num_cpus": r.num_cpus, "num_gpus": r.num_gpus},
-    ).bind(router_dir, registry=registry, embedder=embedder, max_batch_size=r.max_batch_size, batch_wait_timeout_s=r.batch_wait_timeout_s)
+    ).bind(
+        router_dir, registry=registry, embedder=embedder, max_batch_size=r.max_batch_size, batch_wait_timeout_s=r.batch_wait_timeout_s,
+        threads=r.threads or max(1, int(r.num_cpus)), embed_cache=r.embed_cache, embed_dtype=r.embed_dtype,
+    )
     return Ingress.options(num_replicas=cfg.ingress_replicas, max_ongoing_requests=cfg.ingress_max_ongoing_requests).bind(
         router, registry, pools, settings=cfg.model_dump(mode="json")
     )

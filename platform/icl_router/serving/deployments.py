@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -160,24 +161,48 @@ class Registry:
 
 @serve.deployment
 class Router:
-    """Holds the router LM and the profile caches; batches concurrent queries into one scorer call."""
+    """Holds the router LM and the profile caches; batches concurrent queries into one embedding + scorer call.
 
-    async def __init__(self, router_dir: str, *, registry: Any, embedder: str | None, max_batch_size: int, batch_wait_timeout_s: float) -> None:
+    ``score`` returns the p's and where this replica spent the time (ms): ``queue`` (waiting for the
+    batch to start), ``embed``, ``score`` (the router forward), ``batch`` (queries in it), ``cached``.
+    """
+
+    async def __init__(
+        self, router_dir: str, *, registry: Any, embedder: str | None, max_batch_size: int, batch_wait_timeout_s: float,
+        threads: int = 1, embed_cache: int = 4096, embed_dtype: str = "float32",
+    ) -> None:
+        import torch
+
         from icl_router.data.embed import load_embedder
         from icl_router.model.router_dir import load_router_dir
         from icl_router.routing.scorer import Scorer
         from icl_router.serving.metrics import router_metrics
 
+        # The replica's share of the cores: more intra-op threads than that spin against vLLM's
+        # engine and the other replicas (2 threads on the 2 loaded cores made a MiniLM query 30x slower).
+        torch.set_num_threads(max(1, threads))
         loaded = load_router_dir(router_dir)
         self.scorer = Scorer(loaded.router)
         self.embedder = load_embedder(embedder or loaded.meta.embedder) if loaded.meta.query_input == "vector" else None
+        self.fast_embed = False
+        if self.embedder is not None:  # the direct forward must give what encode gives (what the anchors were embedded with)
+            warm = ["warm up the embedder and the router"]
+            ref = self.embedder.encode(warm, normalize_embeddings=True, convert_to_numpy=True)
+            diff = float(np.abs(self._embed_forward(warm) - ref).max())
+            self.fast_embed = diff < 1e-5
+            if self.fast_embed and embed_dtype != "float32":
+                self.embedder.to(getattr(torch, embed_dtype))  # bfloat16: half the weight traffic; cosine to float32 >= 0.9999 on MiniLM
+            log.info("router replica: %d thread(s); embedder direct forward vs encode max diff %.1e: %s", torch.get_num_threads(), diff,
+                     f"direct forward, {embed_dtype}" if self.fast_embed else "using encode, float32")
+        self.embed_cache: OrderedDict[str, np.ndarray] = OrderedDict()  # exact query text -> embedding (LRU)
+        self.embed_cache_size = embed_cache
         self.registry, self.version, self.lock = registry, -1, asyncio.Lock()
         self.profiles: dict[str, list[bool]] = {}  # what the scorer holds
         self.metrics = router_metrics()
         self._batch.set_max_batch_size(max_batch_size)
         self._batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         await self._sync(0)
-        self._score_now(["warm up the embedder and the router"])
+        self._score_now([("warm up the embedder and the router", time.perf_counter())])
 
     async def _sync(self, version: int) -> None:
         async with self.lock:
@@ -190,23 +215,54 @@ class Router:
                     self.profiles[m] = prof
             self.version = snap["version"]
 
-    async def score(self, text: str, version: int) -> dict[str, float]:
-        """p(correct) of every routable model for one query (batched with concurrent calls)."""
+    async def score(self, text: str, version: int) -> dict:
+        """{"p": p(correct) of every routable model, "ms": stage times} for one query (batched with concurrent calls)."""
         if version > self.version:
             await self._sync(version)
-        return await self._batch(text[:MAX_ROUTE_CHARS])
+        return await self._batch((text[:MAX_ROUTE_CHARS], time.perf_counter()))
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
-    async def _batch(self, texts: list[str]) -> list[dict[str, float]]:
-        return await asyncio.to_thread(self._score_now, texts)
+    async def _batch(self, items: list[tuple[str, float]]) -> list[dict]:
+        # On this loop, not in a thread: queries arriving meanwhile wait for the next batch either
+        # way, and the two thread hops cost ~1 ms a query on loaded cores. (Serve runs this loop in
+        # its own thread: the replica's control calls are not blocked.)
+        return self._score_now(items)
 
-    def _score_now(self, texts: list[str]) -> list[dict[str, float]]:
+    def _embed_forward(self, texts: list[str]) -> np.ndarray:
+        """The embedder's modules on one padded batch, without encode's per-call bookkeeping (~1 ms a query)."""
+        import torch
+
+        e = self.embedder
+        prompt = e.prompts.get(e.default_prompt_name) if e.default_prompt_name else None
+        with torch.inference_mode():
+            v = e(e.preprocess(texts, prompt=prompt))["sentence_embedding"].float()
+            return torch.nn.functional.normalize(v, dim=-1).numpy()
+
+    def _embed(self, texts: list[str]) -> tuple[np.ndarray, int]:
+        """[Q, E] query embeddings, each text embedded once per batch and reused from the LRU cache."""
+        missing = list(dict.fromkeys(t for t in texts if t not in self.embed_cache))
+        if missing:
+            enc = self._embed_forward(missing) if self.fast_embed else self.embedder.encode(missing, normalize_embeddings=True, convert_to_numpy=True)
+            for t, v in zip(missing, enc):
+                self.embed_cache[t] = v
+        out = np.stack([self.embed_cache[t] for t in texts])
+        for t in texts:
+            self.embed_cache.move_to_end(t)
+        while len(self.embed_cache) > self.embed_cache_size:
+            self.embed_cache.popitem(last=False)
+        return out, len(texts) - len(missing)
+
+    def _score_now(self, items: list[tuple[str, float]]) -> list[dict]:
         t0 = time.perf_counter()
+        texts = [t for t, _ in items]
         models = self.scorer.models
         if not models:
-            return [{} for _ in texts]
-        emb = self.embedder.encode(texts, normalize_embeddings=True, convert_to_numpy=True) if self.embedder else None  # [Q, E]
+            return [{"p": {}, "ms": {}} for _ in texts]
+        emb, cached = self._embed(texts) if self.embedder else (None, 0)  # [Q, E]
+        t1 = time.perf_counter()
         p = self.scorer.score(texts, query_emb=emb, models=models)  # [Q, T]
-        self.metrics["scoring_ms"].observe((time.perf_counter() - t0) * 1e3)
+        t2 = time.perf_counter()
+        self.metrics["scoring_ms"].observe((t2 - t0) * 1e3)
         self.metrics["batch_size"].observe(len(texts))
-        return [dict(zip(models, row.tolist())) for row in p]
+        ms = {"embed": round((t1 - t0) * 1e3, 2), "score": round((t2 - t1) * 1e3, 2), "batch": len(texts), "cached": cached}
+        return [{"p": dict(zip(models, row.tolist())), "ms": {"queue": round((t0 - tq) * 1e3, 2), **ms}} for row, (_, tq) in zip(p, items)]

@@ -55,6 +55,7 @@ class RoutingOptions(BaseModel):
     margin: float | None = None
     budget: float | None = None
     models: list[str] | None = Field(default=None, min_length=1)
+    fallback: StrictBool = False  # a request naming a pool model: may another model answer if it fails?
 
 
 class Message(BaseModel):
@@ -209,27 +210,41 @@ class Ingress:
 
     # ---- routing and failover -----------------------------------------------
 
+    def _policy(self, r: RoutingOptions) -> Policy:
+        try:
+            return self.default_policy if r.policy is None else Policy(r.policy, threshold=r.threshold, margin=r.margin, budget=r.budget)
+        except PolicyError as e:
+            raise ApiError(400, f"routing: {e}", code="invalid_value", param="routing") from None
+
     async def _order(self, body: ChatBody | CompletionBody, text: str) -> tuple[list[str], dict[str, str]]:
         """The models to try, in order, and the routing headers."""
         await self._refresh()
         model = body.model
-        if model not in ROUTED:
-            entry = self.snap["models"].get(model)
-            if entry is None or entry["state"] != "ready":
-                known = [*ROUTED, *(m for m, v in self.snap["models"].items() if v["state"] == "ready")]
-                raise ApiError(404, f"The model `{model}` does not exist. Available: {', '.join(known)}.", code="model_not_found", param="model")
-            return [model], {H + "route": "direct", H + "model": model}
+        if model in ROUTED:
+            return await self._routed(body, text)
+        entry = self.snap["models"].get(model)
+        if entry is None or entry["state"] != "ready":
+            known = [*ROUTED, *(m for m, v in self.snap["models"].items() if v["state"] == "ready")]
+            raise ApiError(404, f"The model `{model}` does not exist. Available: {', '.join(known)}.", code="model_not_found", param="model")
+        if body.routing is not None and body.routing.fallback:  # checked now: the routing runs only if the model fails
+            self._policy(body.routing)
+            unknown = [m for m in body.routing.models or [] if m not in self.snap["models"]]
+            if unknown:
+                raise ApiError(400, f"routing: unknown models {unknown}", code="invalid_value", param="routing.models")
+        return [model], {H + "route": "direct", H + "model": model}
+
+    async def _routed(self, body: ChatBody | CompletionBody, text: str) -> tuple[list[str], dict[str, str]]:
+        """Score the query, apply the policy: the failover order and the routing headers."""
         r = body.routing or RoutingOptions()
-        try:
-            policy = self.default_policy if r.policy is None else Policy(r.policy, threshold=r.threshold, margin=r.margin, budget=r.budget)
-        except PolicyError as e:
-            raise ApiError(400, f"routing: {e}", code="invalid_value", param="routing") from None
+        policy = self._policy(r)
         if not self.snap["routable"]:
             raise ApiError(503, "no routable model: register one with POST /admin/models", code="no_routable_model", type_="server_error")
         t0 = time.perf_counter()
+        timing = ""
         try:
-            p = await asyncio.wait_for(self.router.score.remote(text, self.snap["version"]), self.s["first_output_timeout_s"])
-            p = {m: v for m, v in p.items() if m in self.snap["routable"]}
+            out = await asyncio.wait_for(self.router.score.remote(text, self.snap["version"]), self.s["first_output_timeout_s"])
+            p = {m: v for m, v in out["p"].items() if m in self.snap["routable"]}
+            timing = ";".join(f"{k}={v}" for k, v in out["ms"].items())
         except Exception as e:  # the router is down: serve unscored (every p 0.5, the policy still applies)
             log.warning("router failed (%s: %s); routing unscored", type(e).__name__, str(e)[:200])
             p = {m: 0.5 for m in self.snap["routable"]}
@@ -253,16 +268,30 @@ class Ingress:
             H + "policy": pol,
             H + "scoring-ms": f"{scoring_ms:.2f}",
         }
+        if timing:
+            headers[H + "timing"] = timing
         return order, headers
+
+    async def _rest(self, body: ChatBody | CompletionBody, text: str, order: list[str], headers: dict[str, str]) -> list[str]:
+        """A direct request's fallback: the router's order over the other models (its headers added)."""
+        try:
+            rest, routed = await self._routed(body, text)
+        except ApiError as e:  # no routable model, or none left after routing.models
+            log.warning("no fallback for %s: %s", order[0], e.message)
+            return []
+        headers.update({k: v for k, v in routed.items() if k != H + "route"})
+        return [m for m in rest if m not in order]
 
     async def _dispatch(self, kind: Literal["chat", "completions"], body: ChatBody | CompletionBody, text: str) -> Response:
         from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
 
         order, headers = await self._order(body, text)
         route = headers[H + "route"]
+        # a request naming a model fails over only if it opted in (routing.fallback): then the rest is routed
+        extend = route == "direct" and body.routing is not None and body.routing.fallback
         payload = body.model_dump(exclude={"routing"}, exclude_unset=True)
         failed: list[str] = []
-        for model in order:
+        for model in order:  # grows while iterating when a direct request's model fails and it opted in
             try:
                 req = (ChatCompletionRequest if kind == "chat" else CompletionRequest)(**{**payload, "model": model})
             except ValidationError as e:
@@ -273,11 +302,10 @@ class Ingress:
             except Exception as e:  # died, timed out, unreachable: the next model in the order
                 gen.cancel()
                 reason = "timeout" if isinstance(e, asyncio.TimeoutError) else type(e).__name__
-                log.warning("pool model %s failed (%s: %s); %s", model, reason, str(e)[:200], "failing over" if route == "routed" else "no failover")
+                log.warning("pool model %s failed (%s: %s)", model, reason, str(e)[:200])
                 self.down[model] = time.monotonic() + self.s["down_for_s"]
                 failed.append(f"{model}:{reason}")
-                if route == "direct":
-                    break
+                order += await self._rest(body, text, order, headers) if extend and len(order) == 1 else []
                 continue
             # ray.serve.llm yields its engine's ErrorResponse (not the public subclass): match by shape
             err = next((x for x in _flat(first) if hasattr(x, "error") and not hasattr(x, "choices")), None)
@@ -288,8 +316,7 @@ class Ingress:
                     return error_response(code, err.error.message, code=str(err.error.type or "invalid_request_error"), param=err.error.param, headers=headers)
                 self.down[model] = time.monotonic() + self.s["down_for_s"]
                 failed.append(f"{model}:error{code}")
-                if route == "direct":
-                    break
+                order += await self._rest(body, text, order, headers) if extend and len(order) == 1 else []
                 continue
             self.down.pop(model, None)
             headers[H + "model"] = model
@@ -298,24 +325,37 @@ class Ingress:
                 for f in failed:
                     self.metrics["fallbacks"].inc(tags={"from_model": f.split(":")[0], "to_model": model})
             self.metrics["requests"].inc(tags={"model": model, "route": route, "status": "ok"})
-            if body.stream:
-                return StreamingResponse(self._sse(first, gen), media_type="text/event-stream", headers=headers)
+            if body.stream:  # from here on the answer cannot move to another model
+                return StreamingResponse(self._sse(first, gen, tags={"model": model, "route": route}), media_type="text/event-stream", headers=headers)
             return Response(first.model_dump_json(), media_type="application/json", headers=headers)
         self.metrics["requests"].inc(tags={"model": order[0], "route": route, "status": "unavailable"})
         headers[H + "fallback"] = ";".join(failed)
         return error_response(503, f"no pool model could answer: {', '.join(failed)}", code="model_unavailable", type_="server_error", headers=headers)
 
-    async def _sse(self, first: Any, gen: Any):
+    async def _sse(self, first: Any, gen: Any, *, tags: dict[str, str]):
+        """vLLM's SSE chunks; a stream that breaks or stalls for ``first_output_timeout_s`` ends with an
+        OpenAI-style error event (the openai client raises APIError on it), never a hung connection."""
         for s in _flat(first):
             yield s
-        try:
-            async for item in gen:
-                for s in _flat(item):
-                    yield s if isinstance(s, str) else f"data: {s.model_dump_json()}\n\n"
-        except Exception as e:  # after the first chunk the answer cannot move to another model
-            log.warning("stream broke: %s", e)
-            yield "data: " + json.dumps({"error": {"message": f"the model failed mid-stream ({type(e).__name__})", "type": "server_error", "code": "stream_broken"}}) + "\n\n"
-            yield "data: [DONE]\n\n"
+        while True:
+            try:
+                item = await asyncio.wait_for(gen.__anext__(), self.s["first_output_timeout_s"])
+            except StopAsyncIteration:
+                return
+            except asyncio.CancelledError:  # the client went away: stop the generation
+                gen.cancel()
+                raise
+            except Exception as e:
+                gen.cancel()
+                reason = "stalled" if isinstance(e, asyncio.TimeoutError) else type(e).__name__
+                log.warning("stream broke (%s: %s)", reason, str(e)[:200])
+                self.metrics["requests"].inc(tags={**tags, "status": "stream_broken"})
+                err = {"message": f"the model failed mid-stream ({reason}); the answer is incomplete", "type": "server_error", "code": "stream_broken"}
+                yield f"data: {json.dumps({'error': err})}\n\n"
+                yield "data: [DONE]\n\n"
+                return
+            for s in _flat(item):
+                yield s if isinstance(s, str) else f"data: {s.model_dump_json()}\n\n"
 
     def _check_length(self, text_len: int) -> None:
         if text_len > self.s["max_prompt_chars"]:
