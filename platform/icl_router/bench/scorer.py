@@ -24,7 +24,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layout", choices=["pairs", "fused"], default="pairs", help="profile layout")
     p.add_argument("--query-input", choices=["text", "vector"], default="vector")
     p.add_argument("--max-rows", type=int, default=64, help="scorer: rows per forward (bounds memory)")
-    p.add_argument("--pack", type=int, default=8, help="scorer: query suffixes per row (block mask)")
+    p.add_argument("--pack", type=int, default=32, help="scorer: query suffixes per row (block mask)")
     p.add_argument("--query-words", type=int, default=40, help="mean words per synthetic query")
     p.add_argument("--seed", type=int, default=0)
 

@@ -32,7 +32,7 @@ class Scorer:
     while ``score`` works on the snapshot it took, so a request never sees a half-added model.
     """
 
-    def __init__(self, router: ICLRouter, pool: dict[str, np.ndarray] | None = None, *, max_rows: int = 64, pack: int = 8) -> None:
+    def __init__(self, router: ICLRouter, pool: dict[str, np.ndarray] | None = None, *, max_rows: int = 64, pack: int = 32) -> None:
         if max_rows < 1 or pack < 1:
             raise ValueError(f"max_rows and pack must be >= 1, got max_rows={max_rows}, pack={pack}")
         self.router = router.eval()
