@@ -2,6 +2,7 @@
 
 Naive side: for each query, ``forward_pairs`` over its T pairs (one batch; every
 prefix recomputed), as the authors' inference does. Cached side: ``Scorer``
+(``--forward shared``: its own Qwen2 forward; ``packed``: transformers' with packed rows)
 with each model's prefix cache built once (its build time is reported apart,
 paid once per registered model), all queries scored against all T models.
 qps = queries routed per second over all T models (wall time); ``speedup_cpu_time``
@@ -24,7 +25,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layout", choices=["pairs", "fused"], default="pairs", help="profile layout")
     p.add_argument("--query-input", choices=["text", "vector"], default="vector")
     p.add_argument("--max-rows", type=int, default=64, help="scorer: rows per forward (bounds memory)")
-    p.add_argument("--pack", type=int, default=32, help="scorer: query suffixes per row (block mask)")
+    p.add_argument("--pack", type=int, default=32, help="scorer: queries per forward = max(1, max_rows // T) * pack; packed: suffixes per row")
+    p.add_argument(
+        "--forward", choices=["shared", "packed"], default="shared", help="scorer path: the custom Qwen2/Llama forward or transformers' (packed rows)"
+    )
     p.add_argument("--query-words", type=int, default=40, help="mean words per synthetic query")
     p.add_argument("--seed", type=int, default=0)
 
@@ -61,6 +65,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     scorer = Scorer(router, pool, max_rows=args.max_rows, pack=args.pack)
+    scorer.shared_attention = scorer.shared_attention and args.forward == "shared"
     scorer.score(texts[:1], query_emb=query_emb[:1])  # stacks the caches once, as the first request would
     t_build = time.perf_counter() - t0
     t0, c0 = time.perf_counter(), time.process_time()
@@ -83,6 +88,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "cache_build_s_per_model": round(t_build / T, 3),
         "max_rows": args.max_rows,
         "pack": args.pack,
+        "forward": "shared" if scorer.shared_attention else "packed",
         "prefix_tokens": int(router.prefix_ids.numel()),
         "suffix_tokens_mean": round(float(suffix_len), 1),
         "torch_threads": torch.get_num_threads(),
