@@ -6,9 +6,9 @@ other models' caches so a call never re-stacks them. Scoring Q queries against
 T models then runs only the T*Q query suffixes against those caches.
 
 For Qwen2 / Llama decoders the suffixes run through ``_shared_forward``, the
-decoder written out in plain PyTorch: every query attends to its model's cached
-prefix keys/values through a matmul that broadcasts over the queries, so a
-prefix is read once per model and never copied. The last layer runs only at
+decoder written out in plain PyTorch: the queries' heads are grouped by their
+key/value head, so one attention per (model, kv head) covers all queries and a
+model's cached prefix keys/values are read once, never copied per row. The last layer runs only at
 each suffix's last token, the one whose output is read. Other architectures
 take ``_packed_forward``: transformers' own forward with ``pack`` suffixes per
 row behind a block mask and a copy of the model's cache per row.
@@ -127,7 +127,7 @@ class Scorer:
         seqs = [self.router.layout.suffix(t).ids for t in texts]
         by_len = np.argsort([len(s) for s in seqs], kind="stable")
         out = torch.empty(Q, T)
-        step = max(1, self.max_rows // T) * self.pack  # queries per chunk: T * step / pack rows
+        step = max(1, self.max_rows // T) * self.pack  # queries per chunk (packed: T * step / pack rows)
         for lo in range(0, Q, step):
             rows = torch.from_numpy(by_len[lo : lo + step])
             forward = self._shared_forward if self.shared_attention else self._packed_forward
