@@ -288,7 +288,7 @@ def test_routerbench_prompt_must_be_a_list_literal_of_one_text(tmp_path):
     rec = {"id": "r0", "task": "mbpp", "labels": {"a": 1.0}, "cost": {"a": 1e-4}}
     for prompt in ["just text", "['one', 'two']", "[1]"]:
         src = _write(tmp_path / "mbpp_train.jsonl", [rec | {"prompt": "['fine']"}, rec | {"id": "r1", "prompt": prompt}])
-        with pytest.raises(DatasetError, match=rf"mbpp_train.jsonl:2: field 'prompt' must be a Python list literal"):
+        with pytest.raises(DatasetError, match=r"mbpp_train.jsonl:2: field 'prompt' must be a Python list literal"):
             import_dataset("routerbench", [str(src)], tmp_path / "ds")
     src = _write(tmp_path / "mbpp_train.jsonl", [rec | {"prompt": "['same', 'same']"}])
     ds = import_dataset("routerbench", [str(src)], tmp_path / "ds")
