@@ -189,6 +189,14 @@ class RouterConfig(Config):
     tiny: TinyRouterConfig = TinyRouterConfig()
     query_input: Literal["text", "vector"] = "vector"
     profile_layout: Literal["pairs", "fused"] = "pairs"
+    # add a learned logit from the model's outcomes on the query's nearest anchors (model/evidence.py)
+    anchor_evidence: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> "RouterConfig":
+        if self.anchor_evidence and self.query_input != "vector":
+            raise ValueError("anchor_evidence reads the query's vector: set query_input: vector or anchor_evidence: false")
+        return self
 
 
 class PhaseConfig(Config):
@@ -500,5 +508,6 @@ class DemoConfig(Config):
     stage2_epochs: int = 4
     stage1_lr: float = 1e-3  # a tiny router trained from scratch needs far larger rates than the paper's
     stage2_lr: float = 1e-3
+    anchor_evidence: bool = True  # stage 2 adds kNN on the profile as a logit (RouterConfig.anchor_evidence)
     num_workers: int = 2  # Ray Train workers (DeepSpeed ZeRO-2, fp32 on CPU)
     ray: RayConfig = RayConfig(num_cpus=4)

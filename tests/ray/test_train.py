@@ -89,7 +89,8 @@ def test_both_stages_write_a_loadable_router(ray_local, real_data, tmp_path):
     assert s1["steps"] > 0 and s1["workers"] == 2 and s1["zero_stage"] == 2
     first = load_router_dir(tmp_path / "r1")
     s2 = run_train(config(real_data, tmp_path / "r2", stage=2, init_from=str(tmp_path / "r1"), max_steps=12, checkpoint_every=100,
-                          phases=[{"epochs": 2, "lr_projector": 1e-3, "lr_router": 1e-3}]))
+                          phases=[{"epochs": 2, "lr_projector": 1e-3, "lr_router": 1e-3}],
+                          router={"tiny": TINY, "query_input": "vector", "profile_layout": "pairs", "anchor_evidence": True}))
     assert s2["steps"] == 12 and np.isfinite(s2["final_loss"])
     loaded = load_router_dir(tmp_path / "r2")
     meta = json.loads((tmp_path / "r2" / "icl_router.json").read_text())
@@ -103,8 +104,11 @@ def test_both_stages_write_a_loadable_router(ray_local, real_data, tmp_path):
     p1 = first.router.projector.inp.weight
     p2 = loaded.router.projector.inp.weight
     assert not torch.equal(p1, p2)
+    # the anchor-evidence head trained under ZeRO-2 with the projector and was exported with it
+    assert meta["anchor_evidence"] and not torch.equal(loaded.router.evidence.weight, torch.tensor([0.0, 1.0, 0.0, 0.0]))
     caches = [loaded.router.build_prefix_cache(torch.as_tensor(p)) for p in loaded.pool.values()]
-    p = loaded.router.score(["What is 2+2?"], caches, query_emb=torch.randn(1, 384))
+    profiles = torch.as_tensor(np.stack(list(loaded.pool.values())))  # [9, K]
+    p = loaded.router.score(["What is 2+2?"], caches, query_emb=torch.randn(1, 384), profiles=profiles)
     assert p.shape == (1, 9) and bool(((p > 0) & (p < 1)).all())
 
 

@@ -85,7 +85,7 @@ def score(router: Any, rs: RoutingSet, rows: np.ndarray, profiles: np.ndarray, *
         if not vector:
             texts = truncate_texts(texts, router.layout.tokenizer, max_tokens=max_text_tokens)
         qe = torch.as_tensor(rs.embeddings[r]) if vector else None
-        out.append(router.score(texts, caches, query_emb=qe).numpy())
+        out.append(router.score(texts, caches, query_emb=qe, profiles=torch.as_tensor(profiles)).numpy())
     return np.concatenate(out) if out else np.zeros((0, len(profiles)))
 
 
@@ -108,8 +108,7 @@ def fit(
     from icl_router.train.loop import PlainEngine, build_router, make_optimizer, train_steps
 
     torch.manual_seed(cfg.seed)
-    given = router is not None
-    if not given:
+    if router is None:
         router = build_router(cfg, anchor_emb=data["anchor_emb"], init_dir=init_dir)
     engine = PlainEngine(router, make_optimizer(router, cfg), clip=cfg.deepspeed.gradient_clipping)
     val_labels = None if val is None else rs.labels[val][:, [rs.models.index(m) for m in data["models"]]]
@@ -125,8 +124,8 @@ def fit(
             best, best_acc, best_step = copy.deepcopy(router.state_dict()), acc, step
         router.train()
 
-    if given and val is not None:
-        check(0)  # fine-tuning may not beat the router it starts from
+    if val is not None:
+        check(0)  # fine-tuning may not beat the router it starts from, nor training the anchor evidence's kNN
     for r in train_steps(cfg, engine, data):
         losses.append(r.loss)
         step = r.step

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from icl_router.model.evidence import AnchorEvidence
 from icl_router.model.projector import Projector
 from icl_router.model.prompt import PromptLayout
 
@@ -60,10 +61,11 @@ class ICLRouter(nn.Module):
 
     Every model is described by the same K anchors in the same order, so the
     anchors' embeddings live here (a buffer) and a model's profile is just its
-    K outcomes (bool [K]).
+    K outcomes (bool [K]). ``anchor_evidence`` adds ``AnchorEvidence``'s logit (kNN on
+    the profile) to the LM's; it reads the query's vector, so only with vector queries.
     """
 
-    def __init__(self, lm: Any, layout: PromptLayout, *, anchor_emb: torch.Tensor) -> None:
+    def __init__(self, lm: Any, layout: PromptLayout, *, anchor_emb: torch.Tensor, anchor_evidence: bool = False) -> None:
         super().__init__()
         impl = getattr(lm.config, "_attn_implementation", None)
         if impl not in ("sdpa", "eager"):
@@ -72,6 +74,9 @@ class ICLRouter(nn.Module):
         tok_emb = lm.get_input_embeddings().weight
         self.projector = Projector(anchor_emb.shape[-1], tok_emb.shape[1], out_rms=float(tok_emb.detach().float().pow(2).mean().sqrt()))
         self.register_buffer("anchor_emb", anchor_emb.float())  # [K, E]
+        if anchor_evidence and layout.query_input != "vector":
+            raise ValueError("anchor_evidence reads the query's vector: it needs query_input='vector'")
+        self.evidence = AnchorEvidence() if anchor_evidence else None
         self.placeholder_id, self.yes_id, self.no_id = layout.placeholder_id, layout.yes_id, layout.no_id
         seg = layout.prefix([False] * self.k)  # the label tokens are patched in per model
         self.register_buffer("prefix_ids", torch.tensor(seg.ids), persistent=False)  # [P]
@@ -138,7 +143,7 @@ class ICLRouter(nn.Module):
         x = torch.cat([pre, self.embed_suffix(pairs.suffix_ids, pairs.query_emb)], 1)  # [N, P+S, H]
         h = self.lm.base_model(inputs_embeds=x, use_cache=False).last_hidden_state  # [N, P+S, H]
         last = pre.shape[1] + pairs.suffix_len.to(h.device) - 1  # [N]
-        return self._yes_no(h[torch.arange(len(h), device=h.device), last])
+        return self._yes_no(h[torch.arange(len(h), device=h.device), last]) + self._pair_evidence(pairs)
 
     def forward_shared(self, pairs: Pairs) -> torch.Tensor:
         """Training path: each model's prefix once, its B suffixes against it -> [N].
@@ -153,7 +158,7 @@ class ICLRouter(nn.Module):
         kv = self._prefix_kv(pairs.profiles)
         idx = pairs.model_idx.to(kv[0][0].device)
         kv = tuple((k.index_select(0, idx), v.index_select(0, idx)) for k, v in kv)  # per layer [N, kv_heads, P, head_dim]
-        return self._suffix_forward(kv, pairs.suffix_ids, pairs.suffix_len, pairs.query_emb)
+        return self._suffix_forward(kv, pairs.suffix_ids, pairs.suffix_len, pairs.query_emb) + self._pair_evidence(pairs)
 
     def _forward_packed(self, pairs: Pairs) -> torch.Tensor:
         """Row m is ``[prefix_m, suffixes of model m ..., pad]`` under a block mask: a suffix
@@ -186,7 +191,13 @@ class ICLRouter(nn.Module):
         mask = torch.zeros(M, 1, L, L, dtype=x.dtype, device=dev).masked_fill(~see[:, None], torch.finfo(x.dtype).min)
         h = self.lm.base_model(inputs_embeds=x, attention_mask=mask, position_ids=pos.to(dev), use_cache=False).last_hidden_state
         last = torch.tensor(start, device=dev) + pairs.suffix_len.to(dev) - 1  # [N]
-        return self._yes_no(h[torch.tensor(model_idx, device=dev), last])
+        return self._yes_no(h[torch.tensor(model_idx, device=dev), last]) + self._pair_evidence(pairs)
+
+    def _pair_evidence(self, pairs: Pairs) -> torch.Tensor | float:
+        """The anchor-evidence logit of each pair [N] (0 without the evidence head)."""
+        if self.evidence is None:
+            return 0.0
+        return self.evidence.pairs(pairs.query_emb, self.anchor_emb, pairs.profiles, pairs.model_idx)
 
     def _prefix_kv(self, profiles: torch.Tensor) -> PrefixCache:
         """bool [M, K] -> per layer (keys, values) [M, kv_heads, P, head_dim], gradients kept."""
@@ -211,10 +222,13 @@ class ICLRouter(nn.Module):
         return self._yes_no(h[torch.arange(len(h), device=h.device), lens.to(h.device) - 1])
 
     @torch.no_grad()
-    def score(self, texts: Sequence[str], caches: Sequence[PrefixCache], *, query_emb: torch.Tensor | None = None) -> torch.Tensor:
+    def score(
+        self, texts: Sequence[str], caches: Sequence[PrefixCache], *, query_emb: torch.Tensor | None = None, profiles: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """p(Yes) [Q, T] of Q queries against the T models whose prefix caches are given.
 
         One forward over the T*Q suffixes (row t*Q + q); the caller bounds Q*T for memory.
+        ``profiles`` (bool [T, K], the caches' profiles) is needed with anchor evidence.
         """
         ids, lens = self.encode_queries(texts)  # [Q, S], [Q]
         Q, T = len(texts), len(caches)
@@ -223,8 +237,12 @@ class ICLRouter(nn.Module):
             for li in range(len(caches[0]))
         )  # per layer [T*Q, kv, P, d]
         qe = None if query_emb is None else query_emb.repeat(T, 1)  # [T*Q, E]
-        d = self._suffix_forward(stacked, ids.repeat(T, 1), lens.repeat(T), qe)  # [T*Q]
-        return torch.sigmoid(d.float()).view(T, Q).T
+        d = self._suffix_forward(stacked, ids.repeat(T, 1), lens.repeat(T), qe).view(T, Q)
+        if self.evidence is not None:
+            if profiles is None:
+                raise ValueError("this router adds anchor evidence: pass the caches' profiles [T, K]")
+            d = d + self.evidence(query_emb, self.anchor_emb, profiles)  # [T, Q]
+        return torch.sigmoid(d.float()).T
 
     # ---- stage 1 ---------------------------------------------------------------
 

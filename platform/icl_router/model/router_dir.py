@@ -3,6 +3,7 @@
     config.json, model.safetensors, ...   the router LM (save_pretrained)
     tokenizer.json, tokenizer_config.json  its tokenizer (with the chat template)
     projector.safetensors                  projector weights + ``anchor_emb`` [K, E], the anchors' embeddings
+                                           (+ the anchor-evidence head's ``evidence.*`` when ``anchor_evidence``)
     icl_router.json                        format version, embedder, layout, label token ids, anchor ids
     profiles.parquet                       model_id, query_id, correct: the registered pool
 
@@ -52,6 +53,7 @@ class RouterMeta:
     yes_id: int
     no_id: int
     anchor_query_ids: list[str]
+    anchor_evidence: bool = False  # the router adds AnchorEvidence's logit (model/evidence.py)
     stage: int = 2
     format_version: int = FORMAT_VERSION
     extra: dict = field(default_factory=dict)  # provenance: dataset, steps, final loss, ...
@@ -100,6 +102,8 @@ def save_router_dir(router: ICLRouter, path: str | Path, *, meta: RouterMeta, po
     path = Path(path)
     if router.k != len(meta.anchor_query_ids):
         raise RouterDirError(f"the router holds {router.k} anchor vectors but meta lists {len(meta.anchor_query_ids)} anchor ids")
+    if (router.evidence is not None) != meta.anchor_evidence:
+        raise RouterDirError(f"meta says anchor_evidence={meta.anchor_evidence} but the router {'has' if router.evidence is not None else 'lacks'} the evidence head")
     staging = path.with_name(f".{path.name}.staging-{uuid.uuid4().hex[:8]}")
     staging.mkdir(parents=True)
     try:
@@ -107,6 +111,8 @@ def save_router_dir(router: ICLRouter, path: str | Path, *, meta: RouterMeta, po
         router.layout.tokenizer.save_pretrained(staging)
         tensors = {f"projector.{k}": v.detach().float().contiguous().cpu() for k, v in router.projector.state_dict().items()}
         tensors["anchor_emb"] = router.anchor_emb.detach().float().contiguous().cpu()
+        if router.evidence is not None:
+            tensors |= {f"evidence.{k}": v.detach().float().contiguous().cpu() for k, v in router.evidence.state_dict().items()}
         save_file(tensors, staging / PROJECTOR_FILE)
         (staging / META_FILE).write_text(json.dumps(asdict(meta), indent=1))
         write_profiles(staging / PROFILES_FILE, pool, meta.anchor_query_ids)
@@ -158,9 +164,17 @@ def load_router_dir(path: str | Path, *, dtype: torch.dtype = torch.float32, dev
             f"{path / PROJECTOR_FILE}: anchor_emb is {tuple(anchor_emb.shape)}, "
             f"{META_FILE} says K={len(meta.anchor_query_ids)} anchors of width {meta.embedding_dim}"
         )
-    router = ICLRouter(lm, layout, anchor_emb=anchor_emb)
+    evidence = {k.removeprefix("evidence."): tensors.pop(k) for k in [k for k in tensors if k.startswith("evidence.")]}
+    if bool(evidence) != meta.anchor_evidence:
+        raise RouterDirError(
+            f"{path / PROJECTOR_FILE}: {META_FILE} says anchor_evidence={meta.anchor_evidence} but the file "
+            f"{'holds' if evidence else 'lacks'} the evidence.* weights (re-export it with `icl-router train`)"
+        )
+    router = ICLRouter(lm, layout, anchor_emb=anchor_emb, anchor_evidence=meta.anchor_evidence)
     try:
         router.projector.load_state_dict({k.removeprefix("projector."): v for k, v in tensors.items()})
+        if router.evidence is not None:
+            router.evidence.load_state_dict(evidence)
     except RuntimeError as e:
         raise RouterDirError(f"{path / PROJECTOR_FILE} does not fit this router LM: {str(e).splitlines()[0]}") from None
     pool = read_profiles(path / PROFILES_FILE, meta.anchor_query_ids)

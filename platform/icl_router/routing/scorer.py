@@ -52,7 +52,7 @@ class Scorer:
         self._lock = threading.Lock()
         self._profiles: dict[str, np.ndarray] = {}  # model_id -> bool [K], registration order
         self._caches: dict[str, PrefixCache] = {}  # model_id -> per layer (k, v) [1, kv, P, d]
-        self._stacked: tuple[list[str], PrefixCache] | None = None  # (models, per layer [T, kv, P, d])
+        self._stacked: tuple[list[str], PrefixCache, torch.Tensor] | None = None  # (models, per layer [T, kv, P, d], profiles [T, K])
         for model_id, profile in (pool or {}).items():
             self.add(model_id, profile)
 
@@ -90,7 +90,7 @@ class Scorer:
             del self._profiles[model_id], self._caches[model_id]
             self._stacked = None
 
-    def _snapshot(self) -> tuple[list[str], PrefixCache]:
+    def _snapshot(self) -> tuple[list[str], PrefixCache, torch.Tensor]:
         with self._lock:
             if self._stacked is None:
                 order = list(self._caches)
@@ -100,13 +100,13 @@ class Scorer:
                 stacked = tuple(
                     (torch.cat([c[li][0] for c in caches]), torch.cat([c[li][1] for c in caches])) for li in range(len(caches[0]))
                 )  # per layer [T, kv, P, d]
-                self._stacked = (order, stacked)
+                self._stacked = (order, stacked, torch.from_numpy(np.stack([self._profiles[m] for m in order])))
             return self._stacked
 
     @torch.no_grad()
     def score(self, texts: Sequence[str], *, query_emb: np.ndarray | torch.Tensor | None = None, models: Sequence[str] | None = None) -> np.ndarray:
         """p(Yes) float32 [Q, T] for Q queries against ``models`` (default: all, registration order)."""
-        order, stacked = self._snapshot()
+        order, stacked, profiles = self._snapshot()
         if models is not None:
             pos = {m: i for i, m in enumerate(order)}
             unknown = [m for m in models if m not in pos]
@@ -114,6 +114,7 @@ class Scorer:
                 raise KeyError(f"models {unknown} are not registered; registered: {order}")
             idx = torch.tensor([pos[m] for m in models], dtype=torch.long)
             stacked = tuple((k.index_select(0, idx), v.index_select(0, idx)) for k, v in stacked)
+            profiles = profiles[idx]
         T, Q = stacked[0][0].shape[0], len(texts)
         if Q == 0 or T == 0:
             return np.zeros((Q, T), dtype=np.float32)
@@ -132,6 +133,8 @@ class Scorer:
             rows = torch.from_numpy(by_len[lo : lo + step])
             forward = self._shared_forward if self.shared_attention else self._packed_forward
             d = forward(stacked, [seqs[i] for i in rows.tolist()], None if qe is None else qe[rows])  # [T, q]
+            if self.router.evidence is not None:
+                d = d + self.router.evidence(qe[rows], self.router.anchor_emb, profiles)  # [T, q]
             out[rows] = torch.sigmoid(d.float()).T.cpu()
         return out.numpy()
 

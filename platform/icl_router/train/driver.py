@@ -136,6 +136,7 @@ def prepare_data(cfg: TrainConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         "embedding_dim": int(rs.embeddings.shape[1]),
         "query_input": cfg.router.query_input,
         "profile_layout": cfg.router.profile_layout,
+        "anchor_evidence": cfg.router.anchor_evidence,
         "anchor_query_ids": rs.anchor_ids,
         "stage": cfg.stage,
     }

@@ -65,7 +65,7 @@ def build_router(cfg: TrainConfig, *, anchor_emb: np.ndarray, init_dir: str | No
     else:
         lm, tokenizer = load_router_lm(cfg.router.name_or_path or init_dir, dtype=dtype)
     layout = PromptLayout(tokenizer, query_input=cfg.router.query_input, profile_layout=cfg.router.profile_layout)
-    router = ICLRouter(lm, layout, anchor_emb=torch.tensor(anchor_emb))
+    router = ICLRouter(lm, layout, anchor_emb=torch.tensor(anchor_emb), anchor_evidence=cfg.router.anchor_evidence)
     if projector_state is not None:
         router.projector.load_state_dict(projector_state)
     return router.to(dtype)
@@ -104,11 +104,12 @@ def make_batch(cfg: TrainConfig, router: Any, data: dict[str, Any], texts: list[
 
 
 def make_optimizer(router: Any, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW with two groups, projector then LM; ``set_lrs`` moves their rates per phase."""
+    """AdamW with two groups, projector (+ the anchor-evidence head) then LM; ``set_lrs`` moves their rates per phase."""
     first = cfg.phases[0]
+    head = list(router.evidence.parameters()) if router.evidence is not None else []
     return torch.optim.AdamW(
         [
-            {"params": list(router.projector.parameters()), "lr": first.lr_projector},
+            {"params": list(router.projector.parameters()) + head, "lr": first.lr_projector},
             {"params": list(router.lm.parameters()), "lr": first.lr_router},
         ],
         weight_decay=cfg.deepspeed.weight_decay,
