@@ -24,6 +24,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--queries", type=int, default=32, help="queries routed on each side")
     p.add_argument("--layout", choices=["pairs", "fused"], default="pairs", help="profile layout")
     p.add_argument("--query-input", choices=["text", "vector"], default="vector")
+    p.add_argument("--anchor-evidence", action="store_true", help="the router adds the anchor-evidence logit (vector queries)")
     p.add_argument("--max-rows", type=int, default=64, help="scorer: rows per forward (bounds memory)")
     p.add_argument("--pack", type=int, default=32, help="scorer: queries per forward = max(1, max_rows // T) * pack; packed: suffixes per row")
     p.add_argument(
@@ -47,7 +48,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     texts = [" ".join(rng.choice(WORDS, size=rng.integers(args.query_words // 2, args.query_words * 3 // 2 + 1))) + "?" for _ in range(Q)]
     lm, tok = build_tiny_router_lm(texts, seed=args.seed)
     torch.manual_seed(args.seed)
-    router = ICLRouter(lm, PromptLayout(tok, query_input=args.query_input, profile_layout=args.layout), anchor_emb=torch.randn(args.k, emb_dim)).eval()
+    router = ICLRouter(lm, PromptLayout(tok, query_input=args.query_input, profile_layout=args.layout), anchor_emb=torch.randn(args.k, emb_dim), anchor_evidence=args.anchor_evidence).eval()
     profiles = torch.rand(T, args.k) < 0.6  # [T, K]
     query_emb = torch.randn(Q, emb_dim)
     pool = {f"model-{t}": profiles[t].numpy() for t in range(T)}
@@ -83,6 +84,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "queries": Q,
         "layout": args.layout,
         "query_input": args.query_input,
+        "anchor_evidence": args.anchor_evidence,
         "speedup_cpu_time": round(c_naive / c_cached, 2),  # process CPU time: steadier than wall time on a shared machine
         "cache_build_s": round(t_build, 3),
         "cache_build_s_per_model": round(t_build / T, 3),
