@@ -339,6 +339,7 @@ class RouterBenchEvalConfig(Config):
     dataset: str = "routing/routerbench"  # under data_root, like EvaluateConfig.dataset
     format: Literal["llmrouter", "zeroeval", "routerbench", "iclrouter"] | None = "routerbench"
     margins: list[float] = [0.0, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0]  # margin policy sweep
+    k: int | None = None  # anchors on this dataset's train split (null: icl_router.k)
 
 
 class EvaluateConfig(Config):

@@ -55,7 +55,7 @@ def test_quick_evaluation_on_a_slice(tmp_path):
     cfg = load_config(
         EvaluateConfig,
         REPO / "jobs" / "evaluate" / "quick.yaml",
-        [f"data_root={root}", f"cache_dir={tmp_path / 'cache'}", f"output={tmp_path / 'report'}", "add_model=true", "k_sweep=[3, 6]", "pool_sizes=[3]", "sweep_max_steps=5", "threads=1", *router, *steps],
+        [f"data_root={root}", f"cache_dir={tmp_path / 'cache'}", f"output={tmp_path / 'report'}", "add_model=true", "k_sweep=[3, 6]", "pool_sizes=[3]", "sweep_max_steps=5", "threads=1", "routerbench.k=4", *router, *steps],
     )
     summary = run_evaluate(cfg)
     out = tmp_path / "report"

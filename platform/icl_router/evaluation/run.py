@@ -280,9 +280,9 @@ def routerbench_section(cfg: EvaluateConfig, *, cache: Path) -> dict:
     rs, queries = dense(ds, embedder=name, split=SplitConfig(name="given"))
     costs = correctness_matrix(ds.read_outcomes(rs.models), rs.query_ids, rs.models, column=S.COST)  # [N, M]
     seed = cfg.seeds[0]
-    rs = F.for_seed(rs, queries, SplitConfig(name="given"), seed=seed, k=cfg.icl_router.k)
+    rc = cfg.icl_router.model_copy(update={"checkpoints": None, "k": rb.k or cfg.icl_router.k})
+    rs = F.for_seed(rs, queries, SplitConfig(name="given"), seed=seed, k=rc.k)
     tr, te = rs.rows("train"), rs.rows("test")
-    rc = cfg.icl_router.model_copy(update={"checkpoints": None})
     router, info = get_router(rc, rs, seed=seed, seed_i=0, cache=cache, label="routerbench")
     lab, c = rs.labels[te], costs[te]
     est = np.nanmean(costs[tr], axis=0)  # [M] the per-model cost the policy decides on
