@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from icl_router.config import AnchorsConfig, DemoConfig, EmbedConfig, PhaseConfig, ScalingConfig, SplitConfig, TrainConfig
+from icl_router.config import AnchorsConfig, DemoConfig, EmbedConfig, PhaseConfig, RouterConfig, ScalingConfig, SplitConfig, TrainConfig
 
 STEPS = 7
 SERVED = ["synth-math-7b", "synth-tiny-1b"]  # the pool of serve/demo.yaml
@@ -43,6 +43,7 @@ def _train_config(cfg: DemoConfig, out: Path, *, stage: int, models: list[str]) 
         models=models,
         split=SplitConfig(name="given"),
         phases=[p for p in phases if p.epochs > 0],
+        router=RouterConfig(anchor_evidence=cfg.anchor_evidence and stage == 2),
         batch_size=16 if stage == 1 else 32,
         checkpoint_every=50,
         seed=cfg.seed,
