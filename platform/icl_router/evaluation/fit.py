@@ -76,7 +76,8 @@ def score(router: Any, rs: RoutingSet, rows: np.ndarray, profiles: np.ndarray, *
     from icl_router.train.loop import truncate_texts
 
     router.eval()
-    caches = [router.build_prefix_cache(torch.as_tensor(p)) for p in profiles]
+    prof = torch.as_tensor(profiles)  # [T, K]
+    caches = [router.build_prefix_cache(p) for p in prof]
     vector = router.layout.query_input == "vector"
     out = []
     for i in range(0, len(rows), chunk):
@@ -85,7 +86,7 @@ def score(router: Any, rs: RoutingSet, rows: np.ndarray, profiles: np.ndarray, *
         if not vector:
             texts = truncate_texts(texts, router.layout.tokenizer, max_tokens=max_text_tokens)
         qe = torch.as_tensor(rs.embeddings[r]) if vector else None
-        out.append(router.score(texts, caches, query_emb=qe, profiles=torch.as_tensor(profiles)).numpy())
+        out.append(router.score(texts, caches, query_emb=qe, profiles=prof).numpy())
     return np.concatenate(out) if out else np.zeros((0, len(profiles)))
 
 
