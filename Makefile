@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-stamp
 
-.PHONY: setup demo test test-unit clean
+.PHONY: setup demo lint test test-unit clean
 
 setup: $(STAMP)
 
@@ -22,7 +22,10 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	$(BIN)/icl-router demo --output runs/demo
 
-test: setup
+lint: setup
+	$(BIN)/ruff check platform tests
+
+test: setup lint
 	$(BIN)/python -m pytest -q tests
 
 test-unit: setup

@@ -126,7 +126,7 @@ class SplitConfig(Config):
     ood_tasks: list[str] | None = None
 
     @model_validator(mode="after")
-    def _check(self) -> "SplitConfig":
+    def _check(self) -> SplitConfig:
         if not 0.0 < self.train_fraction < 1.0:
             raise ValueError("train_fraction must be strictly between 0 and 1, e.g. 0.7")
         return self
@@ -193,7 +193,7 @@ class RouterConfig(Config):
     anchor_evidence: bool = False
 
     @model_validator(mode="after")
-    def _check(self) -> "RouterConfig":
+    def _check(self) -> RouterConfig:
         if self.anchor_evidence and self.query_input != "vector":
             raise ValueError("anchor_evidence reads the query's vector: set query_input: vector or anchor_evidence: false")
         return self
@@ -242,7 +242,7 @@ class TrainConfig(Config):
     ray: RayConfig = RayConfig()
 
     @model_validator(mode="after")
-    def _check(self) -> "TrainConfig":
+    def _check(self) -> TrainConfig:
         if not self.phases:
             raise ValueError("phases must list at least one phase, e.g. [{epochs: 1, lr_projector: 1e-5, lr_router: 2e-6}]")
         if self.deepspeed.bf16 and not self.scaling.use_gpu:
@@ -279,7 +279,7 @@ class CandidateModelConfig(Config):
     env_vars: dict[str, str] = {}  # for the engine actors; on top of the CPU defaults when accelerator=cpu
 
     @model_validator(mode="after")
-    def _check(self) -> "CandidateModelConfig":
+    def _check(self) -> CandidateModelConfig:
         if self.accelerator == "cpu" and (self.accelerator_type or self.engine_kwargs.get("tensor_parallel_size", 1) != 1):
             raise ValueError(f"model {self.name!r}: accelerator_type and tensor_parallel_size > 1 need accelerator=gpu")
         if min(self.cost_per_input_token, self.cost_per_output_token) < 0:
@@ -301,7 +301,7 @@ class ProfileConfig(Config):
     ray: RayConfig = RayConfig(num_cpus=8)  # Ray Data LLM's four stages need >= 8 logical CPUs on a local cluster
 
     @model_validator(mode="after")
-    def _check(self) -> "ProfileConfig":
+    def _check(self) -> ProfileConfig:
         names = [m.name for m in self.models]
         if not names:
             raise ValueError("models must list at least one candidate model, e.g. [{name: m1, path: /models/m1}]")
@@ -370,7 +370,7 @@ class EvaluateConfig(Config):
     output: str | None = None  # the report directory (or --output)
 
     @model_validator(mode="after")
-    def _check(self) -> "EvaluateConfig":
+    def _check(self) -> EvaluateConfig:
         if not self.seeds:
             raise ValueError("seeds must list at least one seed, e.g. [0, 1, 2]")
         for name, r in (("icl_router", self.icl_router), ("icl_router_text", self.icl_router_text)):
@@ -395,7 +395,7 @@ class AutoscalingConfig(Config):
     look_back_period_s: float = 30.0
 
     @model_validator(mode="after")
-    def _check(self) -> "AutoscalingConfig":
+    def _check(self) -> AutoscalingConfig:
         if not 0 <= self.min_replicas <= self.max_replicas or self.max_replicas < 1:
             raise ValueError(f"need 0 <= min_replicas <= max_replicas and max_replicas >= 1, got {self.min_replicas}, {self.max_replicas}")
         if self.target_ongoing_requests <= 0:
@@ -417,7 +417,7 @@ class PoolModelConfig(Config):
     autoscaling: AutoscalingConfig = AutoscalingConfig()
 
     @model_validator(mode="after")
-    def _check(self) -> "PoolModelConfig":
+    def _check(self) -> PoolModelConfig:
         if self.accelerator == "cpu" and (self.accelerator_type or self.engine_kwargs.get("tensor_parallel_size", 1) != 1):
             raise ValueError(f"pool model {self.name!r}: accelerator_type and tensor_parallel_size > 1 need accelerator=gpu")
         if self.cost < 0:
@@ -480,7 +480,7 @@ class ServeConfig(Config):
     ray: RayConfig = RayConfig(num_cpus=8)  # ray.serve.llm: a model replica takes {CPU: 2}
 
     @model_validator(mode="after")
-    def _check(self) -> "ServeConfig":
+    def _check(self) -> ServeConfig:
         names = [m.name for m in self.pool]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:

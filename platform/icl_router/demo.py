@@ -16,7 +16,16 @@ from typing import Any
 
 import numpy as np
 
-from icl_router.config import AnchorsConfig, DemoConfig, EmbedConfig, PhaseConfig, RouterConfig, ScalingConfig, SplitConfig, TrainConfig
+from icl_router.config import (
+    AnchorsConfig,
+    DemoConfig,
+    EmbedConfig,
+    PhaseConfig,
+    RouterConfig,
+    ScalingConfig,
+    SplitConfig,
+    TrainConfig,
+)
 
 STEPS = 7
 SERVED = ["synth-math-7b", "synth-tiny-1b"]  # the pool of serve/demo.yaml

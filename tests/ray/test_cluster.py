@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+
 from icl_router import schemas as S
 from icl_router.config import AnchorsConfig, SplitConfig
 from icl_router.data.anchors import run_anchors

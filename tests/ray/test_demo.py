@@ -3,6 +3,7 @@
 import json
 
 import pytest
+
 from icl_router.config import DemoConfig
 from icl_router.demo import SERVED, run_demo
 from icl_router.model.router_dir import read_meta, read_profiles

@@ -9,6 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+
 from icl_router.config import ConfigError, RouterConfig
 from icl_router.model.evidence import AnchorEvidence
 from icl_router.model.prompt import PromptLayout

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+
 from icl_router.model import prompt as P
 from icl_router.model.projector import Projector
 from icl_router.model.prompt import PromptLayout

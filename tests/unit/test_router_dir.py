@@ -8,6 +8,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+
 from icl_router.model.prompt import PromptLayout
 from icl_router.model.router import ICLRouter
 from icl_router.model.router_dir import (
@@ -19,7 +21,6 @@ from icl_router.model.router_dir import (
 )
 from icl_router.model.tiny import build_tiny_router_lm
 from icl_router.testing import SAMPLE_QUERIES
-from safetensors.torch import load_file, save_file
 
 K, E = 5, 12
 

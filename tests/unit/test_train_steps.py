@@ -7,6 +7,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+
 from icl_router.model.prompt import PromptLayout
 from icl_router.model.router import ICLRouter
 from icl_router.model.tiny import build_tiny_router_lm
@@ -23,6 +24,7 @@ from icl_router.train.steps import (
 
 MODES = [(q, p) for q in ("text", "vector") for p in ("pairs", "fused")]
 E, K, T = 24, 6, 3
+N_QUERIES = len(QUERIES)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -45,7 +47,7 @@ def make_router(tiny, query_input="text", profile_layout="pairs"):
     return ICLRouter(copy.deepcopy(lm), PromptLayout(tok, query_input=query_input, profile_layout=profile_layout), anchor_emb=torch.randn(K, E))
 
 
-def pool_batch(router, *, n_models=T, n_queries=len(QUERIES), seed=0):
+def pool_batch(router, *, n_models=T, n_queries=N_QUERIES, seed=0):
     """Every query against every model of a random pool, random labels."""
     g = torch.Generator().manual_seed(seed)
     queries = QUERIES[:n_queries]

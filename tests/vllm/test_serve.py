@@ -57,7 +57,14 @@ def service():
     import ray
     from ray import serve
 
-    from icl_router.config import AuthConfig, AutoscalingConfig, PoolModelConfig, RayConfig, ScorerServeConfig, ServeConfig
+    from icl_router.config import (
+        AuthConfig,
+        AutoscalingConfig,
+        PoolModelConfig,
+        RayConfig,
+        ScorerServeConfig,
+        ServeConfig,
+    )
     from icl_router.serving.app import free_port, start
     from icl_router.testing import make_tiny_causal_lm
 

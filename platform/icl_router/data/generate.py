@@ -55,7 +55,7 @@ class GenerateConfig(Config):
     query_noise: float = 0.6  # std of the per-query hardness shared by all models (logits)
 
     @model_validator(mode="after")
-    def _check(self) -> "GenerateConfig":
+    def _check(self) -> GenerateConfig:
         if not 1 <= self.n_models <= len(MODELS):
             raise ValueError(f"n_models must be between 1 and {len(MODELS)} (the synthetic pool)")
         if self.n_queries < 1:
