@@ -74,8 +74,11 @@ def test_single_token_labels_and_placeholder_are_enforced(tiny):
     _, tok = tiny
     with pytest.raises(ValueError, match="placeholder '<vec>' must be a single token"):
         PromptLayout(tok, placeholder="<vec>")
-    with pytest.raises(ValueError, match="splits 'Yes'|splits 'No'"):
-        train_tokenizer(["some text"], vocab_size=262)
+    # no room for a single merge, and a corpus unlike the prompt: the answer words still stay whole
+    for corpus in (["some text"], [f"(A) option {i} (B) choice {i * 7} Yesterday Nobody" for i in range(300)]):
+        small = train_tokenizer(corpus, vocab_size=262)
+        assert [len(small(w, add_special_tokens=False)["input_ids"]) for w in ("Yes", "No")] == [1, 1]
+        PromptLayout(small)  # the layout's own single-token checks pass
     with pytest.raises(ValueError, match="contains the placeholder"):
         PromptLayout(tok).suffix("evil <|fim_pad|> query")
 

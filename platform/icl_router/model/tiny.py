@@ -32,10 +32,11 @@ CHATML_TEMPLATE = (
 def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 3000) -> Any:
     """A byte-level BPE tokenizer (Qwen2-style split) trained on ``texts`` plus the prompt strings.
 
-    The prompt strings are repeated in the corpus so their words, "Yes" and "No"
-    in particular, become single tokens.
+    The prompt strings are repeated in the corpus so their words get merged early;
+    "Yes" and "No", the answer tokens, are also added as whole-word tokens, so they
+    stay single tokens however large and unlike the prompt the corpus is.
     """
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
@@ -51,6 +52,7 @@ def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 3000) -> Any:
         show_progress=False,
     )
     tok.train_from_iterator([*texts, *(prompt_texts * 50)], trainer)
+    tok.add_tokens([AddedToken(word, single_word=True, normalized=False) for word in (P.YES, P.NO)])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|im_end|>",
