@@ -50,15 +50,24 @@ def test_fractional_correctness_counts_at_threshold():
     assert dict(zip(t.column(S.QUERY_ID).to_pylist(), t.column(S.N_CORRECT).to_pylist())) == {"a": 2, "b": 1}
 
 
-def test_too_small_stratum_names_it_and_suggests_k():
+def test_a_short_stratum_gives_all_it_has_and_the_rest_is_shared_out():
     correct, ids = pool(n=100)
     have = [int((correct.sum(axis=1) == s).sum()) for s in (1, 2, 3, 4)]
-    k = 4 * max(have)
-    short = next(i for i in range(4) if have[i] < k // 4)
-    msg = rf"stratum n_correct={short + 1} .* has {have[short]} eligible train queries but needs {k // 4};.* k={4 * min(have)}$"
-    with pytest.raises(ConfigError, match=msg):
-        select_anchors(correct, ids, k=k, seed=0)
-    assert len(select_anchors(correct, ids, k=4 * min(have), seed=0)) == 4 * min(have)
+    k = sum(have) - 5  # well over 4x the smallest stratum: its equal share cannot be met
+    t = select_anchors(correct, ids, k=k, seed=0)
+    got = [t.column(S.N_CORRECT).to_pylist().count(s) for s in (1, 2, 3, 4)]
+    assert sum(got) == k and all(g <= h for g, h in zip(got, have))
+    assert min(have) < k // 4 and got[have.index(min(have))] == min(have)  # the short stratum is used up
+    assert max(got) - min(g for g, h in zip(got, have) if g < h) <= 1  # the others stay level
+    assert len(set(t.column(S.QUERY_ID).to_pylist())) == k
+
+
+def test_k_beyond_every_informative_query_names_the_limit():
+    correct, ids = pool(n=100)
+    informative = int(((correct.sum(axis=1) > 0) & (correct.sum(axis=1) < 5)).sum())
+    with pytest.raises(ConfigError, match=rf"only {informative} train queries tell models apart.*k <= {informative}"):
+        select_anchors(correct, ids, k=informative + 1, seed=0)
+    assert len(select_anchors(correct, ids, k=informative, seed=0)) == informative
 
 
 def test_run_anchors_uses_only_train_part(small_dataset, tmp_path):

@@ -5,8 +5,10 @@ The paper's rule (appendix A.3: 8 models, 125 anchors from each of the strata
 strata are "exactly s models correct" for s = 1..M-1 (queries all models got
 right or all got wrong tell models apart on nothing and are excluded); each
 stratum gives k // (M-1) anchors, the lowest strata one more each until k is
-reached. Only the train part of the split is eligible, and only queries with
-an outcome for every model.
+reached. A stratum with fewer queries than its share gives all it has and the
+rest is shared out among the strata that have more (large pools, where one
+model dominates, leave some strata nearly empty). Only the train part of the
+split is eligible, and only queries with an outcome for every model.
 """
 
 from __future__ import annotations
@@ -40,24 +42,15 @@ def select_anchors(correct: np.ndarray, query_ids: list[str], *, k: int, seed: i
     n_correct = np.where(complete, (np.nan_to_num(correct) >= S.CORRECT_THRESHOLD).sum(axis=1), -1)  # [Q]
 
     strata = list(range(1, n_models))
-    base, extra = divmod(k, len(strata))
+    have = np.array([int((n_correct == s).sum()) for s in strata])
+    if have.sum() < k:
+        raise ConfigError(
+            f"k={k}: only {int(have.sum())} train queries tell models apart (some but not all of the {n_models} models "
+            f"right; strata 1..{n_models - 1} have {have.tolist()}); use k <= {int(have.sum())} or add train queries"
+        )
+    quota = stratum_quota(have, k)
     rng = np.random.default_rng(seed)
-    chosen = []
-    for i, s in enumerate(strata):
-        need = base + (i < extra)
-        members = np.flatnonzero(n_correct == s)
-        if len(members) < need:
-            have = [int((n_correct == t).sum()) for t in strata]
-            fix = (
-                f"use a smaller k, e.g. k={len(strata) * min(have)}"
-                if min(have)
-                else "a stratum is empty, so no k fills them all: add train queries or profile the missing models on them"
-            )
-            raise ConfigError(
-                f"k={k}: stratum n_correct={s} (queries exactly {s} of {n_models} models got right) has "
-                f"{len(members)} eligible train queries but needs {need}; strata 1..{n_models - 1} have {have}; {fix}"
-            )
-        chosen.append(np.sort(rng.choice(members, size=need, replace=False)))
+    chosen = [np.sort(rng.choice(np.flatnonzero(n_correct == s), size=int(q), replace=False)) for s, q in zip(strata, quota)]
     rows = np.concatenate(chosen)
     return pa.table(
         {
@@ -67,6 +60,23 @@ def select_anchors(correct: np.ndarray, query_ids: list[str], *, k: int, seed: i
         },
         schema=S.ANCHORS_SCHEMA,
     )
+
+
+def stratum_quota(have: np.ndarray, k: int) -> np.ndarray:
+    """Anchors per stratum [S]: equal shares (the lowest strata one more), each capped at what
+    the stratum has (``have`` [S]), the shortfall shared out again among the others."""
+    quota = np.zeros_like(have)
+    open_ = have > 0
+    left = k
+    while left > 0 and open_.any():
+        idx = np.flatnonzero(open_)
+        base, extra = divmod(left, len(idx))
+        share = np.full(len(idx), base) + (np.arange(len(idx)) < extra)
+        take = np.minimum(share, have[idx] - quota[idx])
+        quota[idx] += take
+        left -= int(take.sum())
+        open_ = quota < have
+    return quota
 
 
 def run_anchors(cfg: AnchorsConfig) -> dict:
