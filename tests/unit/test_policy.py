@@ -50,3 +50,33 @@ def test_errors_are_clear():
         choose(P, policy=Policy("budget", budget=1), costs={"small": 1, "mid": 2})
     with pytest.raises(PolicyError, match=r"unknown models \['gpt'\]"):
         restrict(P, ["gpt"])
+
+
+def test_cost_policy_trades_p_against_money():
+    assert choose(P, policy=Policy("cost", cost_weight=0.0), costs=COST).model == "big"
+    assert choose(P, policy=Policy("cost", cost_weight=0.01), costs=COST).model == "mid"  # 0.73 > 0.70, 0.59
+    assert choose(P, policy=Policy("cost", cost_weight=1.0), costs=COST).model == "small"
+    with pytest.raises(PolicyError, match="needs a value for 'cost_weight'"):
+        Policy("cost")
+    with pytest.raises(PolicyError, match="cost_weight must be >= 0"):
+        Policy("cost", cost_weight=-1.0)
+
+
+def test_the_decision_layer_guards_the_default_and_shrinks_without_evidence():
+    from icl_router.routing.decision import DecisionParams
+
+    prior = {"small": 0.5, "mid": 0.6, "big": 0.7}
+    guard = DecisionParams(min_gain=0.1)
+    d = choose({"small": 0.9, "mid": 0.6, "big": 0.85}, prior=prior, mass=100.0, params=guard)
+    assert d.model == "big" and d.default == "big"  # 0.9 beats the default by 0.05 only
+    assert choose({"small": 0.99, "mid": 0.6, "big": 0.85}, prior=prior, mass=100.0, params=guard).model == "small"
+    shrink = DecisionParams(prior_weight=1.0)
+    far = choose({"small": 0.99, "mid": 0.6, "big": 0.5}, prior=prior, mass=0.0, params=shrink)  # no evidence: the priors
+    assert far.model == "big" and far.p == pytest.approx(prior)
+    assert choose({"small": 0.99, "mid": 0.6, "big": 0.5}, prior=prior, mass=1e6, params=shrink).model == "small"
+    # the cost policy's default is the best prior utility, and its guard works in utility
+    prior_u = {"small": 0.5, "mid": 0.65, "big": 0.7}  # utilities at 0.01 a dollar: 0.49, 0.62, 0.60
+    d = choose(P, policy=Policy("cost", cost_weight=0.01), costs=COST, prior=prior_u, mass=1e6, params=DecisionParams(min_gain=0.5))
+    assert d.model == "mid" == d.default
+    with pytest.raises(PolicyError, match=r"no prior .* \['big'\]"):
+        choose(P, prior={"small": 0.5, "mid": 0.5}, mass=1.0, params=guard)

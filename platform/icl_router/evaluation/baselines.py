@@ -69,3 +69,58 @@ def oracle(test_labels: np.ndarray) -> np.ndarray:
 
 def random_expected(test_labels: np.ndarray) -> float:
     return float(100 * np.nanmean(np.nanmean(test_labels, axis=1)))
+
+
+KNN_TUNED_KS = (10, 20, 50, 100, 200)
+KNN_TUNED_MS = (0, 2, 5, 10, 20, 50, 100)
+KNN_TUNED_DELTAS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2)
+
+
+def knn_tuned(train_emb: np.ndarray, train_labels: np.ndarray, test_emb: np.ndarray, *, val_fraction: float = 0.2, seed: int = 0) -> tuple[np.ndarray, dict]:
+    """The tuned neighbour rule, the bar a router must clear: (scores [n_test, M], picked params).
+
+    p = (sum of the k nearest train queries' outcomes + m * the model's train accuracy) / (k + m);
+    the pool's best model by train accuracy unless another's p beats it by more than delta.
+    k, m and delta are picked on a ``val_fraction`` slice of train (neighbours from the rest),
+    then applied with all of train. The scores are one-hot on the chosen model.
+    """
+    rng = np.random.default_rng(seed + 11)
+    n = len(train_emb)
+    val = np.zeros(n, dtype=bool)
+    val[rng.choice(n, size=max(1, int(val_fraction * n)), replace=False)] = True
+    best, best_acc = None, -1.0
+    prior_fit = _train_acc(train_labels[~val])
+    for k in KNN_TUNED_KS:
+        s, c = _knn_counts(train_emb[~val], train_labels[~val], train_emb[val], k=k)
+        for m in KNN_TUNED_MS:
+            p = (s + m * prior_fit) / np.maximum(c + m, 1e-9)
+            for d in KNN_TUNED_DELTAS:
+                acc = routed_accuracy(_guard(p, prior_fit, d), train_labels[val])
+                if acc > best_acc + 1e-9:
+                    best, best_acc = (k, m, d), acc
+    k, m, d = best
+    prior = _train_acc(train_labels)
+    s, c = _knn_counts(train_emb, train_labels, test_emb, k=k)
+    return _guard((s + m * prior) / np.maximum(c + m, 1e-9), prior, d), {"k": k, "m": m, "delta": d, "val_acc": round(best_acc, 2)}
+
+
+def _knn_counts(train_emb: np.ndarray, train_labels: np.ndarray, test_emb: np.ndarray, *, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(sum of known outcomes, number known) over the k nearest train queries: [n_test, M] each."""
+    a = train_emb / np.linalg.norm(train_emb, axis=1, keepdims=True)
+    b = test_emb / np.linalg.norm(test_emb, axis=1, keepdims=True)
+    sim = b @ a.T  # [n_test, n_train]
+    k = min(k, sim.shape[1])
+    nn = np.argpartition(-sim, kth=k - 1, axis=1)[:, :k]  # [n_test, k]
+    lab = train_labels[nn]  # [n_test, k, M]
+    return np.nansum(lab, axis=1), np.sum(~np.isnan(lab), axis=1)
+
+
+def _guard(p: np.ndarray, prior: np.ndarray, delta: float) -> np.ndarray:
+    """One-hot [n, M]: the argmax of p unless it beats the best-prior model by <= delta."""
+    d = int(np.argmax(prior))
+    best = p.argmax(axis=1)
+    rows = np.arange(len(p))
+    choice = np.where(p[rows, best] - p[rows, d] > delta, best, d)
+    out = np.zeros_like(p, dtype=np.float64)
+    out[rows, choice] = 1.0
+    return out

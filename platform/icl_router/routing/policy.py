@@ -4,7 +4,13 @@
 - ``threshold``: the cheapest model whose p >= ``threshold`` (none: the highest p).
 - ``margin``: the cheapest model whose p >= best p - ``margin``.
 - ``budget``: the highest p among models whose cost <= ``budget`` (none: the cheapest).
+- ``cost``: the highest utility ``p - cost_weight * cost`` (quality traded for money at a
+  stated rate: ``cost_weight`` is how many points of p one dollar per query is worth).
 Ties go to the first model in the given order. Costs are per query (expected dollars).
+
+With a decision layer (``routing.decision``), p is first shrunk toward each model's
+prior and calibrated; ``highest`` and ``cost`` then leave the default model only for a
+predicted gain above ``min_gain`` (the guard).
 """
 
 from __future__ import annotations
@@ -15,8 +21,9 @@ from typing import Literal
 import numpy as np
 
 from icl_router.errors import UserError
+from icl_router.routing.decision import DecisionParams, adjusted, default_index, guarded_choice
 
-PolicyKind = Literal["highest", "threshold", "margin", "budget"]
+PolicyKind = Literal["highest", "threshold", "margin", "budget", "cost"]
 
 
 class PolicyError(UserError):
@@ -29,19 +36,23 @@ class Policy:
     threshold: float | None = None
     margin: float | None = None
     budget: float | None = None
+    cost_weight: float | None = None
 
     def __post_init__(self) -> None:
-        need = {"threshold": self.threshold, "margin": self.margin, "budget": self.budget}
+        need = {"threshold": self.threshold, "margin": self.margin, "budget": self.budget, "cost": self.cost_weight}
         if self.kind not in ("highest", *need):
-            raise PolicyError(f"policy kind {self.kind!r} is unknown; use highest, threshold, margin or budget")
+            raise PolicyError(f"policy kind {self.kind!r} is unknown; use highest, threshold, margin, budget or cost")
         if self.kind in need and need[self.kind] is None:
-            raise PolicyError(f"policy {self.kind!r} needs a value for {self.kind!r}, e.g. {{'kind': '{self.kind}', '{self.kind}': 0.5}}")
+            field = "cost_weight" if self.kind == "cost" else self.kind
+            raise PolicyError(f"policy {self.kind!r} needs a value for {field!r}, e.g. {{'kind': '{self.kind}', '{field}': 0.5}}")
         for name in ("threshold", "margin"):
             v = need[name]
             if v is not None and not 0.0 <= v <= 1.0:
                 raise PolicyError(f"policy {name} must lie in [0, 1], got {v}")
-        if self.budget is not None and self.budget < 0:
-            raise PolicyError(f"policy budget must be >= 0, got {self.budget}")
+        for name in ("budget", "cost_weight"):
+            v = getattr(self, name)
+            if v is not None and not (np.isfinite(v) and v >= 0):
+                raise PolicyError(f"policy {name} must be >= 0, got {v}")
 
     @property
     def needs_costs(self) -> bool:
@@ -60,6 +71,8 @@ def choose_batch(p: np.ndarray, *, policy: Policy, costs: np.ndarray | None = No
         raise PolicyError(f"policy {policy.kind!r} needs a cost per model; set cost in each model's config")
     c = np.broadcast_to(np.asarray(costs, dtype=np.float64), p.shape)
     rows = np.arange(len(p))
+    if policy.kind == "cost":
+        return (p - policy.cost_weight * c).argmax(axis=1)
     if policy.kind == "budget":
         ok = c <= policy.budget
         pick = np.where(ok, p, -np.inf).argmax(axis=1)
@@ -70,16 +83,53 @@ def choose_batch(p: np.ndarray, *, policy: Policy, costs: np.ndarray | None = No
     return np.where(ok.any(axis=1), pick, best)
 
 
+def route_batch(
+    p: np.ndarray,
+    *,
+    policy: Policy,
+    models: list[str],
+    costs: np.ndarray | None = None,
+    prior: np.ndarray | None = None,
+    mass: np.ndarray | None = None,
+    params: DecisionParams | None = None,
+) -> tuple[np.ndarray, np.ndarray, int | None]:
+    """(chosen column [Q], the p it decided on [Q, T], the default column or None) for the
+    router's p [Q, T]. With ``params`` (and the models' priors [T], the queries' evidence
+    mass [Q]) the decision layer adjusts p and guards the default under ``highest`` / ``cost``."""
+    if params is None:
+        return choose_batch(p, policy=policy, costs=costs), np.asarray(p, dtype=np.float64), None
+    if prior is None or mass is None:
+        raise PolicyError("the decision layer needs each model's prior and each query's evidence mass")
+    q = adjusted(p, mass, prior, params)
+    if policy.kind not in ("highest", "cost"):
+        return choose_batch(q, policy=policy, costs=costs), q, None
+    weight = policy.cost_weight or 0.0
+    if weight and costs is None:
+        raise PolicyError("policy 'cost' needs a cost per model; set cost in each model's config")
+    default = default_index(models, prior, params, cost_weight=weight, costs=costs)
+    return guarded_choice(q, default, params.min_gain, cost_weight=weight, costs=costs), q, default
+
+
 @dataclass(frozen=True)
 class Decision:
     model: str
     order: list[str]  # the chosen model first, then the rest by p descending: the failover order
-    p: dict[str, float]
+    p: dict[str, float]  # the p the choice was made on (after the decision layer, if any)
     policy: Policy
+    default: str | None = None  # the guard's default model (None: no guard applied)
 
 
-def choose(p: dict[str, float], *, policy: Policy = Policy(), costs: dict[str, float] | None = None) -> Decision:
-    """Pick one model for one query from ``{model: p(correct)}``."""
+def choose(
+    p: dict[str, float],
+    *,
+    policy: Policy = Policy(),
+    costs: dict[str, float] | None = None,
+    prior: dict[str, float] | None = None,
+    mass: float | None = None,
+    params: DecisionParams | None = None,
+) -> Decision:
+    """Pick one model for one query from ``{model: p(correct)}`` (with a decision layer: ``prior``
+    per model, the query's evidence ``mass`` and ``params``)."""
     if not p:
         raise PolicyError("the pool is empty: register at least one model before routing")
     models = list(p)
@@ -91,10 +141,20 @@ def choose(p: dict[str, float], *, policy: Policy = Policy(), costs: dict[str, f
         if unknown:
             raise PolicyError(f"no cost for models {unknown}; every pool model needs a cost for policy {policy.kind!r}")
         cost_vec = np.array([costs[m] for m in models])
+    prior_vec = None
+    if params is not None:
+        missing = [m for m in models if prior is None or m not in prior]
+        if missing:
+            raise PolicyError(f"no prior (profile accuracy) for models {missing}")
+        prior_vec = np.array([prior[m] for m in models])
     probs = np.array([p[m] for m in models])
-    chosen = models[int(choose_batch(probs[None], policy=policy, costs=cost_vec)[0])]
-    rest = sorted((m for m in models if m != chosen), key=lambda m: -p[m])  # stable: ties keep order
-    return Decision(model=chosen, order=[chosen, *rest], p=dict(p), policy=policy)
+    pick, q, default = route_batch(
+        probs[None], policy=policy, models=models, costs=cost_vec, prior=prior_vec, mass=None if mass is None else np.array([mass]), params=params
+    )
+    chosen = models[int(pick[0])]
+    final = dict(zip(models, q[0].tolist()))
+    rest = sorted((m for m in models if m != chosen), key=lambda m: -final[m])  # stable: ties keep order
+    return Decision(model=chosen, order=[chosen, *rest], p=final, policy=policy, default=None if default is None else models[default])
 
 
 def restrict(p: dict[str, float], allowed: list[str]) -> dict[str, float]:

@@ -1,0 +1,230 @@
+"""The decision layer: from the router's p(correct) to a choice a user can trust (pure numpy).
+
+A router's p for a query is only as good as the anchors near it. Two corrections sit
+between any router's p and the policy, both fitted on held-out train queries when the
+router is trained and stored in its directory (``icl_router.json``, ``decision``):
+
+- **Evidence-aware shrinkage.** The evidence mass of a query is
+  ``S(q) = sum_k exp((cos(q, a_k) - 1) / tau)`` over the K anchors: about 1 per anchor
+  that says the same as the query, about 0 for anchors unlike it. Each model's p moves
+  toward its prior (its accuracy on the anchors, i.e. its profile) with weight
+  ``prior_weight / (S + prior_weight)``: a query unlike every anchor routes as the
+  priors say. Then a Platt map shared by all models (so a model registered by its
+  profile alone gets it too) calibrates the level.
+- **A default guard.** The router leaves the default model (a configured one, or the
+  model with the best prior) only when the predicted gain exceeds ``min_gain``. With
+  costs, the gain is in utility ``p - cost_weight * cost`` and the default is the model
+  whose prior utility is best.
+
+``fit_decision`` picks ``tau``, ``prior_weight`` and ``min_gain`` on two views of the
+held-out queries: as they are, and with the anchors of their own cluster hidden (queries
+unlike the anchors, which in-distribution validation never shows). Ties go to the more
+cautious setting.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from icl_router.errors import UserError
+
+TAUS = (0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2)  # similarity temperatures of the evidence mass
+PRIOR_WEIGHTS = (10.0, 3.0, 1.0, 0.3, 0.1, 0.03, 0.01, 0.003, 0.0)  # most cautious first
+MIN_GAINS = (0.2, 0.1, 0.05, 0.03, 0.02, 0.01, 0.005, 0.0)
+EPS = 1e-6
+
+
+class DecisionError(UserError):
+    """Decision parameters that cannot be used; the message names the field."""
+
+
+@dataclass(frozen=True)
+class DecisionParams:
+    """What the decision layer does with p; stored in the router directory, overridable per request."""
+
+    tau: float = 0.1  # temperature of the evidence mass (cosine similarity units)
+    prior_weight: float = 0.0  # pseudo-count of the prior against the evidence mass; 0: no shrinkage
+    min_gain: float = 0.0  # predicted gain over the default needed to leave it; 1: always the default
+    default_model: str | None = None  # None: the model with the best prior
+    calibration: tuple[float, float] = (1.0, 0.0)  # Platt (scale, offset) on logit p, shared by all models
+    fitted: dict = field(default_factory=dict, compare=False)  # how the fit went (rows, accuracies); informative only
+
+    def __post_init__(self) -> None:
+        check("tau", self.tau, lo=0.0, lo_open=True)
+        check("prior_weight", self.prior_weight, lo=0.0)
+        check("min_gain", self.min_gain, lo=0.0, hi=1.0)
+        if len(self.calibration) != 2 or not all(np.isfinite(self.calibration)) or self.calibration[0] <= 0:
+            raise DecisionError(f"decision.calibration must be (scale > 0, offset), got {self.calibration}")
+
+    def replace(self, **changes: object) -> DecisionParams:
+        """A copy with ``changes`` (per-request overrides); unknown names are errors."""
+        unknown = set(changes) - set(OVERRIDABLE)
+        if unknown:
+            raise DecisionError(f"decision: {sorted(unknown)} cannot be overridden; use {list(OVERRIDABLE)}")
+        return DecisionParams(**{**asdict(self), "calibration": tuple(self.calibration), **changes})
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "calibration": list(self.calibration)}
+
+    @classmethod
+    def from_json(cls, raw: dict | None) -> DecisionParams:
+        if raw is None:
+            return cls()
+        try:
+            return cls(**{**raw, "calibration": tuple(raw.get("calibration", (1.0, 0.0)))})
+        except TypeError as e:
+            raise DecisionError(f"decision: {e}") from None
+
+
+OVERRIDABLE = ("prior_weight", "min_gain", "default_model")
+
+
+def check(name: str, value: float, *, lo: float, hi: float | None = None, lo_open: bool = False) -> None:
+    ok = isinstance(value, int | float) and np.isfinite(value) and (value > lo if lo_open else value >= lo) and (hi is None or value <= hi)
+    if not ok:
+        rng = f"{'>' if lo_open else '>='} {lo}" + (f" and <= {hi}" if hi is not None else "")
+        raise DecisionError(f"decision.{name} must be a number {rng}, got {value!r}")
+
+
+# ---------------------------------------------------------------------------
+# The pieces
+
+
+def cosine(query_emb: np.ndarray, anchor_emb: np.ndarray) -> np.ndarray:
+    """[Q, E], [K, E] -> cosine similarity [Q, K]."""
+    q = query_emb / np.maximum(np.linalg.norm(query_emb, axis=1, keepdims=True), EPS)
+    a = anchor_emb / np.maximum(np.linalg.norm(anchor_emb, axis=1, keepdims=True), EPS)
+    return (q @ a.T).astype(np.float64)
+
+
+def evidence_mass(sim: np.ndarray, tau: float) -> np.ndarray:
+    """Cosine similarities [Q, K] (NaN: an anchor hidden from that query) -> mass S [Q]."""
+    return np.nansum(np.exp((sim - 1.0) / tau), axis=1)
+
+
+def shrink(p: np.ndarray, mass: np.ndarray, prior: np.ndarray, prior_weight: float) -> np.ndarray:
+    """p [Q, T] toward prior [T] by prior_weight / (S + prior_weight); mass S [Q]."""
+    if prior_weight == 0:
+        return p
+    w = (mass / (mass + prior_weight))[:, None]  # [Q, 1] the evidence's share
+    return w * p + (1 - w) * prior[None]
+
+
+def logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, EPS, 1 - EPS)
+    return np.log(p) - np.log1p(-p)
+
+
+def calibrate(p: np.ndarray, calibration: tuple[float, float]) -> np.ndarray:
+    a, b = calibration
+    if (a, b) == (1.0, 0.0):
+        return p
+    return 1 / (1 + np.exp(-(a * logit(p) + b)))
+
+
+def adjusted(p: np.ndarray, mass: np.ndarray, prior: np.ndarray, params: DecisionParams) -> np.ndarray:
+    """The decision layer's p [Q, T]: shrunk toward the priors, then calibrated."""
+    return calibrate(shrink(np.asarray(p, dtype=np.float64), mass, prior, params.prior_weight), params.calibration)
+
+
+def default_index(models: list[str], prior: np.ndarray, params: DecisionParams, *, cost_weight: float = 0.0, costs: np.ndarray | None = None) -> int:
+    """The default model's column: the configured one (it must be in ``models``), else the best prior utility."""
+    if params.default_model is not None:
+        if params.default_model not in models:
+            raise DecisionError(f"decision.default_model {params.default_model!r} is not in the pool {models}; register it or unset it")
+        return models.index(params.default_model)
+    u = prior - cost_weight * (costs if costs is not None else 0.0)
+    return int(np.argmax(u))  # first best wins ties
+
+
+def guarded_choice(p: np.ndarray, default: int, min_gain: float, *, cost_weight: float = 0.0, costs: np.ndarray | None = None) -> np.ndarray:
+    """Chosen column [Q]: the best utility ``p - cost_weight * cost`` unless it beats the default's by <= min_gain."""
+    u = p - cost_weight * (np.broadcast_to(costs, p.shape) if costs is not None else 0.0)  # [Q, T]
+    best = u.argmax(axis=1)
+    rows = np.arange(len(u))
+    gain = u[rows, best] - u[rows, default]
+    return np.where(gain > min_gain, best, default)
+
+
+def routed_accuracy(choice: np.ndarray, labels: np.ndarray) -> float:
+    """Mean correctness (percent) of the chosen column; labels [Q, T] with NaN where unknown."""
+    return float(100 * np.nanmean(labels[np.arange(len(labels)), choice]))
+
+
+# ---------------------------------------------------------------------------
+# Fitting
+
+
+@dataclass(frozen=True)
+class View:
+    """Held-out queries as the router sees them: p [V, T], cosine to the anchors [V, K] (NaN: hidden)."""
+
+    p: np.ndarray
+    sim: np.ndarray
+
+
+def fit_decision(
+    views: list[View],
+    labels: np.ndarray,
+    prior: np.ndarray,
+    *,
+    taus: tuple[float, ...] = TAUS,
+    prior_weights: tuple[float, ...] = PRIOR_WEIGHTS,
+    min_gains: tuple[float, ...] = MIN_GAINS,
+) -> DecisionParams:
+    """The (tau, prior_weight, min_gain) with the best mean routed accuracy over ``views`` of the
+    same held-out queries (labels [V, T]), then a Platt calibration on the first view.
+    The grids run from cautious to bold and a setting must beat the best so far to replace it."""
+    labels = np.asarray(labels, dtype=np.float64)
+    if not views or len(labels) == 0:
+        raise DecisionError("fit_decision needs held-out queries with labels; got none")
+    default = int(np.argmax(prior))
+    best, best_acc = None, -1.0
+    for tau in taus:
+        masses = [evidence_mass(v.sim, tau) for v in views]
+        for m, g in itertools.product(prior_weights, min_gains):
+            acc = float(np.mean([routed_accuracy(guarded_choice(shrink(v.p, s, prior, m), default, g), labels) for v, s in zip(views, masses)]))
+            if acc > best_acc + 1e-9:
+                best, best_acc = (tau, m, g), acc
+    tau, m, g = best
+    first = shrink(views[0].p, evidence_mass(views[0].sim, tau), prior, m)
+    cal = fit_platt(first, labels)
+    # the guard's margin is in calibrated units: pick it again on the calibrated p
+    gains = {}
+    for g2 in min_gains:
+        gains[g2] = np.mean(
+            [routed_accuracy(guarded_choice(calibrate(shrink(v.p, evidence_mass(v.sim, tau), prior, m), cal), default, g2), labels) for v in views]
+        )
+    g = max(min_gains, key=lambda x: (round(gains[x], 9), x))  # best, then the more cautious
+    fitted = {"rows": int(len(labels)), "views": len(views), "accuracy": round(float(gains[g]), 3)}
+    return DecisionParams(tau=tau, prior_weight=m, min_gain=g, calibration=cal, fitted=fitted)
+
+
+def fit_platt(p: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """One (scale, offset) on logit p for every model, by logistic regression on the known labels."""
+    from sklearn.linear_model import LogisticRegression
+
+    known = ~np.isnan(labels)
+    y = labels[known] >= 0.5
+    if y.all() or not y.any():
+        return (1.0, 0.0)
+    clf = LogisticRegression(C=100.0).fit(logit(p[known])[:, None], y)
+    a, b = float(clf.coef_[0, 0]), float(clf.intercept_[0])
+    return (a, b) if a > 0 else (1.0, 0.0)  # a reversed map would turn the ranking over: keep p as it is
+
+
+def cluster_groups(emb: np.ndarray, *, n_clusters: int = 8, seed: int = 0) -> np.ndarray:
+    """k-means cluster ids [N] of embeddings [N, E] (the units hidden from each other in ``fit_decision``'s second view)."""
+    from sklearn.cluster import KMeans
+
+    n = min(n_clusters, len(emb))
+    unit = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), EPS)
+    return KMeans(n_clusters=n, n_init=3, random_state=seed).fit_predict(unit)
+
+
+def hide_own_cluster(sim: np.ndarray, query_groups: np.ndarray, anchor_groups: np.ndarray) -> np.ndarray:
+    """sim [V, K] with each query's own-cluster anchors set to NaN (hidden)."""
+    return np.where(query_groups[:, None] == anchor_groups[None, :], np.nan, sim)

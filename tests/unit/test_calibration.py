@@ -1,0 +1,37 @@
+"""Calibration figures and the tuned neighbour baseline."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from icl_router.evaluation import baselines as B
+from icl_router.evaluation import calibration as C
+
+
+def test_ece_and_brier_of_a_calibrated_and_an_overconfident_p():
+    rng = np.random.default_rng(0)
+    p = rng.uniform(0, 1, (4000, 3))
+    labels = (rng.random(p.shape) < p).astype(float)
+    labels[:10, 0] = np.nan  # unknown outcomes are left out
+    over = np.where(p > 0.5, 0.99, 0.01)
+    assert C.ece(p, labels) < 0.03 < 0.2 < C.ece(over, labels)  # sampling noise of 12k pairs in 10 bins is ~0.01
+    assert C.brier(p, labels) < C.brier(over, labels)
+    rel = C.reliability(p, labels)
+    assert sum(r["n"] for r in rel) == p.size - 10 and all(abs(r["mean_p"] - r["frac_correct"]) < 0.05 for r in rel)
+    s = C.summary(p, labels, choice=p.argmax(1), default=0)
+    assert s["away_from_default"] == pytest.approx(100 * np.mean(p.argmax(1) != 0))
+
+
+def test_knn_tuned_routes_a_niche_and_keeps_the_best_model_elsewhere():
+    rng = np.random.default_rng(1)
+    topic = rng.integers(0, 2, 1500)
+    emb = np.eye(8)[topic] + 0.2 * rng.normal(size=(1500, 8))
+    rate = np.where(topic[:, None] == 0, [0.8, 0.95, 0.5], [0.8, 0.2, 0.5])  # model 1 is a niche expert
+    labels = (rng.random(rate.shape) < rate).astype(float)
+    tr, te = slice(0, 1000), slice(1000, None)
+    scores, params = B.knn_tuned(emb[tr], labels[tr], emb[te], seed=0)
+    assert set(params) == {"k", "m", "delta", "val_acc"} and set(np.unique(scores)) == {0.0, 1.0}
+    chosen = scores.argmax(1)
+    assert (chosen[topic[te] == 0] == 1).mean() > 0.9 and (chosen[topic[te] == 1] == 0).mean() > 0.9
+    assert B.routed_accuracy(scores, labels[te]) > B.routed_accuracy(B.best_single(labels[tr], 500), labels[te]) + 3

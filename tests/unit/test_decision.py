@@ -1,0 +1,129 @@
+"""The decision layer: shrinkage by evidence, the default guard, calibration, fitting."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from icl_router.routing import decision as D
+
+MODELS = ["strong", "mid", "niche"]
+PRIOR = np.array([0.8, 0.6, 0.4])  # [T]
+
+
+def test_a_query_unlike_every_anchor_routes_as_the_prior_says():
+    anchors = np.eye(4, 8)  # [K=4, E=8] four orthogonal anchors
+    far = np.zeros((1, 8))
+    far[0, 7] = 1.0  # orthogonal to every anchor: cosine 0
+    near = anchors[:1] + 0.01
+    p = np.array([[0.1, 0.2, 0.95]])  # the router likes the niche model
+    params = D.DecisionParams(tau=0.05, prior_weight=1.0)
+    mass_far = D.evidence_mass(D.cosine(far, anchors), params.tau)
+    mass_near = D.evidence_mass(D.cosine(near, anchors), params.tau)
+    assert mass_far[0] < 1e-6 < 0.5 < mass_near[0]  # about one anchor says the same as `near`
+    far_p = D.adjusted(p, mass_far, PRIOR, params)
+    np.testing.assert_allclose(far_p, PRIOR[None], atol=1e-5)  # the evidence's share is ~e^-20
+    assert D.guarded_choice(far_p, D.default_index(MODELS, PRIOR, params), 0.0)[0] == 0
+    near_p = D.adjusted(p, mass_near, PRIOR, params)
+    assert D.guarded_choice(near_p, 0, 0.0)[0] == 2  # close evidence keeps the router's pick
+
+
+def test_the_guard_never_leaves_the_default_when_min_gain_is_1():
+    rng = np.random.default_rng(0)
+    p = rng.random((200, 3))
+    assert (D.guarded_choice(p, 1, 1.0) == 1).all()
+    assert (D.guarded_choice(p, 1, 0.0) == p.argmax(1)).all()  # no margin: the plain argmax
+    with_costs = D.guarded_choice(p, 0, 1.0, cost_weight=10.0, costs=np.array([0.0, 0.01, 0.02]))
+    assert (with_costs == 0).all()
+
+
+def test_default_follows_the_priors_or_the_configured_model_and_costs():
+    params = D.DecisionParams()
+    assert D.default_index(MODELS, PRIOR, params) == 0
+    assert D.default_index(MODELS, np.array([0.5, 0.7, 0.1]), params) == 1  # a newly registered best model
+    assert D.default_index(MODELS, PRIOR, params.replace(default_model="niche")) == 2
+    costs = np.array([1.0, 0.1, 0.0])
+    assert D.default_index(MODELS, PRIOR, params, cost_weight=0.5, costs=costs) == 1  # 0.3 < 0.55 > 0.4
+    with pytest.raises(D.DecisionError, match="default_model 'gpt-9' is not in the pool"):
+        D.default_index(MODELS, PRIOR, params.replace(default_model="gpt-9"))
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("tau", 0.0), ("tau", -1.0), ("prior_weight", -0.1), ("min_gain", 1.5), ("min_gain", float("nan")), ("min_gain", "high")],
+)
+def test_bad_values_name_the_field(field, value):
+    with pytest.raises(D.DecisionError, match=f"decision.{field} must be a number"):
+        D.DecisionParams(**{field: value})
+    if field in D.OVERRIDABLE:
+        with pytest.raises(D.DecisionError, match=f"decision.{field}"):
+            D.DecisionParams().replace(**{field: value})
+    with pytest.raises(D.DecisionError, match="cannot be overridden"):
+        D.DecisionParams().replace(tau=0.2)
+
+
+def test_params_round_trip_through_json():
+    params = D.DecisionParams(tau=0.07, prior_weight=0.3, min_gain=0.02, default_model="mid", calibration=(1.3, -0.2), fitted={"rows": 5})
+    again = D.DecisionParams.from_json(params.to_json())
+    assert again == params and again.fitted == {"rows": 5}
+    assert D.DecisionParams.from_json(None) == D.DecisionParams()
+    with pytest.raises(D.DecisionError, match="unexpected keyword"):
+        D.DecisionParams.from_json({"tau": 0.1, "gamma": 2})
+
+
+def _pool(seed: int, n: int = 1200, k: int = 150):
+    """Queries on 4 topics; 'strong' is right 75% everywhere, 'niche' 95% on topic 0 and 30% elsewhere."""
+    centres = np.random.default_rng(99).normal(size=(4, 16))  # the same topics for every seed
+    rng = np.random.default_rng(seed)
+    topic = rng.integers(0, 4, n + k)
+    emb = centres[topic] + 0.3 * rng.normal(size=(n + k, 16))
+    rate = np.where(topic[:, None] == 0, [0.75, 0.5, 0.95], [0.75, 0.5, 0.30])  # [N, T]
+    labels = (rng.random(rate.shape) < rate).astype(float)
+    return emb[:k], labels[:k] >= 0.5, emb[k:], labels[k:], topic[k:]
+
+
+def _rate(sim, profiles, tau=0.1):
+    w = np.exp(np.where(np.isnan(sim), -np.inf, sim / tau))
+    return np.clip((w / w.sum(1, keepdims=True)) @ profiles, 0.02, 0.98)
+
+
+def test_fit_finds_a_guard_that_beats_argmax_and_never_loses_to_the_default():
+    anchors, profiles, emb, labels, topic = _pool(0)
+    prior = profiles.mean(0)
+    sim = D.cosine(emb, anchors)
+    params = D.fit_decision([D.View(_rate(sim, profiles), sim)], labels, prior)
+    assert params.fitted["rows"] == len(labels)
+    anchors2, profiles2, emb2, labels2, topic2 = _pool(1)  # fresh queries on the same kind of pool
+    sim2 = D.cosine(emb2, anchors)
+    p = D.adjusted(_rate(sim2, profiles), D.evidence_mass(sim2, params.tau), prior, params)
+    choice = D.guarded_choice(p, D.default_index(MODELS, prior, params), params.min_gain)
+    best_single = 100 * labels2[:, 0].mean()
+    assert D.routed_accuracy(choice, labels2) > best_single + 3  # topic 0 goes to the niche model
+    assert (choice[topic2 == 0] == 2).mean() > 0.8 and (choice[topic2 != 0] == 0).mean() > 0.8
+
+
+def test_fit_with_a_hidden_cluster_view_stays_with_the_default_off_the_anchors():
+    anchors, profiles, emb, labels, topic = _pool(2)
+    prior = profiles.mean(0)
+    sim = D.cosine(emb, anchors)
+    groups = D.cluster_groups(np.concatenate([anchors, emb]), n_clusters=4, seed=0)
+    hidden = D.hide_own_cluster(sim, groups[len(anchors) :], groups[: len(anchors)])
+    assert np.isnan(hidden).any() and not np.isnan(hidden).all(1).any()
+    params = D.fit_decision([D.View(_rate(sim, profiles), sim), D.View(_rate(hidden, profiles), hidden)], labels, prior)
+    # a query from a topic no anchor covers (all anchors of its topic hidden) keeps the default
+    p = D.adjusted(_rate(hidden, profiles), D.evidence_mass(hidden, params.tau), prior, params)
+    choice = D.guarded_choice(p, D.default_index(MODELS, prior, params), params.min_gain)
+    assert D.routed_accuracy(choice, labels) >= 100 * np.nanmean(labels[:, 0]) - 1.0
+
+
+def test_platt_keeps_the_order_and_improves_the_level():
+    rng = np.random.default_rng(3)
+    p_true = rng.uniform(0.05, 0.95, (2000, 2))
+    labels = (rng.random(p_true.shape) < p_true).astype(float)
+    squashed = 0.5 + 0.2 * (p_true - 0.5)  # the right order, too timid a level
+    a, b = D.fit_platt(squashed, labels)
+    assert a > 1
+    cal = D.calibrate(squashed, (a, b))
+    assert (np.argsort(cal[:, 0]) == np.argsort(squashed[:, 0])).all()
+    brier = lambda p: float(np.mean((p - labels) ** 2))  # noqa: E731
+    assert brier(cal) < brier(squashed) - 0.01
