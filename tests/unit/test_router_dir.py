@@ -98,3 +98,21 @@ def test_profile_lacking_anchors_and_an_unknown_format(saved, tmp_path):
     (path / "icl_router.json").write_text(json.dumps({**meta, "format_version": 99}))
     with pytest.raises(RouterDirError, match="format_version 99"):
         load_router_dir(path)
+
+
+def test_decision_parameters_round_trip_and_a_bad_block_is_refused(saved, tmp_path):
+    from icl_router.model.router_dir import read_meta, write_decision
+    from icl_router.routing.decision import DecisionError, DecisionParams
+
+    path = copy(saved, tmp_path)
+    assert read_meta(path).decision is None  # older directories: no decision layer
+    params = DecisionParams(tau=0.05, prior_weight=0.3, min_gain=0.02, calibration=(1.2, -0.1), fitted={"rows": 40})
+    write_decision(path, params.to_json())
+    assert DecisionParams.from_json(read_meta(path).decision) == params
+    assert load_router_dir(path).meta.decision == params.to_json()
+    meta = json.loads((path / "icl_router.json").read_text())
+    (path / "icl_router.json").write_text(json.dumps({**meta, "decision": [0.1]}))
+    with pytest.raises(RouterDirError, match="decision must be an object"):
+        read_meta(path)
+    with pytest.raises(DecisionError, match="decision.min_gain must be a number"):
+        DecisionParams.from_json({**params.to_json(), "min_gain": 2})

@@ -4,7 +4,8 @@
     tokenizer.json, tokenizer_config.json  its tokenizer (with the chat template)
     projector.safetensors                  projector weights + ``anchor_emb`` [K, E], the anchors' embeddings
                                            (+ the anchor-evidence head's ``evidence.*`` when ``anchor_evidence``)
-    icl_router.json                        format version, embedder, layout, label token ids, anchor ids
+    icl_router.json                        format version, embedder, layout, label token ids, anchor ids,
+                                           the decision layer's fitted parameters (``decision``)
     profiles.parquet                       model_id, query_id, correct: the registered pool
 
 The anchor embeddings sit beside the projector because they are its inputs for
@@ -54,6 +55,7 @@ class RouterMeta:
     no_id: int
     anchor_query_ids: list[str]
     anchor_evidence: bool = False  # the router adds AnchorEvidence's logit (model/evidence.py)
+    decision: dict | None = None  # routing.decision.DecisionParams as JSON, fitted on held-out queries; None: no decision layer
     stage: int = 2
     format_version: int = FORMAT_VERSION
     extra: dict = field(default_factory=dict)  # provenance: dataset, steps, final loss, ...
@@ -135,7 +137,19 @@ def read_meta(path: str | Path) -> RouterMeta:
         raise RouterDirError(f"{meta_path}: not a valid router description ({e})") from None
     if meta.format_version != FORMAT_VERSION:
         raise RouterDirError(f"{meta_path}: format_version {meta.format_version}, this icl-router reads {FORMAT_VERSION}")
+    if meta.decision is not None and not isinstance(meta.decision, dict):
+        raise RouterDirError(f"{meta_path}: decision must be an object (routing.decision.DecisionParams) or null")
     return meta
+
+
+def write_decision(path: str | Path, decision: dict | None) -> None:
+    """Replace the decision block of a router directory's icl_router.json (atomic rewrite)."""
+    path = Path(path)
+    meta = read_meta(path)
+    meta.decision = decision
+    tmp = path / f".tmp-{uuid.uuid4().hex[:8]}-{META_FILE}"
+    tmp.write_text(json.dumps(asdict(meta), indent=1))
+    os.replace(tmp, path / META_FILE)
 
 
 def load_router_dir(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> LoadedRouter:
