@@ -16,15 +16,14 @@ router is trained and stored in its directory (``icl_router.json``, ``decision``
   costs, the gain is in utility ``p - cost_weight * cost`` and the default is the model
   whose prior utility is best.
 
-``fit_decision`` picks ``tau``, ``prior_weight`` and ``min_gain`` on two views of the
-held-out queries: as they are, and with the anchors of their own cluster hidden (queries
-unlike the anchors, which in-distribution validation never shows). Ties go to the more
-cautious setting.
+``fit_decision`` picks ``tau`` and ``prior_weight`` by log loss and ``min_gain`` by routed
+accuracy, on two views of the held-out queries: as they are, and with the anchors of
+their own cluster hidden (queries unlike the anchors, which in-distribution validation
+never shows). Ties go to the more cautious setting.
 """
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -175,32 +174,40 @@ def fit_decision(
     prior_weights: tuple[float, ...] = PRIOR_WEIGHTS,
     min_gains: tuple[float, ...] = MIN_GAINS,
 ) -> DecisionParams:
-    """The (tau, prior_weight, min_gain) with the best mean routed accuracy over ``views`` of the
-    same held-out queries (labels [V, T]), then a Platt calibration on the first view.
-    The grids run from cautious to bold and a setting must beat the best so far to replace it."""
+    """Fit on ``views`` of the same held-out queries (labels [V, T], NaN where unknown).
+
+    The shrinkage (tau, prior_weight) is an estimate of p, so it is picked by log loss, a proper
+    scoring rule: the cost policies trade p itself against money, and an accuracy objective
+    would flatten p to the priors wherever one model wins most queries. A Platt map is then
+    fitted on the first view, and the guard's min_gain is picked by routed accuracy. Means run
+    over the views; the grids run from cautious to bold and ties keep the more cautious value.
+    """
     labels = np.asarray(labels, dtype=np.float64)
     if not views or len(labels) == 0:
         raise DecisionError("fit_decision needs held-out queries with labels; got none")
-    default = int(np.argmax(prior))
-    best, best_acc = None, -1.0
+    known = ~np.isnan(labels)
+    y = labels[known] >= 0.5
+    best, best_loss = None, np.inf
     for tau in taus:
         masses = [evidence_mass(v.sim, tau) for v in views]
-        for m, g in itertools.product(prior_weights, min_gains):
-            acc = float(np.mean([routed_accuracy(guarded_choice(shrink(v.p, s, prior, m), default, g), labels) for v, s in zip(views, masses)]))
-            if acc > best_acc + 1e-9:
-                best, best_acc = (tau, m, g), acc
-    tau, m, g = best
-    first = shrink(views[0].p, evidence_mass(views[0].sim, tau), prior, m)
-    cal = fit_platt(first, labels)
-    # the guard's margin is in calibrated units: pick it again on the calibrated p
-    gains = {}
-    for g2 in min_gains:
-        gains[g2] = np.mean(
-            [routed_accuracy(guarded_choice(calibrate(shrink(v.p, evidence_mass(v.sim, tau), prior, m), cal), default, g2), labels) for v in views]
-        )
-    g = max(min_gains, key=lambda x: (round(gains[x], 9), x))  # best, then the more cautious
-    fitted = {"rows": int(len(labels)), "views": len(views), "accuracy": round(float(gains[g]), 3)}
+        for m in prior_weights:
+            loss = float(np.mean([log_loss(shrink(v.p, s, prior, m)[known], y) for v, s in zip(views, masses)]))
+            if loss < best_loss - 1e-12:
+                best, best_loss = (tau, m), loss
+    tau, m = best
+    shrunk = [shrink(v.p, evidence_mass(v.sim, tau), prior, m) for v in views]
+    cal = fit_platt(shrunk[0], labels)
+    final = [calibrate(q, cal) for q in shrunk]
+    default = int(np.argmax(prior))
+    acc = {g: float(np.mean([routed_accuracy(guarded_choice(q, default, g), labels) for q in final])) for g in min_gains}
+    g = max(min_gains, key=lambda x: (round(acc[x], 9), x))  # the best, then the more cautious
+    fitted = {"rows": int(len(labels)), "views": len(views), "log_loss": round(best_loss, 5), "accuracy": round(acc[g], 3)}
     return DecisionParams(tau=tau, prior_weight=m, min_gain=g, calibration=cal, fitted=fitted)
+
+
+def log_loss(p: np.ndarray, y: np.ndarray) -> float:
+    p = np.clip(p, EPS, 1 - EPS)
+    return float(-np.mean(np.where(y, np.log(p), np.log1p(-p))))
 
 
 def fit_platt(p: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
