@@ -116,3 +116,34 @@ def test_decision_parameters_round_trip_and_a_bad_block_is_refused(saved, tmp_pa
         read_meta(path)
     with pytest.raises(DecisionError, match="decision.min_gain must be a number"):
         DecisionParams.from_json({**params.to_json(), "min_gain": 2})
+
+
+def test_embedder_variant_is_recorded(saved, tmp_path):
+    """A name given as <model>@<variant> is stored as two fields; directories from before variants read as sentence-transformers."""
+    router = saved[0]
+    layout = router.layout
+    anchors = [f"a{i}" for i in range(K)]
+    meta = RouterMeta("emb@onnx-int8", E, "vector", "pairs", layout.placeholder_id, layout.yes_id, layout.no_id, anchors)
+    path = save_router_dir(router, tmp_path / "r8", meta=meta, pool={"m1": saved[1]["m1"]})
+    raw = json.loads((path / "icl_router.json").read_text())
+    assert (raw["embedder"], raw["embedder_variant"]) == ("emb", "onnx-int8")
+    assert load_router_dir(path).meta.embedder_name == "emb@onnx-int8"
+    old = copy(saved, tmp_path)
+    raw = json.loads((old / "icl_router.json").read_text())
+    del raw["embedder_variant"]
+    (old / "icl_router.json").write_text(json.dumps(raw))
+    assert load_router_dir(old).meta.embedder_name == "emb"
+    raw["embedder_variant"] = "fp4"
+    (old / "icl_router.json").write_text(json.dumps(raw))
+    with pytest.raises(RouterDirError, match="embedder_variant 'fp4' is unknown"):
+        load_router_dir(old)
+
+
+def test_query_embedder_of_another_variant_is_refused(saved, tmp_path):
+    """A router whose anchors came from one variant never gets query vectors from a variant that gives others."""
+    from icl_router.data.embed import EmbedderError, check_embedder
+
+    meta = load_router_dir(saved[2]).meta
+    check_embedder(meta.embedder_name, "emb@onnx", where="r")  # same vectors as the reference
+    with pytest.raises(EmbedderError, match=r"anchors were embedded with 'emb' \(sentence-transformers\) but the queries would be embedded with 'emb@static'"):
+        check_embedder(meta.embedder_name, "emb@static", where=f"router {saved[2]}")

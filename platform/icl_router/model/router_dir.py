@@ -46,7 +46,7 @@ class RouterDirError(UserError):
 
 @dataclass
 class RouterMeta:
-    embedder: str
+    embedder: str  # the embedding model (a name given as ``<model>@<variant>`` is split into this and ``embedder_variant``)
     embedding_dim: int
     query_input: str
     profile_layout: str
@@ -59,6 +59,30 @@ class RouterMeta:
     stage: int = 2
     format_version: int = FORMAT_VERSION
     extra: dict = field(default_factory=dict)  # provenance: dataset, steps, final loss, ...
+    # Which form of the embedder produced ``anchor_emb`` (data/embed.py VARIANTS; directories written
+    # before variants existed lack it and were made by sentence-transformers). Queries must be embedded
+    # by a variant giving the same vectors (data/embed.py: load_query_embedder). The anchors are never
+    # re-embedded at load: the directory holds their vectors, not their texts, and the projector and
+    # LM were trained on those vectors.
+    embedder_variant: str = "sentence-transformers"
+
+    def __post_init__(self) -> None:
+        from icl_router.data.embed import REFERENCE, VARIANTS, parse_embedder
+
+        spec = parse_embedder(self.embedder)
+        if spec.variant != REFERENCE:
+            if self.embedder_variant not in (REFERENCE, spec.variant):
+                raise RouterDirError(f"embedder {self.embedder!r} names variant {spec.variant!r} but embedder_variant is {self.embedder_variant!r}")
+            self.embedder, self.embedder_variant = spec.model, spec.variant
+        if self.embedder_variant not in VARIANTS:
+            raise RouterDirError(f"embedder_variant {self.embedder_variant!r} is unknown; one of {list(VARIANTS)}")
+
+    @property
+    def embedder_name(self) -> str:
+        """The embedder as a name ``load_embedder`` takes: ``<model>[@<variant>]``."""
+        from icl_router.data.embed import EmbedderName
+
+        return str(EmbedderName(self.embedder, self.embedder_variant))
 
 
 @dataclass
@@ -135,6 +159,8 @@ def read_meta(path: str | Path) -> RouterMeta:
         meta = RouterMeta(**raw)
     except (json.JSONDecodeError, TypeError) as e:
         raise RouterDirError(f"{meta_path}: not a valid router description ({e})") from None
+    except UserError as e:  # a bad embedder / embedder_variant
+        raise RouterDirError(f"{meta_path}: {e}") from None
     if meta.format_version != FORMAT_VERSION:
         raise RouterDirError(f"{meta_path}: format_version {meta.format_version}, this icl-router reads {FORMAT_VERSION}")
     if meta.decision is not None and not isinstance(meta.decision, dict):
