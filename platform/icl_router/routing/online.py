@@ -1,0 +1,124 @@
+"""The router as a library: query embedding (with an exact-text cache) and scoring against the pool.
+
+One ``OnlineRouter`` per process that routes: the router deployment's replica, or an ingress
+replica that scores in-process (no hop to another deployment). Pure Python + torch + numpy:
+no Ray, so a Serve deployment, a bench or a test builds it the same way.
+
+Scoring paths (``scoring``):
+- ``full``: the cached-prefix scorer (routing/scorer.py), the router LM plus the evidence head;
+- ``evidence``: the evidence head alone (routing/fast.py), for a router whose LM adds nothing
+  over the evidence, or when the operator asks for it. Needs ``anchor_evidence``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+Scoring = Literal["full", "evidence"]
+
+
+class OnlineRouter:
+    """Embeds and scores queries for one process; ``sync`` keeps its pool equal to the registry's."""
+
+    def __init__(self, router_dir: str | Path, *, embedder: str | None = None, scoring: Scoring = "full", threads: int = 1,
+                 embed_cache: int = 4096, embed_dtype: str = "float32") -> None:
+        import torch
+
+        from icl_router.data.embed import REFERENCE, load_query_embedder, parse_embedder
+        from icl_router.model.router_dir import load_router_dir
+
+        torch.set_num_threads(max(1, threads))
+        loaded = load_router_dir(router_dir)
+        self.meta = loaded.meta
+        self.scoring = scoring
+        if scoring == "evidence":
+            from icl_router.routing.fast import EvidenceScorer
+
+            self.scorer = EvidenceScorer.from_router(loaded.router)  # raises without the evidence head
+        elif scoring == "full":
+            from icl_router.routing.scorer import Scorer
+
+            self.scorer = Scorer(loaded.router)
+        else:
+            raise ValueError(f"scoring must be 'full' or 'evidence', got {scoring!r}")
+        self.embedder, self.embedder_name, self.direct = None, None, False
+        if loaded.meta.query_input == "vector":
+            self.embedder_name = embedder or loaded.meta.embedder_name
+            self.embedder = load_query_embedder(loaded.meta.embedder_name, embedder, where=f"router {router_dir}", threads=threads)
+            if parse_embedder(self.embedder_name).variant == REFERENCE:
+                self.direct = self._check_direct(embed_dtype)
+        elif scoring == "evidence":
+            raise ValueError("the evidence path reads query vectors: this router reads the query as text (query_input='text')")
+        self.cache: OrderedDict[str, np.ndarray] = OrderedDict()  # exact query text -> embedding (LRU)
+        self.cache_size = embed_cache
+        self.profiles: dict[str, list[bool]] = {}  # what the scorer holds
+
+    # ---- the pool -----------------------------------------------------------
+
+    @property
+    def models(self) -> list[str]:
+        return self.scorer.models
+
+    def sync(self, routable: dict[str, list[bool]]) -> None:
+        """Make the scorer's pool ``routable`` (model -> outcomes on the anchors): adds, replaces, removes."""
+        for m in [m for m in self.profiles if m not in routable]:
+            self.scorer.remove(m)
+            del self.profiles[m]
+        for m, prof in routable.items():
+            if self.profiles.get(m) != prof:
+                self.scorer.add(m, np.array(prof, dtype=bool))  # full: one prefix forward
+                self.profiles[m] = list(prof)
+
+    # ---- queries ------------------------------------------------------------
+
+    def _check_direct(self, embed_dtype: str) -> bool:
+        """sentence-transformers: its modules called directly skip encode's per-call bookkeeping, if they agree."""
+        import torch
+
+        warm = ["warm up the embedder"]
+        ref = self.embedder.encode(warm, normalize_embeddings=True, convert_to_numpy=True)
+        ok = float(np.abs(self._forward(warm) - ref).max()) < 1e-5
+        if ok and embed_dtype != "float32":
+            self.embedder.to(getattr(torch, embed_dtype))  # bfloat16: moved vectors, opt-in
+        return ok
+
+    def _forward(self, texts: list[str]) -> np.ndarray:
+        import torch
+
+        e = self.embedder
+        prompt = e.prompts.get(e.default_prompt_name) if e.default_prompt_name else None
+        with torch.inference_mode():
+            v = e(e.preprocess(texts, prompt=prompt))["sentence_embedding"].float()
+            return torch.nn.functional.normalize(v, dim=-1).numpy()
+
+    def embed(self, texts: Sequence[str]) -> tuple[np.ndarray, int]:
+        """([Q, E] unit vectors, how many came from the cache): each distinct text embedded once."""
+        missing = list(dict.fromkeys(t for t in texts if t not in self.cache))
+        if missing:
+            enc = self._forward(missing) if self.direct else self.embedder.encode(missing, normalize_embeddings=True, convert_to_numpy=True)
+            for t, v in zip(missing, enc):
+                self.cache[t] = np.asarray(v, dtype=np.float32)
+        out = np.stack([self.cache[t] for t in texts])
+        for t in texts:
+            self.cache.move_to_end(t)
+        while len(self.cache) > self.cache_size:
+            self.cache.popitem(last=False)
+        return out, len(texts) - len(missing)
+
+    def score(self, texts: Sequence[str]) -> tuple[list[str], np.ndarray, dict]:
+        """(models, p [Q, T] float32, stage times in ms: embed, score, cached) for the current pool."""
+        t0 = time.perf_counter()
+        models = self.scorer.models
+        if not models:
+            return [], np.zeros((len(texts), 0), dtype=np.float32), {}
+        emb, cached = self.embed(texts) if self.embedder is not None else (None, 0)  # [Q, E]
+        t1 = time.perf_counter()
+        p = self.scorer.score(list(texts), query_emb=emb, models=models)  # [Q, T]
+        t2 = time.perf_counter()
+        return models, p, {"embed": round((t1 - t0) * 1e3, 3), "score": round((t2 - t1) * 1e3, 3), "cached": cached}

@@ -1,0 +1,61 @@
+"""The router as a library (routing/online.py): both scoring paths, the pool sync, the embedding cache, the variant check."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from icl_router.data.embed import BUNDLED, EmbedderError
+from icl_router.model.prompt import PromptLayout
+from icl_router.model.router import ICLRouter
+from icl_router.model.router_dir import RouterMeta, save_router_dir
+from icl_router.model.tiny import build_tiny_router_lm
+from icl_router.routing.online import OnlineRouter
+from icl_router.testing import SAMPLE_QUERIES
+
+K, E = 12, 384
+
+
+@pytest.fixture(scope="module")
+def router_dir(tmp_path_factory):
+    lm, tok = build_tiny_router_lm(SAMPLE_QUERIES * 4, vocab_size=600)
+    layout = PromptLayout(tok, query_input="vector", profile_layout="pairs")
+    torch.manual_seed(0)
+    router = ICLRouter(lm, layout, anchor_emb=torch.nn.functional.normalize(torch.randn(K, E), dim=-1), anchor_evidence=True).eval()
+    meta = RouterMeta(BUNDLED, E, "vector", "pairs", layout.placeholder_id, layout.yes_id, layout.no_id, [f"a{i}" for i in range(K)], anchor_evidence=True)
+    pool = {"m0": np.arange(K) % 2 == 0, "m1": np.arange(K) % 3 == 0}
+    return save_router_dir(router, tmp_path_factory.mktemp("r") / "router", meta=meta, pool=pool)
+
+
+@pytest.fixture(scope="module")
+def routers(router_dir):
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return {s: OnlineRouter(router_dir, scoring=s) for s in ("full", "evidence")}
+
+
+def test_both_paths_score_the_pool(routers):
+    routable = {"m0": [i % 2 == 0 for i in range(K)], "m1": [i % 3 == 0 for i in range(K)]}
+    out = {}
+    for s, r in routers.items():
+        assert r.score(["x"])[0] == []  # an empty pool scores nothing
+        r.sync(routable)
+        models, p, ms = r.score(["Who wrote Hamlet?", "What is 2 + 2?", "Who wrote Hamlet?"])
+        assert models == ["m0", "m1"] and p.shape == (3, 2) and ms["cached"] == 1  # the repeated text is embedded once
+        assert np.abs(p[0] - p[2]).max() < 1e-6 and ((p > 0) & (p < 1)).all()
+        out[s] = p
+        r.sync({"m1": routable["m1"]})
+        assert r.models == ["m1"] and r.score(["What is 2 + 2?"])[2]["cached"] == 1  # the cache keeps exact texts
+    assert np.abs(out["full"] - out["evidence"]).max() > 1e-4  # the LM's logit moves the full path's p
+
+
+def test_unknown_scoring_path(router_dir):
+    with pytest.raises(ValueError, match="scoring must be"):
+        OnlineRouter(router_dir, scoring="fast")
+
+
+def test_mismatched_embedder_is_refused_by_name(router_dir):
+    with pytest.raises(EmbedderError, match=r"anchors were embedded with 'all-MiniLM-L6-v2' \(sentence-transformers\) but the queries would be embedded with 'all-MiniLM-L6-v2@onnx-int8'"):
+        OnlineRouter(router_dir, embedder=f"{BUNDLED}@onnx-int8")
