@@ -7,9 +7,10 @@ import importlib
 import json
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, get_args
 
 from icl_router.errors import UserError
+from icl_router.kinds import DatasetFormat
 
 # bench name -> module in icl_router.bench with ``add_args(parser)`` and ``run(args) -> dict``
 BENCHES = {
@@ -61,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("import", help="turn public routing data into a dataset directory")
-    p.add_argument("--format", required=True, choices=["llmrouter", "zeroeval", "routerbench", "iclrouter"])
+    p.add_argument("--format", required=True, choices=get_args(DatasetFormat))
     p.add_argument("--input", required=True, action="append", help="a file or folder; repeat to pool several")
     p.add_argument("--output", required=True, help="dataset directory to create")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --output")

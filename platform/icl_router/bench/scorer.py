@@ -13,17 +13,18 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Any
+from typing import Any, get_args
 
 from icl_router.bench.train_batching import WORDS
+from icl_router.kinds import ProfileLayout, QueryInput
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", type=int, default=500, help="number of anchors (profile length)")
     p.add_argument("--t", type=int, default=9, help="number of models in the pool")
     p.add_argument("--queries", type=int, default=32, help="queries routed on each side")
-    p.add_argument("--layout", choices=["pairs", "fused"], default="pairs", help="profile layout")
-    p.add_argument("--query-input", choices=["text", "vector"], default="vector")
+    p.add_argument("--layout", choices=get_args(ProfileLayout), default="pairs", help="profile layout")
+    p.add_argument("--query-input", choices=get_args(QueryInput), default="vector")
     p.add_argument("--anchor-evidence", action="store_true", help="the router adds the anchor-evidence logit (vector queries)")
     p.add_argument("--max-rows", type=int, default=64, help="scorer: rows per forward (bounds memory)")
     p.add_argument("--pack", type=int, default=32, help="scorer: queries per forward = max(1, max_rows // T) * pack; packed: suffixes per row")

@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import copy
 import time
-from typing import Any
+from typing import Any, get_args
+
+from icl_router.kinds import ProfileLayout, QueryInput
 
 WORDS = (
     "what which how many find the value of given a number sum product prime integer triangle area "
@@ -23,8 +25,8 @@ WORDS = (
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", type=int, default=500, help="number of anchors (profile length)")
     p.add_argument("--batch-size", type=int, default=32, help="pairs per step (all of one model)")
-    p.add_argument("--layout", choices=["pairs", "fused"], default="pairs", help="profile layout")
-    p.add_argument("--query-input", choices=["text", "vector"], default="text")
+    p.add_argument("--layout", choices=get_args(ProfileLayout), default="pairs", help="profile layout")
+    p.add_argument("--query-input", choices=get_args(QueryInput), default="text")
     p.add_argument("--steps", type=int, default=3, help="timed steps per side (after one warm-up step)")
     p.add_argument("--query-words", type=int, default=40, help="mean words per synthetic query")
     p.add_argument("--seed", type=int, default=0)

@@ -29,14 +29,15 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import pyarrow as pa
 
 from icl_router import schemas as S
 from icl_router.data.dataset import Dataset, DatasetError, write_dataset_atomically
+from icl_router.kinds import DatasetFormat
 
-FORMATS = ("llmrouter", "zeroeval", "routerbench", "iclrouter")
+FORMATS: tuple[str, ...] = get_args(DatasetFormat)
 
 # LLMRouter's metric names -> our grader names; an unknown metric keeps its own name.
 METRIC_GRADERS = {
@@ -342,7 +343,7 @@ def _expand(fmt: str, inputs: list[str]) -> list[Path]:
     return files
 
 
-def import_dataset(fmt: str, inputs: list[str], output: str | Path, *, overwrite: bool = False, on_missing_label: str = "error") -> Dataset:
+def import_dataset(fmt: DatasetFormat, inputs: list[str], output: str | Path, *, overwrite: bool = False, on_missing_label: str = "error") -> Dataset:
     """Read ``inputs`` (files or folders, pooled in order) of format ``fmt``; write a dataset at ``output``."""
     if fmt not in FORMATS:
         raise DatasetError(f"format {fmt!r} is not known; use one of {', '.join(FORMATS)}")

@@ -31,7 +31,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, get_args
+
+from icl_router.kinds import ProfileLayout, QueryInput
 
 SYSTEM = (
     "You are a helpful assistant. Your task is to judge whether a model can answer a query based on its "
@@ -46,9 +48,6 @@ STAGE1_SYSTEM = "You are a helpful assistant."
 STAGE1_USER = "Here is a query embedding: {ph}\n\nWhat's the content of it?"
 
 QUERY = -1  # slot source of the query vector; anchor slots use the anchor's index 0..K-1
-
-QueryInput = Literal["text", "vector"]
-ProfileLayout = Literal["pairs", "fused"]
 
 
 @dataclass(frozen=True)
@@ -86,10 +85,10 @@ class PromptLayout:
     """
 
     def __init__(self, tokenizer: Any, *, query_input: QueryInput = "text", profile_layout: ProfileLayout = "pairs", placeholder: str = PLACEHOLDER) -> None:
-        if query_input not in ("text", "vector"):
-            raise ValueError(f"query_input={query_input!r}: expected 'text' or 'vector'")
-        if profile_layout not in ("pairs", "fused"):
-            raise ValueError(f"profile_layout={profile_layout!r}: expected 'pairs' or 'fused'")
+        if query_input not in get_args(QueryInput):
+            raise ValueError(f"query_input={query_input!r}: expected one of {get_args(QueryInput)}")
+        if profile_layout not in get_args(ProfileLayout):
+            raise ValueError(f"profile_layout={profile_layout!r}: expected one of {get_args(ProfileLayout)}")
         if getattr(tokenizer, "chat_template", None) is None:
             raise ValueError("the router tokenizer has no chat_template; the prompt is defined by the chat format")
         self.tokenizer = tokenizer

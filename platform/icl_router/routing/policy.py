@@ -16,14 +16,13 @@ predicted gain above ``min_gain`` (the guard).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import get_args
 
 import numpy as np
 
 from icl_router.errors import UserError
+from icl_router.kinds import PolicyKind
 from icl_router.routing.decision import DecisionParams, adjusted, default_index, guarded_choice
-
-PolicyKind = Literal["highest", "threshold", "margin", "budget", "cost"]
 
 
 class PolicyError(UserError):
@@ -40,8 +39,8 @@ class Policy:
 
     def __post_init__(self) -> None:
         need = {"threshold": self.threshold, "margin": self.margin, "budget": self.budget, "cost": self.cost_weight}
-        if self.kind not in ("highest", *need):
-            raise PolicyError(f"policy kind {self.kind!r} is unknown; use highest, threshold, margin, budget or cost")
+        if self.kind not in get_args(PolicyKind):
+            raise PolicyError(f"policy kind {self.kind!r} is unknown; use one of {', '.join(get_args(PolicyKind))}")
         if self.kind in need and need[self.kind] is None:
             field = "cost_weight" if self.kind == "cost" else self.kind
             raise PolicyError(f"policy {self.kind!r} needs a value for {field!r}, e.g. {{'kind': '{self.kind}', '{field}': 0.5}}")

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from icl_router.kinds import PolicyKind
 from icl_router.routing.policy import Policy, PolicyError, choose, restrict
 
 log = logging.getLogger("ray.serve")
@@ -50,10 +51,11 @@ class RoutingOptions(BaseModel):
     """The extra body field ``routing``: a policy for this request and/or a subset of candidates."""
 
     model_config = ConfigDict(extra="forbid")
-    policy: Literal["highest", "threshold", "margin", "budget"] | None = None
+    policy: PolicyKind | None = None
     threshold: float | None = None
     margin: float | None = None
     budget: float | None = None
+    cost_weight: float | None = None  # policy "cost": points of p one dollar per query is worth
     models: list[str] | None = Field(default=None, min_length=1)
     fallback: StrictBool = False  # a request naming a pool model: may another model answer if it fails?
 
@@ -212,7 +214,7 @@ class Ingress:
 
     def _policy(self, r: RoutingOptions) -> Policy:
         try:
-            return self.default_policy if r.policy is None else Policy(r.policy, threshold=r.threshold, margin=r.margin, budget=r.budget)
+            return self.default_policy if r.policy is None else Policy(r.policy, threshold=r.threshold, margin=r.margin, budget=r.budget, cost_weight=r.cost_weight)
         except PolicyError as e:
             raise ApiError(400, f"routing: {e}", code="invalid_value", param="routing") from None
 
@@ -259,7 +261,7 @@ class Ingress:
             raise ApiError(400, f"routing: {e}", code="invalid_value", param="routing") from None
         now = time.monotonic()
         order = sorted(decision.order, key=lambda m: self.down.get(m, 0.0) > now)  # stable: known-down models go last
-        pol = policy.kind + "".join(f";{k}={getattr(policy, k)}" for k in ("threshold", "margin", "budget") if getattr(policy, k) is not None)
+        pol = policy.kind + "".join(f";{k}={getattr(policy, k)}" for k in ("threshold", "margin", "budget", "cost_weight") if getattr(policy, k) is not None)
         headers = {
             H + "route": "routed",
             H + "chosen": decision.model,

@@ -1,0 +1,25 @@
+"""The closed sets of names the platform accepts, each defined once.
+
+Configs, the CLI (argparse choices from ``typing.get_args``), the importers, the
+prompt layout, the routing policies and the service's request body import them
+from here, so adding a name is one edit. Pure typing: safe to import anywhere.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+# Public routing-data formats ``icl-router import`` reads (data/importers.py).
+DatasetFormat = Literal["llmrouter", "zeroeval", "routerbench", "iclrouter"]
+
+# Routing policies (routing/policy.py): from p(correct) per model to one model.
+PolicyKind = Literal["highest", "threshold", "margin", "budget", "cost"]
+
+# How the router reads the query (model/prompt.py): its text, or its embedding in one slot.
+QueryInput = Literal["text", "vector"]
+
+# How a profile is laid out (model/prompt.py): (slot, label) pairs, or the label fused onto the slot.
+ProfileLayout = Literal["pairs", "fused"]
+
+# Where a model runs (configs of the profiling job and of the service's pool).
+Accelerator = Literal["cpu", "gpu"]
