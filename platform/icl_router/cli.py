@@ -118,12 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks: both sides in one run, JSON as the last line")
     bsub = p.add_subparsers(dest="bench", required=True)
     for name, module in BENCHES.items():
+        # bench modules import their heavy dependencies inside run(): importing them here stays light,
+        # and one that fails to import is a broken install or a typo in BENCHES, never a bench to hide
         try:
             mod = importlib.import_module(f"icl_router.bench.{module}")
-        except ModuleNotFoundError as e:
-            if e.name != f"icl_router.bench.{module}":
-                raise
-            continue
+        except ImportError as e:
+            raise ImportError(f"bench {name!r}: icl_router.bench.{module} does not import ({e}); fix the install or BENCHES in cli.py") from e
         bp = bsub.add_parser(name, help=(mod.__doc__ or "").strip().splitlines()[0] if mod.__doc__ else None)
         mod.add_args(bp)
         bp.set_defaults(run=_cmd_bench, bench_run=mod.run)
