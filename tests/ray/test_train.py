@@ -17,6 +17,7 @@ from icl_router.data.dataset import Dataset
 from icl_router.data.embed import BUNDLED, load_embedder
 from icl_router.data.importers import import_dataset
 from icl_router.model.router_dir import load_router_dir
+from icl_router.routing.scorer import Scorer
 from icl_router.train.driver import run_train
 
 LLMROUTER_TRAIN = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "routing" / "llmrouter" / "train.jsonl"
@@ -106,9 +107,7 @@ def test_both_stages_write_a_loadable_router(ray_local, real_data, tmp_path):
     assert not torch.equal(p1, p2)
     # the anchor-evidence head trained under ZeRO-2 with the projector and was exported with it
     assert meta["anchor_evidence"] and not torch.equal(loaded.router.evidence.weight, torch.tensor([0.0, 1.0, 0.0, 0.0]))
-    caches = [loaded.router.build_prefix_cache(torch.as_tensor(p)) for p in loaded.pool.values()]
-    profiles = torch.as_tensor(np.stack(list(loaded.pool.values())))  # [9, K]
-    p = loaded.router.score(["What is 2+2?"], caches, query_emb=torch.randn(1, 384), profiles=profiles)
+    p = Scorer(loaded.router, loaded.pool).score(["What is 2+2?"], query_emb=torch.randn(1, 384))
     assert p.shape == (1, 9) and bool(((p > 0) & (p < 1)).all())
 
 

@@ -1,4 +1,4 @@
-"""Router model: prompt layout, vector slots, projector, cached scorer, tiny LM save/load."""
+"""Router model: prompt layout, vector slots, projector, tiny LM save/load (scoring: test_scorer.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from icl_router.model.prompt import PromptLayout
 from icl_router.model.router import ICLRouter
 from icl_router.model.tiny import build_tiny_router_lm, load_router_lm, train_tokenizer
 from icl_router.testing import SAMPLE_QUERIES as QUERIES
-from icl_router.testing import full_forward_p
 
 MODES = [(q, p) for q in ("text", "vector") for p in ("pairs", "fused")]
 E = 24  # embedding width of the test vectors
@@ -117,21 +116,6 @@ def test_vectors_land_exactly_on_placeholders(tiny, query_input, profile_layout)
         torch.testing.assert_close(y[~is_slot], emb(ids)[~is_slot])
         if query_input == "vector":
             torch.testing.assert_close(y[is_slot], router.projector(q))
-
-
-@pytest.mark.parametrize("query_input,profile_layout", MODES)
-def test_cached_scorer_equals_uncached(tiny, query_input, profile_layout):
-    router = make_router(tiny, query_input, profile_layout)
-    T, Q = 3, len(QUERIES)
-    profiles = torch.rand(T, router.k, generator=torch.Generator().manual_seed(0)) < 0.5
-    q_emb = torch.randn(Q, E)
-    caches = [router.build_prefix_cache(profiles[t]) for t in range(T)]
-    p = router.score(QUERIES, caches, query_emb=q_emb)  # [Q, T]
-    ref = full_forward_p(router, profiles, q_emb, QUERIES)
-    assert p.shape == (Q, T)
-    assert (p - ref).abs().max().item() < 1e-4
-    # the scores depend on the profile: a different model gets different scores
-    assert (p[:, 0] - p[:, 1]).abs().max().item() > 1e-6
 
 
 def test_tiny_router_saves_and_loads(tiny, tmp_path):

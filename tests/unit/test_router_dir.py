@@ -20,6 +20,7 @@ from icl_router.model.router_dir import (
     write_profiles,
 )
 from icl_router.model.tiny import build_tiny_router_lm
+from icl_router.routing.scorer import Scorer
 from icl_router.testing import SAMPLE_QUERIES
 
 K, E = 5, 12
@@ -48,10 +49,9 @@ def test_round_trip_scores_the_same(saved):
     assert list(loaded.pool) == ["m1", "m0"] and loaded.meta.extra == {"steps": 7}
     np.testing.assert_array_equal(loaded.pool["m1"], pool["m1"])
     q = torch.randn(2, E)
-    caches = lambda r: [r.build_prefix_cache(torch.as_tensor(p)) for p in pool.values()]  # noqa: E731
-    want = router.score(["x", "y"], caches(router), query_emb=q)
-    got = loaded.router.score(["x", "y"], caches(loaded.router), query_emb=q)
-    assert (want - got).abs().max().item() < 1e-6
+    want = Scorer(router, pool).score(["x", "y"], query_emb=q)
+    got = Scorer(loaded.router, loaded.pool).score(["x", "y"], query_emb=q)
+    assert np.abs(want - got).max() < 1e-6
 
 
 def test_missing_file(saved, tmp_path):

@@ -9,7 +9,8 @@ import torch
 from icl_router.model.prompt import PromptLayout
 from icl_router.model.router import ICLRouter
 from icl_router.model.tiny import build_tiny_router_lm
-from icl_router.routing.scorer import Scorer, prefix_attention
+from icl_router.routing.decoder import prefix_attention
+from icl_router.routing.scorer import Scorer
 from icl_router.testing import full_forward_p
 
 QUERIES = [
@@ -46,7 +47,7 @@ def full_forward(router, profiles, query_emb):
 
 @pytest.mark.parametrize("query_input,profile_layout", MODES)
 @pytest.mark.parametrize("max_rows,pack", [(64, 8), (9, 2), (1, 1)])  # one chunk (packed: one row); a filler suffix; unpacked
-@pytest.mark.parametrize("shared", [True, False], ids=["shared", "packed"])  # Scorer._shared_forward / the transformers fallback
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "packed"])  # routing.decoder / the transformers fallback
 def test_cached_scores_equal_full_forward(tiny, query_input, profile_layout, max_rows, pack, shared):
     router, profiles, pool = make(tiny, query_input, profile_layout)
     lens = [len(router.layout.suffix(q).ids) for q in QUERIES]

@@ -3,7 +3,7 @@
 The same schedule, losses and optimiser as the Ray Train job (``train.loop``),
 plus what evaluation needs around them: anchors on a seed's train split, a
 validation slice of train for picking the step (early stopping), pre-training
-on generated pools, and batched scoring through the profile caches.
+on generated pools, and scoring through ``routing.Scorer``, as the service scores.
 """
 
 from __future__ import annotations
@@ -70,24 +70,17 @@ def tiny_init(cfg: TrainConfig, texts: list[str], cache: Path) -> str:
     return str(path)
 
 
-@torch.no_grad()
-def score(router: Any, rs: RoutingSet, rows: np.ndarray, profiles: np.ndarray, *, max_text_tokens: int = 64, chunk: int = 64) -> np.ndarray:
-    """p(correct) [len(rows), T] of the routing set's ``rows`` against T bool profiles [T, K]."""
+def score(router: Any, rs: RoutingSet, rows: np.ndarray, profiles: np.ndarray, *, max_text_tokens: int = 64) -> np.ndarray:
+    """p(correct) [len(rows), T] of the routing set's ``rows`` against T bool profiles [T, K],
+    through ``routing.Scorer`` (the service's scorer); query texts are cut as training cut them."""
+    from icl_router.routing.scorer import Scorer
     from icl_router.train.loop import truncate_texts
 
-    router.eval()
-    prof = torch.as_tensor(profiles)  # [T, K]
-    caches = [router.build_prefix_cache(p) for p in prof]
-    vector = router.layout.query_input == "vector"
-    out = []
-    for i in range(0, len(rows), chunk):
-        r = rows[i : i + chunk]
-        texts = [rs.texts[j] for j in r] if not vector else ["" for _ in r]
-        if not vector:
-            texts = truncate_texts(texts, router.layout.tokenizer, max_tokens=max_text_tokens)
-        qe = torch.as_tensor(rs.embeddings[r]) if vector else None
-        out.append(router.score(texts, caches, query_emb=qe, profiles=prof).numpy())
-    return np.concatenate(out) if out else np.zeros((0, len(profiles)))
+    scorer = Scorer(router, {f"model-{t}": p for t, p in enumerate(profiles)})
+    if router.layout.query_input == "vector":
+        return scorer.score([""] * len(rows), query_emb=rs.embeddings[rows])  # the suffix holds the vector, not the text
+    texts = truncate_texts([rs.texts[j] for j in rows], router.layout.tokenizer, max_tokens=max_text_tokens)
+    return scorer.score(texts)
 
 
 def fit(

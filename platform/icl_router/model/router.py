@@ -8,9 +8,9 @@ Three ways to run stage 2, equal up to float rounding (tests/unit/test_model.py)
   through the cache. Under gradient checkpointing (where HF drops KV caches) an
   equivalent packed form runs: one row per model, ``[prefix, s1, ..., sB]``,
   with a block mask and positions restarting after the prefix.
-- ``build_prefix_cache`` + ``score``: inference. A model's prefix KV cache is
-  computed once; a batch of Q queries is scored against T models by running
-  only the T*Q suffixes against the caches.
+- ``build_prefix_cache``: inference. A model's prefix KV cache is computed
+  once; ``routing.Scorer`` (the one scoring path: evaluation, the demo, the
+  service) scores queries against the cached prefixes of T models.
 
 The logit of interest is ``logit(Yes) - logit(No)`` at the last suffix token
 (the position that predicts the answer); only those two rows of the LM head
@@ -204,15 +204,8 @@ class ICLRouter(nn.Module):
         out = self.lm.base_model(inputs_embeds=self.embed_prefix(profiles), use_cache=True)
         return tuple((layer.keys, layer.values) for layer in out.past_key_values.layers)
 
-    # ---- inference -------------------------------------------------------------
-
-    @torch.no_grad()
-    def build_prefix_cache(self, profiles: torch.Tensor) -> PrefixCache:
-        """KV cache of the prefixes of bool [K] (one model) or [M, K] profiles; batch M (1 for [K])."""
-        return self._prefix_kv(profiles.reshape(-1, self.k))
-
     def _suffix_forward(self, cache: PrefixCache, ids: torch.Tensor, lens: torch.Tensor, query_emb: torch.Tensor | None) -> torch.Tensor:
-        """Suffixes [N, S] against a cache of batch N -> logit(Yes)-logit(No) [N]."""
+        """Suffixes [N, S] against a cache of batch N -> logit(Yes)-logit(No) [N] (training: gradients flow into the cache)."""
         from transformers import DynamicCache
 
         past = DynamicCache(ddp_cache_data=cache, config=self.lm.config)
@@ -221,28 +214,12 @@ class ICLRouter(nn.Module):
         h = self.lm.base_model(inputs_embeds=x, past_key_values=past, use_cache=True).last_hidden_state  # [N, S, H]
         return self._yes_no(h[torch.arange(len(h), device=h.device), lens.to(h.device) - 1])
 
-    @torch.no_grad()
-    def score(
-        self, texts: Sequence[str], caches: Sequence[PrefixCache], *, query_emb: torch.Tensor | None = None, profiles: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """p(Yes) [Q, T] of Q queries against the T models whose prefix caches are given.
+    # ---- inference -------------------------------------------------------------
 
-        One forward over the T*Q suffixes (row t*Q + q); the caller bounds Q*T for memory.
-        ``profiles`` (bool [T, K], the caches' profiles) is needed with anchor evidence.
-        """
-        ids, lens = self.encode_queries(texts)  # [Q, S], [Q]
-        Q, T = len(texts), len(caches)
-        stacked = tuple(
-            (torch.cat([c[li][0] for c in caches]).repeat_interleave(Q, 0), torch.cat([c[li][1] for c in caches]).repeat_interleave(Q, 0))
-            for li in range(len(caches[0]))
-        )  # per layer [T*Q, kv, P, d]
-        qe = None if query_emb is None else query_emb.repeat(T, 1)  # [T*Q, E]
-        d = self._suffix_forward(stacked, ids.repeat(T, 1), lens.repeat(T), qe).view(T, Q)
-        if self.evidence is not None:
-            if profiles is None:
-                raise ValueError("this router adds anchor evidence: pass the caches' profiles [T, K]")
-            d = d + self.evidence(query_emb, self.anchor_emb, profiles)  # [T, Q]
-        return torch.sigmoid(d.float()).T
+    @torch.no_grad()
+    def build_prefix_cache(self, profiles: torch.Tensor) -> PrefixCache:
+        """KV cache of the prefixes of bool [K] (one model) or [M, K] profiles; batch M (1 for [K])."""
+        return self._prefix_kv(profiles.reshape(-1, self.k))
 
     # ---- stage 1 ---------------------------------------------------------------
 

@@ -5,13 +5,12 @@ once, when the model is added; its key/value cache is kept, stacked with the
 other models' caches so a call never re-stacks them. Scoring Q queries against
 T models then runs only the T*Q query suffixes against those caches.
 
-For Qwen2 / Llama decoders the suffixes run through ``_shared_forward``, the
-decoder written out in plain PyTorch: the queries' heads are grouped by their
-key/value head, so one attention per (model, kv head) covers all queries and a
-model's cached prefix keys/values are read once, never copied per row. The last layer runs only at
-each suffix's last token, the one whose output is read. Other architectures
-take ``_packed_forward``: transformers' own forward with ``pack`` suffixes per
-row behind a block mask and a copy of the model's cache per row.
+The one way the platform scores (evaluation, the demo, the service): for Qwen2 /
+Llama decoders the suffixes run through ``routing.decoder.shared_forward``, the
+decoder written out in plain PyTorch, which reads each model's cached prefix
+once for all queries. Other architectures take ``_packed_forward``:
+transformers' own forward with ``pack`` suffixes per row behind a block mask and
+a copy of the model's cache per row.
 
 A forward holds at most max(1, max_rows // T) * pack queries against the T
 models, which bounds memory on both paths.
@@ -23,7 +22,6 @@ mask hides later pads from the last real token).
 
 from __future__ import annotations
 
-import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,6 +30,7 @@ import numpy as np
 import torch
 
 from icl_router.model.router import ICLRouter, PrefixCache, pad_ids
+from icl_router.routing import decoder
 
 
 class Scorer:
@@ -47,8 +46,8 @@ class Scorer:
         self.router = router.eval()
         self.max_rows, self.pack = max_rows, pack
         self.meta = None  # the RouterMeta when built by from_dir
-        # False sends every forward through transformers (_packed_forward); tests set it to check that path
-        self.shared_attention = shared_attention_supported(router.lm)
+        # False sends every forward through transformers (_packed_forward); tests and the bench set it to check that path
+        self.shared_attention = decoder.supported(router.lm)
         self._lock = threading.Lock()
         self._profiles: dict[str, np.ndarray] = {}  # model_id -> bool [K], registration order
         self._caches: dict[str, PrefixCache] = {}  # model_id -> per layer (k, v) [1, kv, P, d]
@@ -131,8 +130,11 @@ class Scorer:
         step = max(1, self.max_rows // T) * self.pack  # queries per chunk (packed: T * step / pack rows)
         for lo in range(0, Q, step):
             rows = torch.from_numpy(by_len[lo : lo + step])
-            forward = self._shared_forward if self.shared_attention else self._packed_forward
-            d = forward(stacked, [seqs[i] for i in rows.tolist()], None if qe is None else qe[rows])  # [T, q]
+            chunk, chunk_qe = [seqs[i] for i in rows.tolist()], None if qe is None else qe[rows]
+            if self.shared_attention:
+                d = decoder.shared_forward(self.router, stacked, seqs=chunk, qe=chunk_qe)  # [T, q]
+            else:
+                d = self._packed_forward(stacked, chunk, chunk_qe)  # [T, q]
             if self.router.evidence is not None:
                 d = d + self.router.evidence(qe[rows], self.router.anchor_emb, profiles)  # [T, q]
             out[rows] = torch.sigmoid(d.float()).T.cpu()
@@ -172,90 +174,3 @@ class Scorer:
         last = (torch.arange(n_grp * g) % g) * S + lens - 1  # [n_grp*g] column of each suffix's last token
         h = h.view(T, n_grp, g * S, -1)[:, torch.arange(n_grp * g) // g, last.to(dev)]  # [T, n_grp*g, H]
         return r._yes_no(h)[:, : len(seqs)]
-
-    def _shared_forward(self, stacked: PrefixCache, seqs: list[list[int]], qe: torch.Tensor | None) -> torch.Tensor:
-        """n suffixes against T cached prefixes -> logit(Yes)-logit(No) [T, n], Qwen2/Llama decoder math.
-
-        Shapes: T models, n queries, S suffix tokens (right-padded), P prefix tokens, H hidden,
-        kv key/value heads, G query heads per kv head, d head size. Suffix token j sits at
-        position P + j. The prefix keys/values [T, kv, P, d] are used as they are: a query's
-        heads are grouped by their kv head, so one attention per (model, kv head) covers all
-        n*G*S query rows (``prefix_attention``). Each suffix's own causal block is small and
-        computed directly; the two blocks are joined into one softmax by their log-sum-exps.
-        """
-        r = self.router
-        base = r.lm.base_model
-        layers = base.layers
-        rotate_half = sys.modules[type(layers[0].self_attn).__module__].rotate_half  # the model's own RoPE helper
-        P = stacked[0][0].shape[2]
-        ids, lens = pad_ids(seqs, r.lm.config.pad_token_id or 0)  # [n, S], [n]
-        n, S = ids.shape
-        x = r.embed_suffix(ids, qe)[None]  # [1, n, S, H]: the same for every model until the first attention
-        dev = x.device
-        last = (lens - 1).to(dev)  # [n] index of each suffix's last real token
-        cos, sin = base.rotary_emb(x, (P + torch.arange(S, device=dev))[None])  # [1, S, d] each
-        cos, sin = cos[0], sin[0]  # [S, d]
-        causal = torch.ones(S, S, dtype=torch.bool, device=dev).tril()  # [S(query), S(key)]
-        for li, layer in enumerate(layers):
-            at = layer.self_attn
-            d, G = at.head_dim, at.num_key_value_groups
-            kp, vp = stacked[li]  # [T, kv, P, d]
-            kv = kp.shape[1]
-            B = x.shape[0]  # 1 at the first layer, T after
-            h = layer.input_layernorm(x)  # [B, n, S, H]
-            k = at.k_proj(h).view(B, n, S, kv, d).permute(0, 3, 1, 2, 4)  # [B, kv, n, S, d]
-            v = at.v_proj(h).view(B, n, S, kv, d).permute(0, 3, 1, 2, 4)  # [B, kv, n, S, d]
-            k = k * cos + rotate_half(k) * sin  # = apply_rotary_pos_emb; q may sit at other positions
-            if li == len(layers) - 1:  # only each suffix's last token is read: its query row alone
-                x = x[:, torch.arange(n, device=dev), last][:, :, None]  # [B, n, 1, H]
-                h = h[:, torch.arange(n, device=dev), last][:, :, None]  # [B, n, 1, H]
-                qcos, qsin = cos[last][:, None, None], sin[last][:, None, None]  # [n, 1, 1, d]
-                see = (torch.arange(S, device=dev) <= last[:, None])[:, None, None]  # [n, 1, 1, S]
-            else:
-                qcos, qsin, see = cos, sin, causal
-            Sq = h.shape[2]
-            q = at.q_proj(h).view(B, n, Sq, kv, G, d).permute(0, 3, 1, 4, 2, 5)  # [B, kv, n, G, Sq, d]
-            q = (q * qcos + rotate_half(q) * qsin) * at.scaling
-            # prefix block: the n*G*Sq query rows of a (model, kv head) against its P keys, K/V not repeated
-            op, lp = prefix_attention(q.reshape(B, kv, n * G * Sq, d).expand(len(kp), -1, -1, -1), kp, vp)  # [T, kv, nGSq, d], [T, kv, nGSq]
-            op, lp = op.view(-1, kv, n, G, Sq, d), lp.view(-1, kv, n, G, Sq, 1)
-            # own block: each suffix against its own keys, causally
-            so = torch.matmul(q, k[:, :, :, None].transpose(-1, -2)).float()  # [B, kv, n, G, Sq, S]
-            so = so.masked_fill(~see, float("-inf"))  # causal (and pads after the last token) hidden
-            lo = so.logsumexp(-1, keepdim=True)  # [B, kv, n, G, Sq, 1]
-            oo = torch.matmul(torch.exp(so - lo).to(v.dtype).flatten(3, 4), v).view(-1, kv, n, G, Sq, d)  # [B, kv, n, G, Sq, d]
-            # one softmax over both blocks: weight each block's output by its share of the total mass
-            lz = torch.logaddexp(lp, lo)  # [T, kv, n, G, Sq, 1]
-            o = op * torch.exp(lp - lz).to(op.dtype) + oo * torch.exp(lo - lz).to(oo.dtype)  # [T, kv, n, G, Sq, d]
-            o = o.permute(0, 2, 4, 1, 3, 5).reshape(-1, n, Sq, kv * G * d)  # [T, n, Sq, heads*d]
-            x = x + at.o_proj(o)  # [T, n, Sq, H]
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return r._yes_no(base.norm(x[:, :, 0]))  # [T, n]
-
-
-def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, fused: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """softmax(q k^T) v and the log-sum-exp of the scores (q pre-scaled, no mask):
-    q [B, h, L, d], k and v [B, h, P, d] -> ([B, h, L, d], float32 [B, h, L]).
-
-    On CPU PyTorch's flash-attention kernel, which returns the log-sum-exp the join with
-    the own block needs and never holds the [L, P] scores (3-4x faster than the matmuls
-    below at K=500); elsewhere, or with ``fused=False``, the same in plain matmuls."""
-    flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    if fused and flash is not None and q.device.type == "cpu":
-        out, lse = flash(q, k, v, scale=1.0)[:2]
-        return out, lse
-    s = torch.matmul(q, k.transpose(-1, -2)).float()  # [B, h, L, P]
-    lse = s.logsumexp(-1)
-    return torch.matmul(torch.exp(s - lse[..., None]).to(v.dtype), v), lse
-
-
-def shared_attention_supported(lm: object) -> bool:
-    """Whether ``Scorer._shared_forward`` reproduces this LM: Qwen2 / Llama decoders with full
-    attention in every layer and a RoPE that does not depend on the sequence length."""
-    cfg = lm.config
-    rope = (getattr(cfg, "rope_parameters", None) or {}).get("rope_type", "default")
-    return (
-        cfg.model_type in ("qwen2", "llama")
-        and all(t == "full_attention" for t in getattr(cfg, "layer_types", None) or ["full_attention"])
-        and rope not in ("dynamic", "longrope")
-    )
