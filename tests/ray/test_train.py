@@ -1,5 +1,6 @@
 """Both training stages as Ray Train + DeepSpeed jobs on real routing data (2 CPU workers, ZeRO-2)."""
 
+import copy
 import json
 import os
 import signal
@@ -138,3 +139,59 @@ def test_killed_worker_resumes_from_checkpoint_and_ends_at_the_same_step(ray_loc
     assert load_router_dir(tmp_path / "r").meta.extra["steps"] == 24
     # both ranks' ZeRO-2 optimizer shards are in the one checkpoint folder a resume reads
     assert len(list((Path(summary["checkpoint"]) / "ds").glob("*optim_states.pt"))) == 2
+
+
+def test_deepspeed_zero2_keeps_a_part_at_rate_zero_frozen_for_its_phase(monkeypatch):
+    """The Ray Train workers' engine (ZeRO-2, torch AdamW from make_optimizer) on one rank, in this
+    process: the part a phase gives rate 0 computes no gradient and stays put, then trains.
+    Both cases share one process group: DeepSpeed caches its groups for the process."""
+    import socket
+
+    import deepspeed
+    import torch.distributed as dist
+
+    from icl_router.model.prompt import PromptLayout
+    from icl_router.model.router import ICLRouter
+    from icl_router.model.tiny import build_tiny_router_lm
+    from icl_router.testing import SAMPLE_QUERIES as Q
+    from icl_router.train.data import TrainData
+    from icl_router.train.loop import make_optimizer, train_steps
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setitem(deepspeed.ops.__compatible_ops__, "deepspeed_shm_comm", False)  # as train_loop does
+    lm, tok = build_tiny_router_lm(Q * 4, vocab_size=600)
+    g = torch.Generator().manual_seed(0)
+    data = TrainData(
+        items=np.array([[q, m, int(torch.rand(1, generator=g) < 0.5)] for q in range(len(Q)) for m in range(2)]),
+        texts=Q,
+        embeddings=torch.randn(len(Q), 24, generator=g).numpy(),
+        anchor_emb=torch.randn(6, 24, generator=g).numpy(),
+        profiles=(torch.rand(2, 6, generator=g) < 0.5).numpy(),
+        models=["a", "b"],
+    )
+    ds_config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
+                 "zero_optimization": {"stage": 2}, "steps_per_print": 1 << 30}
+    try:
+        for frozen in ("lm", "projector"):
+            router = ICLRouter(copy.deepcopy(lm), PromptLayout(tok, query_input="vector"), anchor_emb=torch.as_tensor(data.anchor_emb), anchor_evidence=True)
+            first = {"lr_projector": 0.0, "lr_router": 1e-2} if frozen == "projector" else {"lr_projector": 1e-2, "lr_router": 0.0}
+            cfg = TrainConfig(stage=2, dataset="<in-memory>", output="<unused>", batch_size=4,
+                              phases=[{"epochs": 2, **first}, {"epochs": 1, "lr_projector": 1e-2, "lr_router": 1e-2}])
+            engine, *_ = deepspeed.initialize(model=router, optimizer=make_optimizer(router, cfg), config=ds_config)
+            frozen_names = {n for n, _ in router.named_parameters() if n.startswith("lm.") == (frozen == "lm")}
+            before = {n: p.detach().clone() for n, p in router.named_parameters()}
+            phases = []
+            for r in train_steps(cfg, engine, data):
+                phases.append(r.phase)
+                moved = {n for n, p in router.named_parameters() if not torch.equal(p.detach(), before[n])}
+                if r.phase == 1:
+                    assert moved and not moved & frozen_names, (frozen, r.step, sorted(moved & frozen_names))
+                    assert not any(p.requires_grad for n, p in router.named_parameters() if n in frozen_names)
+            assert phases.count(1) >= 2 and phases.count(2) >= 1
+            assert moved >= frozen_names, frozen  # phase 2 trained the part phase 1 froze
+    finally:
+        dist.destroy_process_group()

@@ -1,4 +1,5 @@
-"""Training steps: shared-prefix loss and gradients equal per-pair; both stages overfit a tiny pool."""
+"""Training steps: shared-prefix loss and gradients equal per-pair; both stages overfit a tiny pool;
+the one optimiser builder and the per-phase freezing of a part at learning rate 0."""
 
 from __future__ import annotations
 
@@ -8,18 +9,19 @@ import numpy as np
 import pytest
 import torch
 
+from icl_router.config import PhaseConfig, TrainConfig
 from icl_router.model.prompt import PromptLayout
 from icl_router.model.router import ICLRouter
 from icl_router.model.tiny import build_tiny_router_lm
 from icl_router.testing import SAMPLE_QUERIES as QUERIES
+from icl_router.train.data import TrainData
+from icl_router.train.loop import PlainEngine, make_optimizer, param_parts, train_steps
 from icl_router.train.steps import (
     batches_by_model,
     collate_stage1,
     collate_stage2,
-    param_groups,
     stage1_loss,
     stage2_loss,
-    train_step,
 )
 
 MODES = [(q, p) for q in ("text", "vector") for p in ("pairs", "fused")]
@@ -41,10 +43,34 @@ def tiny():
     return build_tiny_router_lm(QUERIES * 4, vocab_size=600)
 
 
-def make_router(tiny, query_input="text", profile_layout="pairs"):
+def make_router(tiny, query_input="text", profile_layout="pairs", anchor_evidence=False):
     lm, tok = tiny
     torch.manual_seed(0)
-    return ICLRouter(copy.deepcopy(lm), PromptLayout(tok, query_input=query_input, profile_layout=profile_layout), anchor_emb=torch.randn(K, E))
+    layout = PromptLayout(tok, query_input=query_input, profile_layout=profile_layout)
+    return ICLRouter(copy.deepcopy(lm), layout, anchor_emb=torch.randn(K, E), anchor_evidence=anchor_evidence)
+
+
+def train_config(*phases, stage=2, **kw):
+    """A TrainConfig for in-process steps; ``phases``: (lr_projector, lr_router[, epochs]) tuples."""
+    return TrainConfig(
+        stage=stage,
+        dataset="<in-memory>",
+        output="<in-memory>",
+        phases=[PhaseConfig(lr_projector=p[0], lr_router=p[1], epochs=p[2] if len(p) > 2 else 1) for p in phases],
+        **kw,
+    )
+
+
+def step_fn(router, engine, loss_fn=stage2_loss):
+    """One optimiser step of the training loop's engine on a batch -> the loss."""
+
+    def step(batch):
+        loss = loss_fn(router, batch)
+        engine.backward(loss)
+        engine.step()
+        return float(loss.detach())
+
+    return step
 
 
 def pool_batch(router, *, n_models=T, n_queries=N_QUERIES, seed=0):
@@ -126,11 +152,11 @@ def test_stage1_labels_are_the_query_tokens(tiny):
 def test_stage1_overfits_a_handful_of_queries(tiny):
     router = make_router(tiny)
     batch = collate_stage1(router.layout, QUERIES[:4], query_emb=torch.randn(4, E, generator=torch.Generator().manual_seed(0)))
-    opt = torch.optim.Adam(param_groups(router, projector_lr=3e-3, lm_lr=3e-3))
+    step = step_fn(router, PlainEngine(router, make_optimizer(router, train_config((3e-3, 3e-3), stage=1)), clip=0.0), stage1_loss)
     first = stage1_loss(router, batch).item()
     losses = []
     for _ in range(150):  # typically < 60 steps
-        losses.append(train_step(router, batch, opt, loss_fn=stage1_loss))
+        losses.append(step(batch))
         if losses[-1] < 0.3:
             break
     assert losses[-1] < 0.3, f"stage-1 loss {first:.2f} -> {losses[-1]:.2f} after {len(losses)} steps"
@@ -141,9 +167,9 @@ def test_stage2_overfits_a_tiny_pool(tiny, query_input, profile_layout):
     router = make_router(tiny, query_input, profile_layout)
     batch = pool_batch(router, n_models=2, n_queries=4)  # the two models differ on some queries
     assert (batch.target[:4] != batch.target[4:]).any()
-    opt = torch.optim.Adam(router.parameters(), lr=1e-3)
+    one_step = step_fn(router, PlainEngine(router, make_optimizer(router, train_config((1e-3, 1e-3))), clip=0.0))
     for step in range(300):  # typically 50-150 steps
-        loss = train_step(router, batch, opt)
+        loss = one_step(batch)
         if step % 10 == 9:
             with torch.no_grad():
                 acc = ((router.forward_shared(batch.pairs) > 0).float() == batch.target).float().mean().item()
@@ -152,9 +178,58 @@ def test_stage2_overfits_a_tiny_pool(tiny, query_input, profile_layout):
     assert acc == 1.0 and loss < 0.1, f"after {step + 1} steps: accuracy {acc:.2f}, loss {loss:.3f}"
 
 
-def test_param_groups_freeze_the_lm_for_projector_only_training(tiny):
-    router = make_router(tiny)
-    groups = param_groups(router, projector_lr=2e-5, lm_lr=0)
-    assert len(groups) == 1 and not any(p.requires_grad for p in router.lm.parameters())
-    groups = param_groups(router, projector_lr=1e-5, lm_lr=2e-6)
-    assert [g["lr"] for g in groups] == [1e-5, 2e-6] and all(p.requires_grad for p in router.lm.parameters())
+def test_the_optimiser_holds_projector_and_evidence_head_then_the_lm(tiny):
+    router = make_router(tiny, "vector", anchor_evidence=True)
+    opt = make_optimizer(router, train_config((1e-3, 2e-4)))
+    groups = [{id(p) for p in g["params"]} for g in opt.param_groups]
+    want = [{id(p) for p in [*router.projector.parameters(), *router.evidence.parameters()]}, {id(p) for p in router.lm.parameters()}]
+    assert groups == want and [g["lr"] for g in opt.param_groups] == [1e-3, 2e-4]
+    assert set().union(*groups) == {id(p) for p in router.parameters()}  # every parameter, once
+    router.extra = torch.nn.Linear(2, 2)  # a submodule in neither part is refused, not left untrained
+    with pytest.raises(ValueError, match="extra"):
+        param_parts(router)
+
+
+class RecordingEngine(PlainEngine):
+    """PlainEngine that records, after each backward, which parameters received a gradient."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.with_grad = []
+
+    def backward(self, loss):
+        super().backward(loss)
+        self.with_grad.append({n for n, p in self.module.named_parameters() if p.grad is not None})
+
+
+@pytest.mark.parametrize("frozen", ["lm", "projector"])
+def test_a_part_at_rate_zero_computes_no_gradient_in_its_phase(tiny, frozen):
+    router = make_router(tiny, "vector", anchor_evidence=True)
+    n_models, g = 2, torch.Generator().manual_seed(0)
+    data = TrainData(
+        items=np.array([[q, m, int(torch.rand(1, generator=g) < 0.5)] for q in range(N_QUERIES) for m in range(n_models)]),
+        texts=QUERIES,
+        embeddings=torch.randn(N_QUERIES, E, generator=g).numpy(),
+        anchor_emb=router.anchor_emb.numpy(),
+        profiles=(torch.rand(n_models, K, generator=g) < 0.5).numpy(),
+        models=["m0", "m1"],
+    )
+    lr = 1e-2
+    first = (0.0, lr) if frozen == "projector" else (lr, 0.0)
+    cfg = train_config((*first, 2), (lr, lr, 1), batch_size=4)
+    engine = RecordingEngine(router, make_optimizer(router, cfg), clip=1.0)
+    lm_names = {n for n, _ in router.named_parameters() if n.startswith("lm.")}
+    head_names = {n for n, _ in router.named_parameters() if n.startswith(("projector.", "evidence."))}
+    assert lm_names and head_names and lm_names | head_names == {n for n, _ in router.named_parameters()}
+    frozen_names = lm_names if frozen == "lm" else head_names
+    before = {n: p.detach().clone() for n, p in router.named_parameters()}
+    phases = []
+    for r in train_steps(cfg, engine, data):
+        phases.append(r.phase)
+        if r.phase == 1:  # the frozen part never moved: no gradient, so no AdamW step either
+            assert all(torch.equal(p, before[n]) for n, p in router.named_parameters() if n in frozen_names)
+    assert phases.count(1) >= 2 and phases.count(2) >= 1
+    for phase, seen in zip(phases, engine.with_grad):
+        assert seen == (lm_names | head_names) - (frozen_names if phase == 1 else set()), (phase, frozen)
+    # in phase 2 the frozen part trains: its weights moved by more than float noise
+    assert max((p - before[n]).abs().max().item() for n, p in router.named_parameters() if n in frozen_names) > 1e-6

@@ -1,7 +1,8 @@
 """Stage-2 training steps: naive per-pair prompts vs shared-prefix packing, same pairs, one run.
 
 Both sides start from the same tiny router weights, take the same batches (one
-model's B pairs each) and do forward + backward + Adam step; the losses of the
+model's B pairs each) and do forward + backward + an AdamW step (the training
+loop's optimiser, ``train.loop.make_optimizer``); the losses of the
 two trajectories must agree (``max_loss_diff``).
 """
 
@@ -37,10 +38,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
     import torch
 
+    from icl_router.config import PhaseConfig, TrainConfig
     from icl_router.model.prompt import PromptLayout
     from icl_router.model.router import ICLRouter
     from icl_router.model.tiny import build_tiny_router_lm
-    from icl_router.train.steps import collate_stage2, stage2_loss, train_step
+    from icl_router.train.loop import PlainEngine, make_optimizer
+    from icl_router.train.steps import collate_stage2, stage2_loss
 
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(args.seed)
@@ -67,13 +70,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )
         )
 
+    cfg = TrainConfig(stage=2, dataset="<bench>", output="<bench>", phases=[PhaseConfig(lr_projector=1e-4, lr_router=1e-4)])
+
     def side(shared: bool) -> tuple[float, list[float]]:
         r = copy.deepcopy(router)
-        opt = torch.optim.Adam(r.parameters(), lr=1e-4)
-        loss = lambda rr, b: stage2_loss(rr, b, shared=shared)  # noqa: E731
-        losses = [train_step(r, batches[0], opt, loss_fn=loss)]  # warm-up, not timed
+        engine = PlainEngine(r, make_optimizer(r, cfg), clip=0.0)
+
+        def step(batch: Any) -> float:
+            loss = stage2_loss(r, batch, shared=shared)
+            engine.backward(loss)
+            engine.step()
+            return float(loss.detach())
+
+        losses = [step(batches[0])]  # warm-up, not timed
         t0 = time.perf_counter()
-        losses += [train_step(r, b, opt, loss_fn=loss) for b in batches[1:]]
+        losses += [step(b) for b in batches[1:]]
         return time.perf_counter() - t0, losses
 
     t_naive, l_naive = side(False)

@@ -1,9 +1,9 @@
 """Train and score routers in one process, for evaluation and sweeps.
 
-The same schedule, losses and optimiser as the Ray Train job (``train.loop``),
-plus what evaluation needs around them: anchors on a seed's train split, a
-validation slice of train for picking the step (early stopping), pre-training
-on generated pools, and scoring through ``routing.Scorer``, as the service scores.
+The same training data, schedule, losses and optimiser as the Ray Train job
+(``train.data``, ``train.loop``), plus what evaluation needs around them: anchors
+on a seed's train split, a validation slice of train for picking the step (early
+stopping), and scoring through ``routing.Scorer``, as the service scores.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from icl_router.data.anchors import select_anchors
 from icl_router.data.routing_set import RoutingSet
 from icl_router.data.splits import make_split
 from icl_router.evaluation.baselines import routed_accuracy
+from icl_router.train.data import TrainData
 
 
 def for_seed(rs: RoutingSet, queries: Any, split: SplitConfig, *, seed: int, k: int) -> RoutingSet:
@@ -32,31 +33,6 @@ def for_seed(rs: RoutingSet, queries: Any, split: SplitConfig, *, seed: int, k: 
     train = rs.rows("train")
     table = select_anchors(rs.labels[train], [rs.query_ids[i] for i in train], k=k, seed=seed)
     return dataclasses.replace(rs, anchor_ids=table.column("query_id").to_pylist())
-
-
-def train_data(rs: RoutingSet, *, val_fraction: float, seed: int, models: list[int] | None = None) -> tuple[dict[str, Any], np.ndarray]:
-    """(the ``data`` dict of ``train.loop``, validation rows [v]): a ``val_fraction`` slice of
-    train (no anchors) is held out of the pairs; ``models`` keeps only those pool columns."""
-    pairs = rs.training_pairs()  # [P, 3] (row, model, label)
-    rows = np.unique(pairs[:, 0])
-    val = np.sort(np.random.default_rng(seed + 7).choice(rows, size=int(val_fraction * len(rows)), replace=False))
-    pairs = pairs[~np.isin(pairs[:, 0], val)]
-    profiles = rs.profiles()  # [M, K]
-    if models is not None:
-        keep = np.isin(pairs[:, 1], models)
-        remap = {m: i for i, m in enumerate(models)}
-        pairs = pairs[keep]
-        pairs[:, 1] = [remap[m] for m in pairs[:, 1]]
-        profiles = profiles[models]
-    data = {
-        "items": pairs,
-        "texts": rs.texts,
-        "embeddings": rs.embeddings,
-        "anchor_emb": rs.embeddings[rs.anchor_rows],
-        "profiles": profiles,
-        "models": [rs.models[m] for m in (models if models is not None else range(len(rs.models)))],
-    }
-    return data, val
 
 
 def tiny_init(cfg: TrainConfig, texts: list[str], cache: Path) -> str:
@@ -85,33 +61,28 @@ def score(router: Any, rs: RoutingSet, rows: np.ndarray, profiles: np.ndarray, *
 
 def fit(
     cfg: TrainConfig,
-    data: dict[str, Any],
+    data: TrainData,
     *,
     init_dir: str,
     rs: RoutingSet | None = None,
     val: np.ndarray | None = None,
     eval_every: int = 200,
-    router: Any = None,
-    scorer: Any = None,
     label: str = "train",
 ) -> tuple[Any, dict[str, Any]]:
     """Train (``train.loop`` steps); with ``rs`` and ``val`` rows, keep the weights of the
-    evaluation (every ``eval_every`` steps and at the end) with the best routed accuracy on val.
-    ``router``: continue training this one (e.g. after pre-training) instead of a fresh one;
-    ``scorer(router, rows) -> p [n, T]`` replaces ``score`` for the validation checks."""
+    evaluation (every ``eval_every`` steps and at the end) with the best routed accuracy on val."""
     from icl_router.train.loop import PlainEngine, build_router, make_optimizer, train_steps
 
     torch.manual_seed(cfg.seed)
-    if router is None:
-        router = build_router(cfg, anchor_emb=data["anchor_emb"], init_dir=init_dir)
+    router = build_router(cfg, anchor_emb=data.anchor_emb, init_dir=init_dir)
     engine = PlainEngine(router, make_optimizer(router, cfg), clip=cfg.deepspeed.gradient_clipping)
-    val_labels = None if val is None else rs.labels[val][:, [rs.models.index(m) for m in data["models"]]]
+    val_labels = None if val is None else rs.labels[val][:, [rs.models.index(m) for m in data.models]]
     best, best_acc, best_step, curve = None, -1.0, 0, []
     t0, losses, step = time.perf_counter(), [], 0
 
     def check(step: int) -> None:
         nonlocal best, best_acc, best_step
-        p = scorer(router, val) if scorer else score(router, rs, val, data["profiles"], max_text_tokens=cfg.max_text_tokens)
+        p = score(router, rs, val, data.profiles, max_text_tokens=cfg.max_text_tokens)
         acc = routed_accuracy(p, val_labels)
         curve.append((step, acc))
         if acc > best_acc:
@@ -138,62 +109,9 @@ def fit(
         router.load_state_dict(best)
     info = {"steps": step, "seconds": round(time.perf_counter() - t0, 1), "final_loss": float(np.mean(losses[-50:])) if losses else None}
     if val is not None:
-        p = scorer(router, val) if scorer else score(router, rs, val, data["profiles"], max_text_tokens=cfg.max_text_tokens)
+        p = score(router, rs, val, data.profiles, max_text_tokens=cfg.max_text_tokens)
         info.update(val_acc=round(best_acc, 2), best_step=best_step, val_curve=curve, calibration=fit_calibration(p, val_labels))
     return router.eval(), info
-
-
-def generated_labels(emb: np.ndarray, clusters: np.ndarray, *, n_models: int, rng: np.random.Generator, spread: dict[str, float] | None = None) -> np.ndarray:
-    """bool [n, n_models]: a generated pool on real query embeddings [n, d] (ENVIRONMENT.md, last section).
-
-    P(correct) = sigmoid(bias + skill along a random direction of the embedding
-    space + skill on the query's cluster - a difficulty shared by all models);
-    the default spread makes pools that look like the real one (oracle, best
-    single and the correlation between models of the LLMRouter pool).
-    """
-    s = {"bias_mu": 0.0, "bias_sd": 1.2, "dir": 1.2, "cluster": 1.5, "difficulty": 2.5, **(spread or {})}
-    x = emb - emb.mean(0)
-    dirs = rng.normal(size=(x.shape[1], n_models))  # [d, M]
-    proj = x @ dirs
-    proj /= proj.std(0, keepdims=True)  # [n, M] unit spread along each model's direction
-    n_clusters = int(clusters.max()) + 1
-    logit = (
-        rng.normal(s["bias_mu"], s["bias_sd"], n_models)
-        + rng.normal(0, s["dir"], n_models) * proj
-        + rng.normal(0, s["cluster"], (n_clusters, n_models))[clusters]
-        - rng.normal(0, s["difficulty"], (len(x), 1))
-    )  # [n, M]
-    return rng.random(logit.shape) < 1 / (1 + np.exp(-logit))
-
-
-def pretrain_generated(cfg: TrainConfig, rs: RoutingSet, data: dict[str, Any], *, init_dir: str, steps: int, steps_per_pool: int = 50, n_models: int = 12, n_clusters: int = 32, label: str = "pretrain") -> Any:
-    """A fresh router meta-trained on generated pools over the train queries (no real label):
-    a new pool every ``steps_per_pool`` steps, its profile read on the same anchors."""
-    from sklearn.cluster import KMeans
-
-    from icl_router.train.loop import PlainEngine, build_router, make_optimizer, train_steps
-
-    rows = np.unique(data["items"][:, 0])  # the train rows the real training uses (no val, no anchors)
-    anchors = rs.anchor_rows
-    both = np.concatenate([rows, anchors])
-    clusters = KMeans(n_clusters=n_clusters, n_init=1, random_state=cfg.seed).fit_predict(rs.embeddings[both])
-    rng = np.random.default_rng(cfg.seed + 1_000)
-    torch.manual_seed(cfg.seed)
-    router = build_router(cfg, anchor_emb=data["anchor_emb"], init_dir=init_dir)
-    engine = PlainEngine(router, make_optimizer(router, cfg), clip=cfg.deepspeed.gradient_clipping)
-    done, t0, losses = 0, time.perf_counter(), []
-    while done < steps:
-        lab = generated_labels(rs.embeddings[both], clusters, n_models=n_models, rng=rng)  # [n + K, M]
-        r, m = np.nonzero(np.ones((len(rows), n_models), dtype=bool))
-        pool = {**data, "items": np.stack([rows[r], m, lab[r, m]], 1).astype(np.int64), "profiles": lab[len(rows) :].T.copy()}
-        pool_cfg = cfg.model_copy(update={"max_steps": min(steps_per_pool, steps - done), "seed": int(rng.integers(1 << 30))})
-        for res in train_steps(pool_cfg, engine, pool):
-            losses.append(res.loss)
-        done += pool_cfg.max_steps
-        sys.stderr.write(f"\r[{label}] step {done}/{steps} loss {np.mean(losses[-50:]):.4f} {time.perf_counter() - t0:.0f}s")
-        sys.stderr.flush()
-    sys.stderr.write("\n")
-    return router
 
 
 def fit_calibration(p: np.ndarray, labels: np.ndarray) -> np.ndarray:

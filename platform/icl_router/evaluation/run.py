@@ -32,6 +32,7 @@ from icl_router.data.dataset import Dataset, DatasetError
 from icl_router.data.routing_set import RoutingSet, load_routing_set
 from icl_router.evaluation import baselines as B
 from icl_router.evaluation import fit as F
+from icl_router.train.data import build_train_data
 
 METHODS = ["icl-router", "icl-router-text", "random", "best-single", "max-expert", "knn", "logreg", "oracle"]
 
@@ -144,12 +145,9 @@ def get_router(rc: EvalRouterConfig, rs: RoutingSet, *, seed: int, seed_i: int, 
             )
         return loaded.router.eval(), {"checkpoint": rc.checkpoints[seed_i]}
     cfg = train_config(rc, seed=seed, max_steps=max_steps)
-    data, val = F.train_data(rs, val_fraction=rc.val_fraction, seed=seed, models=models)
+    data, val = build_train_data(rs, stage=2, val_fraction=rc.val_fraction, seed=seed, models=models)
     init = F.tiny_init(cfg, rs.texts, cache) if cfg.router.name_or_path is None else cfg.router.name_or_path
-    router = None
-    if rc.pretrain_steps:
-        router = F.pretrain_generated(cfg, rs, data, init_dir=init, steps=rc.pretrain_steps, label=f"{label} pretrain")
-    return F.fit(cfg, data, init_dir=init, rs=rs, val=val if len(val) else None, eval_every=rc.eval_every, router=router, label=label)
+    return F.fit(cfg, data, init_dir=init, rs=rs, val=val if len(val) else None, eval_every=rc.eval_every, label=label)
 
 
 def icl_scores(router: Any, rs: RoutingSet, rows: np.ndarray, rc: EvalRouterConfig, info: dict, *, models: list[int] | None = None) -> np.ndarray:

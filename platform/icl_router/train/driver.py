@@ -3,8 +3,9 @@
 The driver reads the dataset into a RoutingSet, prepares the initial router (a
 tiny one is built here; a hub id or a previous stage's directory is loaded by
 each worker) and starts ``TorchTrainer(train_loop, ...)``. Every worker calls
-``deepspeed.initialize`` on the ICLRouter with a torch AdamW (projector and LM
-in two parameter groups whose learning rates follow the configured phases),
+``deepspeed.initialize`` on the ICLRouter with a torch AdamW (``loop.make_optimizer``:
+projector and LM in two parameter groups whose learning rates follow the configured
+phases; a part at rate 0 computes no gradients in that phase),
 runs the pure steps of ``icl_router.train.steps`` on its shard of a schedule
 that is fixed by the seed, and reports a checkpoint every ``checkpoint_every``
 steps. After a worker dies, Ray Train restarts the group (``FailureConfig``),
@@ -29,6 +30,7 @@ import numpy as np
 
 from icl_router.config import TrainConfig
 from icl_router.data.dataset import DatasetError, swap_into_place
+from icl_router.train.data import TrainData, build_train_data
 
 INIT_DIR = "init-lm"
 STATE_FILE = "train_state.json"
@@ -61,7 +63,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
 
-    router = build_router(cfg, anchor_emb=data["anchor_emb"], init_dir=loop_config["init_dir"])
+    router = build_router(cfg, anchor_emb=data.anchor_emb, init_dir=loop_config["init_dir"])
     ds_config = {
         "train_micro_batch_size_per_gpu": cfg.batch_size,
         "gradient_accumulation_steps": 1,
@@ -70,6 +72,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         "bf16": {"enabled": cfg.deepspeed.bf16},
         "steps_per_print": 1 << 30,
     }
+    # every part requires gradients here, so ZeRO partitions all of them; train_steps then
+    # freezes a part for each phase that gives it a learning rate of 0 (loop.enter_phase)
     engine, _, _, _ = deepspeed.initialize(model=router, optimizer=make_optimizer(router, cfg), config=ds_config)
 
     start = 0
@@ -106,31 +110,24 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                     (Path(d) / STATE_FILE).write_text(json.dumps({"step": r.step}))
                     if last:
                         meta = RouterMeta(**loop_config["meta"], extra={"steps": r.step, "final_loss": metrics["loss"]})
-                        pool = dict(zip(data["models"], data["profiles"]))
+                        pool = dict(zip(data.models, data.profiles))
                         save_router_dir(engine.module, Path(d) / ROUTER_SUBDIR, meta=meta, pool=pool)
             # one name on every rank, so the ranks' DeepSpeed shards land in one checkpoint folder
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=f"checkpoint-step-{r.step:08d}")
         recent = []
 
 
-def prepare_data(cfg: TrainConfig) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(arrays for the workers, router meta fields) from the dataset and the named split."""
+def prepare_data(cfg: TrainConfig) -> tuple[TrainData, dict[str, Any]]:
+    """(the workers' training data, router meta fields) from the dataset and the named split."""
     from icl_router.data.routing_set import load_routing_set
 
     rs = load_routing_set(cfg.dataset, split=cfg.split, embedder=cfg.embedder, models=cfg.models)
     if not rs.anchor_ids:
         raise DatasetError(f"{cfg.dataset} has no anchors.parquet; run `icl-router anchors` first")
-    items = rs.training_pairs() if cfg.stage == 2 else np.union1d(rs.rows("train"), rs.anchor_rows)
-    if len(items) == 0:
-        raise DatasetError(f"stage {cfg.stage}: the train part of split {cfg.split.name!r} has no usable rows")
-    data = {
-        "items": items,
-        "texts": rs.texts,
-        "embeddings": rs.embeddings,
-        "anchor_emb": rs.embeddings[rs.anchor_rows],
-        "profiles": rs.profiles(),
-        "models": rs.models,
-    }
+    try:
+        data, _ = build_train_data(rs, stage=cfg.stage)
+    except DatasetError as e:
+        raise DatasetError(f"{cfg.dataset}, split {cfg.split.name!r}: {e}") from None
     meta = {
         "embedder": cfg.embedder,
         "embedding_dim": int(rs.embeddings.shape[1]),
@@ -181,7 +178,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.init_from is None and cfg.router.name_or_path is None:
         init_dir = storage / run_name / INIT_DIR
         if not (init_dir / "config.json").exists():  # a resumed run keeps its initial weights
-            build_tiny_init(cfg, data["texts"], init_dir)
+            build_tiny_init(cfg, data.texts, init_dir)
     tok_src = cfg.init_from or cfg.router.name_or_path or init_dir
     tokenizer = _load_tokenizer(tok_src)
     layout = PromptLayout(tokenizer, query_input=cfg.router.query_input, profile_layout=cfg.router.profile_layout)
@@ -218,7 +215,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         "output": str(output),
         "steps": result.metrics.get("step"),
         "final_loss": result.metrics.get("loss"),
-        "items": int(len(data["items"])),
+        "items": int(len(data.items)),
         "workers": cfg.scaling.num_workers,
         "zero_stage": cfg.deepspeed.zero_stage,
         "seconds": round(time.time() - t0, 1),

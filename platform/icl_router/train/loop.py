@@ -4,7 +4,9 @@
 rank) and yields after every optimiser step; it drives any engine with
 ``backward(loss)``, ``step()``, ``module`` and ``optimizer``: the DeepSpeed engine
 in Ray Train workers (``driver.py``) or ``PlainEngine`` in one process
-(evaluation sweeps, tests).
+(evaluation sweeps, tests). ``make_optimizer`` is the one optimiser builder;
+``enter_phase`` sets each part's learning rate per phase and turns off the
+gradients of a part whose rate is 0.
 """
 
 from __future__ import annotations
@@ -17,17 +19,18 @@ import numpy as np
 import torch
 
 from icl_router.config import PhaseConfig, TrainConfig
+from icl_router.train.data import TrainData
 
 # ---------------------------------------------------------------------------
 # The schedule: which items each rank trains on at each global step.
 
 
-def epoch_batches(cfg: TrainConfig, data: dict[str, Any], *, epoch: int, rank: int, world: int) -> list[np.ndarray]:
-    """This rank's batches of one epoch (indices into ``data['items']``); every rank gets the same count."""
+def epoch_batches(cfg: TrainConfig, data: TrainData, *, epoch: int, rank: int, world: int) -> list[np.ndarray]:
+    """This rank's batches of one epoch (indices into ``data.items``); every rank gets the same count."""
     from icl_router.train.steps import batches_by_model
 
     seed = cfg.seed * 100_003 + epoch
-    items = data["items"]
+    items = data.items
     if cfg.stage == 2:
         batches = batches_by_model(items[:, 1], batch_size=cfg.batch_size, seed=seed)
     else:
@@ -37,7 +40,7 @@ def epoch_batches(cfg: TrainConfig, data: dict[str, Any], *, epoch: int, rank: i
     return batches[rank::world][:per_rank]
 
 
-def total_steps(cfg: TrainConfig, data: dict[str, Any], *, world: int) -> tuple[int, list[tuple[int, int]]]:
+def total_steps(cfg: TrainConfig, data: TrainData, *, world: int) -> tuple[int, list[tuple[int, int]]]:
     """(total steps, [(phase, epoch)] per epoch)."""
     epochs = [(p, e) for p, ph in enumerate(cfg.phases) for e in range(ph.epochs)]
     n = sum(len(epoch_batches(cfg, data, epoch=i, rank=0, world=world)) for i in range(len(epochs)))
@@ -80,40 +83,57 @@ def truncate_texts(texts: list[str], tokenizer: Any, *, max_tokens: int) -> list
 # The worker loop
 
 
-def set_lrs(engine: Any, phase: PhaseConfig) -> None:
-    for group, lr in zip(engine.optimizer.param_groups, (phase.lr_projector, phase.lr_router)):
-        group["lr"] = lr
-
-
-def make_batch(cfg: TrainConfig, router: Any, data: dict[str, Any], texts: list[str], idx: np.ndarray) -> Any:
+def make_batch(cfg: TrainConfig, router: Any, data: TrainData, texts: list[str], idx: np.ndarray) -> Any:
     from icl_router.train.steps import collate_stage1, collate_stage2
 
-    items = data["items"][idx]
-    rows = items[:, 0] if cfg.stage == 2 else items
-    q_emb = torch.as_tensor(data["embeddings"][rows])
+    items = data.items[idx]  # [B, 3]
+    rows = items[:, 0]
+    q_emb = torch.as_tensor(data.embeddings[rows])
     if cfg.stage == 1:
         return collate_stage1(router.layout, [texts[r] for r in rows], query_emb=q_emb)
     return collate_stage2(
         router.layout,
         [texts[r] for r in rows],
         model_idx=items[:, 1],
-        profiles=torch.tensor(data["profiles"]),
+        profiles=torch.tensor(data.profiles),
         target=items[:, 2].astype(np.float32),
         query_emb=q_emb if cfg.router.query_input == "vector" else None,
     )
 
 
-def make_optimizer(router: Any, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW with two groups, projector (+ the anchor-evidence head) then LM; ``set_lrs`` moves their rates per phase."""
-    first = cfg.phases[0]
+def param_parts(router: Any) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+    """The two parts a phase gives a learning rate: (projector + anchor-evidence head, router LM)."""
     head = list(router.evidence.parameters()) if router.evidence is not None else []
+    parts = list(router.projector.parameters()) + head, list(router.lm.parameters())
+    covered = {id(p) for part in parts for p in part}
+    stray = [n for n, p in router.named_parameters() if id(p) not in covered]
+    if stray:  # a new submodule must join a part, or a phase could never train or freeze it
+        raise ValueError(f"router parameters in neither optimiser part: {stray}")
+    return parts
+
+
+def make_optimizer(router: Any, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The one optimiser builder: AdamW with the two ``param_parts`` as groups (projector + head,
+    then LM), at the first phase's rates; ``enter_phase`` moves them per phase.
+
+    Every part is in the optimiser even when the first phase freezes it: DeepSpeed ZeRO builds
+    its flat partitions from the parameters that require gradients at ``deepspeed.initialize``,
+    so a part frozen then could never train in a later phase.
+    """
+    first = cfg.phases[0]
+    projector, lm = param_parts(router)
     return torch.optim.AdamW(
-        [
-            {"params": list(router.projector.parameters()) + head, "lr": first.lr_projector},
-            {"params": list(router.lm.parameters()), "lr": first.lr_router},
-        ],
+        [{"params": projector, "lr": first.lr_projector}, {"params": lm, "lr": first.lr_router}],
         weight_decay=cfg.deepspeed.weight_decay,
     )
+
+
+def enter_phase(engine: Any, phase: PhaseConfig) -> None:
+    """Set each part's learning rate; a part at rate 0 computes no gradients this phase."""
+    for params, group, lr in zip(param_parts(engine.module), engine.optimizer.param_groups, (phase.lr_projector, phase.lr_router)):
+        group["lr"] = lr
+        for p in params:
+            p.requires_grad_(lr > 0)
 
 
 class PlainEngine:
@@ -143,7 +163,7 @@ class StepResult:
     items: int  # items in this rank's batch
 
 
-def train_steps(cfg: TrainConfig, engine: Any, data: dict[str, Any], *, rank: int = 0, world: int = 1, start: int = 0) -> Iterator[StepResult]:
+def train_steps(cfg: TrainConfig, engine: Any, data: TrainData, *, rank: int = 0, world: int = 1, start: int = 0) -> Iterator[StepResult]:
     """Run the schedule from global step ``start``; yield after each optimiser step.
 
     Steps before ``start`` are skipped without computing anything, so a run resumed
@@ -152,14 +172,14 @@ def train_steps(cfg: TrainConfig, engine: Any, data: dict[str, Any], *, rank: in
     from icl_router.train.steps import stage1_loss, stage2_loss
 
     router = engine.module
-    texts = truncate_texts(data["texts"], router.layout.tokenizer, max_tokens=cfg.max_text_tokens)
+    texts = truncate_texts(data.texts, router.layout.tokenizer, max_tokens=cfg.max_text_tokens)
     n_total, epochs = total_steps(cfg, data, world=world)
     loss_fn = stage2_loss if cfg.stage == 2 else stage1_loss
     router.train()
     step = 0
     for e, (phase_i, _) in enumerate(epochs):
         batches = epoch_batches(cfg, data, epoch=e, rank=rank, world=world)
-        set_lrs(engine, cfg.phases[phase_i])
+        enter_phase(engine, cfg.phases[phase_i])
         for idx in batches:
             if step >= n_total:
                 return
@@ -170,13 +190,3 @@ def train_steps(cfg: TrainConfig, engine: Any, data: dict[str, Any], *, rank: in
             engine.backward(loss)
             engine.step()
             yield StepResult(step, n_total, e + 1, len(epochs), phase_i + 1, float(loss.detach()), len(idx))
-
-
-def fit_local(cfg: TrainConfig, data: dict[str, Any], *, init_dir: str | None = None) -> Any:
-    """Train in this process (no Ray, no DeepSpeed): the same schedule, losses and optimiser."""
-    torch.manual_seed(cfg.seed)
-    router = build_router(cfg, anchor_emb=data["anchor_emb"], init_dir=init_dir)
-    engine = PlainEngine(router, make_optimizer(router, cfg), clip=cfg.deepspeed.gradient_clipping)
-    for _ in train_steps(cfg, engine, data):
-        pass
-    return router.eval()

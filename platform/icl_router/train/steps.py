@@ -1,7 +1,9 @@
-"""Pure training pieces: batch building, the two stage losses, one optimiser step.
+"""Pure training pieces: batch building and the two stage losses.
 
-Plain PyTorch: the Ray Train / DeepSpeed driver calls ``stage1_loss`` and
-``stage2_loss`` on batches built here; tests and benchmarks call them directly.
+Plain PyTorch: the training loop (``train.loop``, run by the Ray Train / DeepSpeed
+driver and by evaluation in one process) calls ``stage1_loss`` and ``stage2_loss``
+on batches built here; tests and benchmarks call them directly. The optimiser and
+the per-phase freezing live in ``train.loop`` (``make_optimizer``, ``enter_phase``).
 
 Stage-2 batches group pairs by model, so each model's profile prefix is
 computed once per batch (``ICLRouter.forward_shared``); ``batches_by_model``
@@ -10,9 +12,8 @@ makes such groups, ``collate_stage2`` turns one group into tensors.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -102,22 +103,3 @@ def stage2_loss(router: ICLRouter, batch: Stage2Batch, *, shared: bool = True) -
 def stage1_loss(router: ICLRouter, batch: Stage1Batch) -> torch.Tensor:
     """Mean cross-entropy of the query tokens given the query's projected vector."""
     return router.forward_stage1(batch.ids, batch.labels, query_emb=batch.query_emb)
-
-
-def param_groups(router: ICLRouter, *, projector_lr: float, lm_lr: float) -> list[dict[str, Any]]:
-    """Optimiser groups with the paper's two learning rates; ``lm_lr=0`` freezes the LM
-    (stage 1, epoch 1) by turning its gradients off, not by a zero learning rate."""
-    router.lm.requires_grad_(lm_lr > 0)
-    groups = [{"params": list(router.projector.parameters()), "lr": projector_lr}]
-    if lm_lr > 0:
-        groups.append({"params": list(router.lm.parameters()), "lr": lm_lr})
-    return groups
-
-
-def train_step(router: ICLRouter, batch: Any, optimizer: torch.optim.Optimizer, *, loss_fn: Callable[..., torch.Tensor] = stage2_loss) -> float:
-    """zero_grad, loss, backward, step; returns the loss."""
-    optimizer.zero_grad(set_to_none=True)
-    loss = loss_fn(router, batch)
-    loss.backward()
-    optimizer.step()
-    return float(loss.detach())
