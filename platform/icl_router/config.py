@@ -1,12 +1,19 @@
 """Typed job configs: pydantic models, YAML as their serialisation.
 
 Every job has one config class. ``load_config(cls, path, overrides)`` reads the
-YAML, applies ``key.sub=value`` overrides (values parsed as YAML scalars), and
-validates. Unknown keys and wrong types fail with the dotted key path.
+YAML (and the files it layers on with ``base:``), applies ``key.sub=value``
+overrides (values parsed as YAML scalars), and validates. Unknown keys and wrong
+types fail with the dotted key path.
+
+Layering: a section given as a mapping is merged onto its default, both for
+``base:`` files (the file's own keys win) and for a config section whose default
+differs from its class's defaults (``EvaluateConfig.icl_router_text`` is the text
+router: ``icl_router_text: {k: 50}`` keeps it the text router with K=50).
 """
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -14,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from icl_router.errors import UserError
+from icl_router.kinds import Accelerator, DatasetFormat, PolicyKind, ProfileLayout, QueryInput
 
 
 class ConfigError(UserError):
@@ -24,6 +32,19 @@ class Config(BaseModel):
     """Base of every config: unknown keys are errors, values are checked on set."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _merge_onto_defaults(cls, data: Any) -> Any:
+        """A section given as a mapping starts from the field's default, not from its class's defaults."""
+        if not isinstance(data, dict):
+            return data
+        out = dict(data)
+        for name, field in cls.model_fields.items():
+            default, given = field.default, out.get(name)
+            if isinstance(default, Config) and isinstance(given, dict):
+                out[name] = deep_merge(default.model_dump(), given)
+        return out
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -85,22 +106,57 @@ def build_config(cls: type[C], data: dict[str, Any], *, source: str = "<dict>") 
         raise ConfigError(format_validation_error(e, source=source)) from None
 
 
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``top`` over ``base``: mappings merge key by key, anything else (lists, scalars, null) replaces."""
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+BASE_KEY = "base"
+
+
+def read_config_file(path: str | Path, *, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The mapping of a YAML config file with its ``base:`` chain merged under it.
+
+    ``base: other.yaml`` (relative to this file's folder) names a config whose keys
+    this file inherits; this file's keys win, mappings merging key by key.
+    """
+    path = Path(path)
+    via = "".join(f" (base of {p})" for p in reversed(_chain))
+    if not path.is_file():
+        if _chain:
+            raise ConfigError(f"{_chain[-1]}: base file {path} does not exist; base: is relative to the folder of the file naming it")
+        raise ConfigError(f"config file {path} does not exist; pass --config with a YAML file")
+    if path.resolve() in {p.resolve() for p in _chain}:
+        cycle = " -> ".join(str(p) for p in (*_chain, path))
+        raise ConfigError(f"{_chain[-1]}: base files form a cycle ({cycle}); remove one of the base: keys")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}{via}: not valid YAML: {e}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"{path}{via}: the top level must be a mapping of keys, got {type(loaded).__name__}")
+    data = loaded or {}
+    if BASE_KEY not in data:
+        return data
+    base = data.pop(BASE_KEY)
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{path}: base must be the path of another YAML config (relative to this file), got {base!r}")
+    return deep_merge(read_config_file(path.parent / base, _chain=(*_chain, path)), data)
+
+
 def load_config(cls: type[C], path: str | Path | None, overrides: list[str] | None = None) -> C:
-    """Read ``path`` (YAML; None means all defaults), apply overrides, validate."""
+    """Read ``path`` (YAML, with its ``base:`` chain; None means all defaults), apply overrides, validate."""
     data: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
-        path = Path(path)
+        data = read_config_file(path)
         source = str(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist; pass --config with a YAML file")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(loaded).__name__}")
-        data = loaded or {}
     if overrides:
         data = apply_overrides(data, overrides)
         source += " + overrides"
@@ -187,8 +243,8 @@ class RouterConfig(Config):
 
     name_or_path: str | None = None  # e.g. Qwen/Qwen2.5-7B-Instruct or a local path
     tiny: TinyRouterConfig = TinyRouterConfig()
-    query_input: Literal["text", "vector"] = "vector"
-    profile_layout: Literal["pairs", "fused"] = "pairs"
+    query_input: QueryInput = "vector"
+    profile_layout: ProfileLayout = "pairs"
     # add a learned logit from the model's outcomes on the query's nearest anchors (model/evidence.py)
     anchor_evidence: bool = False
 
@@ -200,11 +256,12 @@ class RouterConfig(Config):
 
 
 class PhaseConfig(Config):
-    """A run of epochs with fixed learning rates (0 freezes that part)."""
+    """A run of epochs with fixed learning rates. 0 freezes that part for the phase: its
+    parameters compute no gradients (``lr_projector`` covers the anchor-evidence head too)."""
 
     epochs: int = 1
-    lr_projector: float = 1e-5
-    lr_router: float = 2e-6
+    lr_projector: float = Field(default=1e-5, ge=0)
+    lr_router: float = Field(default=2e-6, ge=0)
 
 
 class DeepSpeedConfig(Config):
@@ -245,6 +302,9 @@ class TrainConfig(Config):
     def _check(self) -> TrainConfig:
         if not self.phases:
             raise ValueError("phases must list at least one phase, e.g. [{epochs: 1, lr_projector: 1e-5, lr_router: 2e-6}]")
+        for i, ph in enumerate(self.phases):
+            if ph.lr_projector <= 0 and ph.lr_router <= 0:
+                raise ValueError(f"phases[{i}] trains nothing (lr_projector and lr_router are 0): give one of them a rate > 0 or drop the phase")
         if self.deepspeed.bf16 and not self.scaling.use_gpu:
             raise ValueError("deepspeed.bf16 needs scaling.use_gpu=true; CPUs train in fp32")
         return self
@@ -273,7 +333,7 @@ class CandidateModelConfig(Config):
     cost_per_input_token: float = 0.0  # dollars
     cost_per_output_token: float = 0.0
     engine_kwargs: dict[str, Any] = {}  # vLLM engine args: max_model_len, dtype, tensor_parallel_size, ...
-    accelerator: Literal["cpu", "gpu"] = "cpu"
+    accelerator: Accelerator = "cpu"
     accelerator_type: str | None = None  # GPU only, e.g. A10G or H100
     concurrency: int = 1  # vLLM engine replicas
     env_vars: dict[str, str] = {}  # for the engine actors; on top of the CPU defaults when accelerator=cpu
@@ -318,26 +378,33 @@ class ProfileConfig(Config):
 
 
 class EvalRouterConfig(Config):
-    """One ICL-Router variant of an evaluation, trained in-process per seed (the Ray Train job's steps)."""
+    """One ICL-Router variant of an evaluation, trained in-process per seed (the Ray Train job's steps).
 
-    router: RouterConfig = RouterConfig(profile_layout="fused")
-    k: int = 100  # anchors, picked per seed on the train part
-    phases: list[PhaseConfig] = [PhaseConfig(epochs=3, lr_projector=1e-3, lr_router=1e-3)]
+    The defaults are the best configuration measured on the standard protocol (README, evaluate):
+    the tiny router reading the query as a vector, the authors' pairs layout, anchor evidence, K=500.
+    """
+
+    router: RouterConfig = RouterConfig(anchor_evidence=True)
+    k: int = 500  # anchors, picked per seed on the train part; the evidence reads them
+    phases: list[PhaseConfig] = [PhaseConfig(epochs=5, lr_projector=3e-4, lr_router=3e-4)]  # 1e-3 keeps the tiny router at the prior
     batch_size: int = 32
-    max_steps: int | None = None
+    max_steps: int | None = 300  # with the evidence, validation peaks early
     max_text_tokens: int = 64
     val_fraction: float = 0.1  # of train, held out to pick the step (early stopping); 0 keeps the last step
-    eval_every: int = 200  # steps between validation checks
-    pretrain_steps: int = 0  # steps of pre-training on generated pools before the real labels
-    calibrate: bool = True  # per-model Platt scaling of p on the validation slice
+    eval_every: int = 100  # steps between validation checks
+    calibrate: bool = False  # per-model Platt scaling of p on the validation slice (cost accuracy here)
     checkpoints: list[str] | None = None  # one trained router directory per seed instead of training
+
+
+# The same router reading the query's text (no evidence: it reads the query's vector); a text step costs ~3 vector steps.
+TEXT_ROUTER = EvalRouterConfig(router=RouterConfig(query_input="text", anchor_evidence=False), k=100, max_steps=600, eval_every=500)
 
 
 class RouterBenchEvalConfig(Config):
     """The cost/quality section: the RouterBench subset with its per-query costs."""
 
     dataset: str = "routing/routerbench"  # under data_root, like EvaluateConfig.dataset
-    format: Literal["llmrouter", "zeroeval", "routerbench", "iclrouter"] | None = "routerbench"
+    format: DatasetFormat | None = "routerbench"
     margins: list[float] = [0.0, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0]  # margin policy sweep
     k: int | None = None  # anchors on this dataset's train split (null: icl_router.k)
 
@@ -353,14 +420,14 @@ class EvaluateConfig(Config):
 
     data_root: str = "../shared/data"
     dataset: str = "routing/llmrouter"
-    format: Literal["llmrouter", "zeroeval", "routerbench", "iclrouter"] | None = "llmrouter"
+    format: DatasetFormat | None = "llmrouter"
     cache_dir: str = "runs/cache/evaluate"  # imported and embedded copies (runs/ is not versioned)
     embedder: str = "all-MiniLM-L6-v2"
     split: SplitConfig = SplitConfig()  # id_tasks / ood_tasks / train_fraction; the seed comes from seeds
     seeds: list[int] = [0, 1, 2]
     knn_k: int = 20
     icl_router: EvalRouterConfig = EvalRouterConfig()
-    icl_router_text: EvalRouterConfig | None = EvalRouterConfig(router=RouterConfig(query_input="text", profile_layout="fused"))
+    icl_router_text: EvalRouterConfig | None = TEXT_ROUTER  # null switches it off
     add_model: bool = True  # leave each model out of training, add it by profile only (first seed)
     k_sweep: list[int] = [50, 100, 250, 500]  # accuracy vs anchors (first seed)
     pool_sizes: list[int] = [3, 5, 7]  # accuracy vs pool size (first seed; the first n models by train accuracy)
@@ -409,7 +476,7 @@ class PoolModelConfig(Config):
     name: str
     path: str  # a local directory or a hub id (LLMConfig model_source)
     cost: float = 0.0  # expected dollars per query, for the cost-aware policies
-    accelerator: Literal["cpu", "gpu"] = "cpu"
+    accelerator: Accelerator = "cpu"
     accelerator_type: str | None = None  # GPU only, e.g. A10G, L4, H100
     engine_kwargs: dict[str, Any] = {}  # vLLM engine args: max_model_len, dtype, tensor_parallel_size, ...
     env_vars: dict[str, str] = {}  # on top of the CPU defaults when accelerator=cpu
@@ -446,10 +513,11 @@ class ScorerServeConfig(Config):
 class PolicyConfig(Config):
     """The default routing policy (icl_router.routing.policy); a request may override it."""
 
-    kind: Literal["highest", "threshold", "margin", "budget"] = "highest"
+    kind: PolicyKind = "highest"
     threshold: float | None = None
     margin: float | None = None
     budget: float | None = None
+    cost_weight: float | None = None  # kind "cost": points of p one dollar per query is worth
 
 
 class AuthConfig(Config):

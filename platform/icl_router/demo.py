@@ -1,7 +1,8 @@
 """``icl-router demo`` (``make demo``): the whole platform on the embedded default.
 
 On local Ray: generate the synthetic dataset, embed it (Ray Data), pick anchors,
-train both stages (Ray Train + DeepSpeed) without one model, evaluate beside the
+train both stages (Ray Train + DeepSpeed, with the settings of
+jobs/train-stage{1,2}/config.yaml) without one model, evaluate beside the
 baselines, register the held-out model from its anchor outcomes alone (no
 retraining), evaluate again, and write a report with a plot.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from importlib.resources import as_file, files
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +23,11 @@ from icl_router.config import (
     DemoConfig,
     EmbedConfig,
     PhaseConfig,
-    RouterConfig,
-    ScalingConfig,
     SplitConfig,
     TrainConfig,
+    build_config,
+    deep_merge,
+    read_config_file,
 )
 
 STEPS = 7
@@ -36,29 +39,38 @@ def _say(i: int, msg: str) -> None:
     sys.stderr.flush()
 
 
+def _phases(phases: list[PhaseConfig], *, epochs: int, lr: float) -> list[dict[str, Any]]:
+    """The job's phases cut to ``epochs`` in all (earlier phases keep theirs, the last takes the rest,
+    an emptied phase is dropped), every non-zero rate set to ``lr`` (a frozen part stays frozen)."""
+    out, left = [], epochs
+    for i, ph in enumerate(phases):
+        n = left if i == len(phases) - 1 else min(ph.epochs, left)
+        if n > 0:
+            out.append({"epochs": n, "lr_projector": lr if ph.lr_projector > 0 else 0.0, "lr_router": lr if ph.lr_router > 0 else 0.0})
+        left -= n
+    return out
+
+
 def _train_config(cfg: DemoConfig, out: Path, *, stage: int, models: list[str]) -> TrainConfig:
-    """The CPU settings of jobs/train-stage{1,2}/config.yaml on the demo's paths."""
-    lr = cfg.stage1_lr if stage == 1 else cfg.stage2_lr
-    phases = (
-        [PhaseConfig(epochs=1, lr_projector=lr, lr_router=0.0), PhaseConfig(epochs=cfg.stage1_epochs - 1, lr_projector=lr, lr_router=lr)]
-        if stage == 1
-        else [PhaseConfig(epochs=cfg.stage2_epochs, lr_projector=lr, lr_router=lr)]
-    )
-    return TrainConfig(
-        stage=stage,
-        dataset=str(out / "data"),
-        output=str(out / ("router-stage1" if stage == 1 else "router")),
-        init_from=str(out / "router-stage1") if stage == 2 else None,
-        models=models,
-        split=SplitConfig(name="given"),
-        phases=[p for p in phases if p.epochs > 0],
-        router=RouterConfig(anchor_evidence=cfg.anchor_evidence and stage == 2),
-        batch_size=16 if stage == 1 else 32,
-        checkpoint_every=50,
-        seed=cfg.seed,
-        scaling=ScalingConfig(num_workers=cfg.num_workers),
-        ray=cfg.ray,
-    )
+    """jobs/train-stage{1,2}/config.yaml (shipped in the package as ``resources/train-stage{1,2}.yaml``)
+    with the demo's paths, models, seed, epochs and knobs (rates, anchor evidence, workers, Ray)."""
+    resource = files("icl_router") / "resources" / f"train-stage{stage}.yaml"
+    with as_file(resource) as path:
+        data = read_config_file(path)
+    job = build_config(TrainConfig, data, source=str(resource))
+    demo = {
+        "dataset": str(out / "data"),
+        "output": str(out / ("router-stage1" if stage == 1 else "router")),
+        "init_from": str(out / "router-stage1") if stage == 2 else None,
+        "models": models,
+        "seed": cfg.seed,
+        "phases": _phases(job.phases, epochs=cfg.stage1_epochs if stage == 1 else cfg.stage2_epochs, lr=cfg.stage1_lr if stage == 1 else cfg.stage2_lr),
+        "scaling": {"num_workers": cfg.num_workers},
+        "ray": cfg.ray.model_dump(),
+    }
+    if stage == 2:  # the evidence is a stage-2 head
+        demo["router"] = {"anchor_evidence": cfg.anchor_evidence}
+    return build_config(TrainConfig, deep_merge(data, demo), source=f"{resource} + the demo's settings")
 
 
 def evaluate_router(router_dir: Path, data_dir: Path, *, embedder: str) -> dict[str, dict[str, float]]:
