@@ -42,18 +42,40 @@ def test_both_paths_score_the_pool(routers):
     for s, r in routers.items():
         assert r.score(["x"])[0] == []  # an empty pool scores nothing
         r.sync(routable)
-        models, p, ms = r.score(["Who wrote Hamlet?", "What is 2 + 2?", "Who wrote Hamlet?"])
+        models, p, mass, ms = r.score(["Who wrote Hamlet?", "What is 2 + 2?", "Who wrote Hamlet?"])
         assert models == ["m0", "m1"] and p.shape == (3, 2) and ms["cached"] == 1  # the repeated text is embedded once
+        assert mass is None  # no decision layer in this directory
         assert np.abs(p[0] - p[2]).max() < 1e-6 and ((p > 0) & (p < 1)).all()
         out[s] = p
         r.sync({"m1": routable["m1"]})
-        assert r.models == ["m1"] and r.score(["What is 2 + 2?"])[2]["cached"] == 1  # the cache keeps exact texts
+        assert r.models == ["m1"] and r.score(["What is 2 + 2?"])[3]["cached"] == 1  # the cache keeps exact texts
     assert np.abs(out["full"] - out["evidence"]).max() > 1e-4  # the LM's logit moves the full path's p
 
 
 def test_unknown_scoring_path(router_dir):
     with pytest.raises(ValueError, match="scoring must be"):
         OnlineRouter(router_dir, scoring="fast")
+
+
+def test_evidence_mass_for_the_decision_layer(router_dir, tmp_path):
+    """With a decision block the mass comes back, the same on both paths (the evidence path reuses its similarities)."""
+    import shutil
+
+    from icl_router.model.router_dir import write_decision
+    from icl_router.routing.decision import DecisionParams, cosine, evidence_mass
+
+    path = shutil.copytree(router_dir, tmp_path / "router")
+    write_decision(path, DecisionParams(tau=0.1, prior_weight=1.0).to_json())
+    texts = ["Who wrote Hamlet?", "What is 2 + 2?"]
+    masses = []
+    for s in ("full", "evidence"):
+        r = OnlineRouter(path, scoring=s)
+        r.sync({"m0": [True] * K})
+        _, _, mass, _ = r.score(texts)
+        masses.append(mass)
+    emb = r.embed(texts)[0]
+    want = evidence_mass(cosine(emb, r.anchor_emb), 0.1)
+    assert np.abs(masses[0] - want).max() < 1e-9 and np.abs(masses[1] - want).max() < 1e-6
 
 
 def test_mismatched_embedder_is_refused_by_name(router_dir):

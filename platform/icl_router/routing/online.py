@@ -32,6 +32,7 @@ class OnlineRouter:
 
         from icl_router.data.embed import REFERENCE, load_query_embedder, parse_embedder
         from icl_router.model.router_dir import load_router_dir
+        from icl_router.routing.decision import DecisionParams
 
         torch.set_num_threads(max(1, threads))
         loaded = load_router_dir(router_dir)
@@ -47,14 +48,18 @@ class OnlineRouter:
             self.scorer = Scorer(loaded.router)
         else:
             raise ValueError(f"scoring must be 'full' or 'evidence', got {scoring!r}")
+        # the decision layer reads the query's evidence mass: its cosine to every anchor embedding
+        self.tau = DecisionParams.from_json(loaded.meta.decision).tau if loaded.meta.decision is not None else None
+        self.anchor_emb = loaded.router.anchor_emb.detach().float().cpu().numpy()  # [K, E]
+        self.query_emb = loaded.meta.query_input == "vector"  # the scorer reads the embedding (a text router reads the text)
+        if scoring == "evidence" and not self.query_emb:
+            raise ValueError("the evidence path reads query vectors: this router reads the query as text (query_input='text')")
         self.embedder, self.embedder_name, self.direct = None, None, False
-        if loaded.meta.query_input == "vector":
+        if self.query_emb or self.tau is not None:
             self.embedder_name = embedder or loaded.meta.embedder_name
             self.embedder = load_query_embedder(loaded.meta.embedder_name, embedder, where=f"router {router_dir}", threads=threads)
             if parse_embedder(self.embedder_name).variant == REFERENCE:
                 self.direct = self._check_direct(embed_dtype)
-        elif scoring == "evidence":
-            raise ValueError("the evidence path reads query vectors: this router reads the query as text (query_input='text')")
         self.cache: OrderedDict[str, np.ndarray] = OrderedDict()  # exact query text -> embedding (LRU)
         self.cache_size = embed_cache
         self.profiles: dict[str, list[bool]] = {}  # what the scorer holds
@@ -111,14 +116,25 @@ class OnlineRouter:
             self.cache.popitem(last=False)
         return out, len(texts) - len(missing)
 
-    def score(self, texts: Sequence[str]) -> tuple[list[str], np.ndarray, dict]:
-        """(models, p [Q, T] float32, stage times in ms: embed, score, cached) for the current pool."""
+    def score(self, texts: Sequence[str]) -> tuple[list[str], np.ndarray, np.ndarray | None, dict]:
+        """(models, p [Q, T] float32, evidence mass [Q] or None without a decision layer,
+        stage times in ms: embed, score, cached) for the current pool."""
+        from icl_router.routing.decision import cosine, evidence_mass
+
         t0 = time.perf_counter()
         models = self.scorer.models
         if not models:
-            return [], np.zeros((len(texts), 0), dtype=np.float32), {}
+            return [], np.zeros((len(texts), 0), dtype=np.float32), None, {}
         emb, cached = self.embed(texts) if self.embedder is not None else (None, 0)  # [Q, E]
         t1 = time.perf_counter()
-        p = self.scorer.score(list(texts), query_emb=emb, models=models)  # [Q, T]
+        if self.scoring == "evidence":
+            sim = self.scorer.similarity(emb)  # [Q, K], shared with the evidence mass
+            p = self.scorer.score(query_emb=emb, models=models, sim=sim)
+        else:
+            sim = None
+            p = self.scorer.score(list(texts), query_emb=emb if self.query_emb else None, models=models)  # [Q, T]
+        mass = None
+        if self.tau is not None:
+            mass = evidence_mass(cosine(emb, self.anchor_emb) if sim is None else sim, self.tau)  # [Q]
         t2 = time.perf_counter()
-        return models, p, {"embed": round((t1 - t0) * 1e3, 3), "score": round((t2 - t1) * 1e3, 3), "cached": cached}
+        return models, p, mass, {"embed": round((t1 - t0) * 1e3, 3), "score": round((t2 - t1) * 1e3, 3), "cached": cached}
