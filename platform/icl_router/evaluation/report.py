@@ -8,6 +8,7 @@ from typing import Any
 
 LABELS = {
     "icl-router": "ICL-Router (query as vector)",
+    "icl-router-evidence": "ICL-Router, its evidence head alone (no LM forward)",
     "icl-router-text": "ICL-Router (query as text)",
     "random": "random model (expected)",
     "best-single": "best single model (picked on train)",

@@ -34,7 +34,7 @@ from icl_router.evaluation import baselines as B
 from icl_router.evaluation import fit as F
 from icl_router.train.data import build_train_data
 
-METHODS = ["icl-router", "icl-router-text", "random", "best-single", "max-expert", "knn", "logreg", "oracle"]
+METHODS = ["icl-router", "icl-router-evidence", "icl-router-text", "random", "best-single", "max-expert", "knn", "logreg", "oracle"]
 
 
 def say(msg: str) -> None:
@@ -155,6 +155,14 @@ def icl_scores(router: Any, rs: RoutingSet, rows: np.ndarray, rc: EvalRouterConf
     p = F.score(router, rs, rows, rs.profiles([rs.models[m] for m in models]) if models else rs.profiles(), max_text_tokens=rc.max_text_tokens)
     cal = info.get("calibration")
     return F.calibrate(p, cal) if rc.calibrate and cal is not None and len(cal) == p.shape[1] else p
+
+
+def evidence_scores(router: Any, rs: RoutingSet, rows: np.ndarray) -> np.ndarray:
+    """p [len(rows), T] of the router's anchor-evidence head alone: the serving path that skips the LM."""
+    from icl_router.routing.fast import EvidenceScorer
+
+    fast = EvidenceScorer.from_router(router, dict(zip(rs.models, rs.profiles())))
+    return fast.score(query_emb=rs.embeddings[rows])
 
 
 # ---------------------------------------------------------------------------
@@ -346,6 +354,8 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
                     continue
                 p = icl_scores(router, rs_v, rows, rc, info)
                 per_seed[name][key].append(B.routed_accuracy(p, rs_v.labels[rows]))
+                if name == "icl-router" and getattr(router, "evidence", None) is not None:  # the same router's evidence head alone (routing/fast.py)
+                    per_seed["icl-router-evidence"][key].append(B.routed_accuracy(evidence_scores(router, rs_v, rows), rs_v.labels[rows]))
                 if name == "icl-router" and si == 0 and part == "test":
                     first_p = p
             say(f"{name} seed {seed}: ID {per_seed[name]['id'][-1]:.1f} OOD {per_seed[name]['ood'][-1] if per_seed[name]['ood'] else float('nan'):.1f}")
