@@ -20,6 +20,7 @@ BENCHES = {
     "graders": "graders",
     "profile": "profile",
     "serve": "serve",
+    "route": "route",
 }
 
 

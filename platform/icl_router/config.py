@@ -202,7 +202,7 @@ class RayConfig(Config):
 
 class EmbedConfig(Config):
     dataset: str
-    embedder: str = "all-MiniLM-L6-v2"  # bundled; or a sentence-transformers path / hub id
+    embedder: str = "all-MiniLM-L6-v2"  # bundled; or a sentence-transformers path / hub id; <model>@<variant>: data/embed.py
     batch_size: int = 64
     num_actors: int = 2
     cpus_per_actor: float = 1.0
@@ -572,6 +572,7 @@ class DemoConfig(Config):
     n_queries: int = 1500
     n_models: int = 7  # of the synthetic pool
     held_out: str = "synth-logic-8b"  # trained without, then registered from its profile alone
+    embedder: str = "all-MiniLM-L6-v2"  # or a variant, e.g. all-MiniLM-L6-v2@onnx-int8 (data/embed.py)
     k: int = 60  # anchors
     stage1_epochs: int = 2
     stage2_epochs: int = 4

@@ -64,6 +64,7 @@ def _train_config(cfg: DemoConfig, out: Path, *, stage: int, models: list[str]) 
         "init_from": str(out / "router-stage1") if stage == 2 else None,
         "models": models,
         "seed": cfg.seed,
+        "embedder": cfg.embedder,
         "phases": _phases(job.phases, epochs=cfg.stage1_epochs if stage == 1 else cfg.stage2_epochs, lr=cfg.stage1_lr if stage == 1 else cfg.stage2_lr),
         "scaling": {"num_workers": cfg.num_workers},
         "ray": cfg.ray.model_dump(),
@@ -140,8 +141,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     if cfg.held_out not in models:
         raise ValueError(f"held_out={cfg.held_out!r} is not in the generated pool {models}")
     trained_on = [m for m in models if m != cfg.held_out]
-    _say(2, "embed the queries on a Ray Data actor pool (all-MiniLM-L6-v2)")
-    emb = run_embed(EmbedConfig(dataset=str(data), ray=cfg.ray))
+    _say(2, f"embed the queries on a Ray Data actor pool ({cfg.embedder})")
+    emb = run_embed(EmbedConfig(dataset=str(data), embedder=cfg.embedder, ray=cfg.ray))
     _say(3, f"pick K={cfg.k} anchors on the train split")
     run_anchors(AnchorsConfig(dataset=str(data), k=cfg.k, seed=cfg.seed, split=SplitConfig(name="given")))
     _say(4, f"train stage 1 (query reconstruction) on Ray Train + DeepSpeed, {cfg.num_workers} workers")
