@@ -35,3 +35,18 @@ def test_knn_tuned_routes_a_niche_and_keeps_the_best_model_elsewhere():
     chosen = scores.argmax(1)
     assert (chosen[topic[te] == 0] == 1).mean() > 0.9 and (chosen[topic[te] == 1] == 0).mean() > 0.9
     assert B.routed_accuracy(scores, labels[te]) > B.routed_accuracy(B.best_single(labels[tr], 500), labels[te]) + 3
+
+
+def test_quality_at_cost_and_cost_to_reach_on_the_hull():
+    from icl_router.evaluation.cost import cost_to_reach, quality_at_cost, utility_curve
+
+    pts = np.array([[1.0, 60.0], [2.0, 80.0], [4.0, 85.0], [3.0, 70.0]])  # (3, 70) lies under the hull
+    assert quality_at_cost(pts, 1.5) == pytest.approx(70.0)
+    assert quality_at_cost(pts, 3.0) == pytest.approx(82.5)
+    assert np.isnan(quality_at_cost(pts, 0.5))  # cheaper than any point
+    assert cost_to_reach(pts, 80.0) == pytest.approx(2.0) and cost_to_reach(pts, 82.5) == pytest.approx(3.0)
+    assert cost_to_reach(pts, 90.0) is None
+    p = np.array([[0.9, 0.8], [0.2, 0.7]])
+    labels, costs = np.array([[1.0, 0.0], [0.0, 1.0]]), np.array([[10.0, 1.0], [10.0, 1.0]])
+    curve = utility_curve(p, labels, costs, est_costs=np.array([10.0, 1.0]), cost_weights=[0.0, 1.0])
+    assert [c["quality"] for c in curve] == pytest.approx([100.0, 50.0]) and [c["cost"] for c in curve] == pytest.approx([5.5, 1.0])

@@ -10,6 +10,8 @@ range of the pool's single models.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from icl_router.routing.policy import Policy, choose_batch
@@ -60,3 +62,46 @@ def policy_curve(p: np.ndarray, labels: np.ndarray, costs: np.ndarray, *, est_co
             }
         )
     return out
+
+
+def utility_curve(
+    p: np.ndarray,
+    labels: np.ndarray,
+    costs: np.ndarray,
+    *,
+    est_costs: np.ndarray,
+    cost_weights: list[float],
+    choose: Callable[[np.ndarray, float], np.ndarray] | None = None,
+) -> list[dict]:
+    """The ``cost`` policy (the highest p - cost_weight * cost) swept over ``cost_weights``.
+
+    p, labels, costs: [Q, T] (costs: the realised per-query cost); est_costs [T]: the
+    per-model cost the policy decides on. ``choose(p, cost_weight) -> [Q]`` replaces the
+    plain argmax (a decision layer's guard). -> [{cost_weight, cost, quality}]
+    """
+    rows = np.arange(len(p))
+    out = []
+    for w in cost_weights:
+        pick = choose(p, w) if choose is not None else (p - w * est_costs).argmax(axis=1)
+        out.append({"cost_weight": float(w), "cost": float(np.nanmean(costs[rows, pick])), "quality": float(100 * np.nanmean(labels[rows, pick]))})
+    return out
+
+
+def quality_at_cost(points: np.ndarray, cost: float) -> float:
+    """The hull curve's quality at ``cost`` (mixing two routing points reaches any point between them)."""
+    h = hull_curve(points)
+    if cost < h[0, 0]:
+        return float("nan")
+    return float(np.interp(cost, h[:, 0], h[:, 1]))
+
+
+def cost_to_reach(points: np.ndarray, quality: float) -> float | None:
+    """The least cost at which the hull curve reaches ``quality`` (None: it never does)."""
+    h = hull_curve(points)
+    if h[-1, 1] < quality:
+        return None
+    i = int(np.argmax(h[:, 1] >= quality))
+    if i == 0:
+        return float(h[0, 0])
+    (c0, q0), (c1, q1) = h[i - 1], h[i]
+    return float(c0 + (quality - q0) * (c1 - c0) / (q1 - q0))
