@@ -1,0 +1,171 @@
+"""The in-process Python API: load a trained router, score and route queries, register models.
+
+    from icl_router import Router
+
+    router = Router.load("runs/demo/router")
+    router.route(["What is 17 * 23?"])[0].model          # the chosen pool model
+    router.scores(["What is 17 * 23?"])                    # p(correct) per model, [Q, T]
+    router.register("new-model", profile, cost=0.002)      # by its anchor outcomes; no retraining
+
+This is the code path the service runs: ``routing.online.OnlineRouter`` embeds and
+scores (in the service, in the replica that routes), and ``routing.policy.choose``
+applies the decision layer and the policy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from icl_router.errors import UserError
+from icl_router.routing.decision import DecisionParams, adjusted
+from icl_router.routing.policy import Decision, Policy, PolicyError, choose
+
+
+class RouterError(UserError):
+    """A request the router cannot serve; the message names the argument and the fix."""
+
+
+@dataclass
+class Scores:
+    """What the router says about Q queries: p(correct) [Q, T] for ``models`` and each query's evidence mass [Q]."""
+
+    models: list[str]
+    p: np.ndarray
+    mass: np.ndarray
+
+    def as_dicts(self) -> list[dict[str, float]]:
+        return [dict(zip(self.models, row.tolist())) for row in self.p]
+
+
+class Router:
+    """A trained router directory, loaded for routing in this process (wraps ``routing.online.OnlineRouter``)."""
+
+    def __init__(self, online: Any, *, costs: dict[str, float] | None = None) -> None:
+        self.online = online
+        meta = online.meta
+        self.decision = None if meta.decision is None else DecisionParams.from_json(meta.decision)
+        self.costs: dict[str, float] = dict(costs or {})
+
+    @classmethod
+    def load(cls, router_dir: str | Path, *, embedder: str | None = None, scoring: str = "full", costs: dict[str, float] | None = None) -> Router:
+        """Load ``router_dir`` (icl-router train output) with its registered pool and the embedder its
+        anchors were embedded with (``embedder`` names another variant); ``scoring``: ``full`` (the
+        router LM with its evidence) or ``evidence`` (the evidence head alone, no LM forward)."""
+        from icl_router.model.router_dir import PROFILES_FILE, read_meta, read_profiles
+        from icl_router.routing.online import OnlineRouter
+
+        anchors = read_meta(router_dir).anchor_query_ids
+        try:
+            online = OnlineRouter(router_dir, embedder=embedder, scoring=scoring)
+        except ValueError as e:
+            raise RouterError(str(e)) from None
+        online.sync({m: p.tolist() for m, p in read_profiles(Path(router_dir) / PROFILES_FILE, anchors).items()})
+        return cls(online, costs=costs)
+
+    @property
+    def models(self) -> list[str]:
+        """The registered pool, in registration order."""
+        return self.online.models
+
+    def prior(self, models: Sequence[str] | None = None) -> np.ndarray:
+        """Each model's accuracy on the anchors [T]: where the decision layer shrinks toward."""
+        return np.array([float(np.mean(self.online.profiles[m])) for m in (models or self.models)])
+
+    # ---- scoring -------------------------------------------------------------
+
+    def scores_and_mass(self, texts: Sequence[str], *, models: Sequence[str] | None = None) -> Scores:
+        """The router's raw p(correct) [Q, T] for ``models`` (default: the pool) and the queries' evidence mass [Q]."""
+        texts = _texts(texts)
+        models = self._models(models)
+        pool, p, mass, _ = self.online.score(texts)
+        cols = [pool.index(m) for m in models]
+        return Scores(models, p[:, cols], np.full(len(texts), np.inf) if mass is None else mass)
+
+    def scores(self, texts: Sequence[str], *, models: Sequence[str] | None = None) -> np.ndarray:
+        """p(correct) [Q, T] as the policies see it (after the decision layer, if the router has one)."""
+        s = self.scores_and_mass(texts, models=models)
+        return s.p if self.decision is None else adjusted(s.p, s.mass, self.prior(s.models), self.decision)
+
+    # ---- routing -------------------------------------------------------------
+
+    def route(
+        self,
+        texts: Sequence[str],
+        *,
+        policy: Policy | str = "highest",
+        models: Sequence[str] | None = None,
+        **overrides: Any,
+    ) -> list[Decision]:
+        """One Decision per query: the chosen model, the failover order, the p it decided on.
+
+        ``policy``: a Policy or a kind name (``highest``, or ``cost`` with ``cost_weight=``, ...);
+        ``models``: route among these only; ``overrides``: the policy's value (threshold, margin,
+        budget, cost_weight) and the decision layer's ``min_gain``, ``prior_weight``, ``default_model``.
+        """
+        pol_args = {k: overrides.pop(k) for k in ("threshold", "margin", "budget", "cost_weight") if k in overrides}
+        try:
+            pol = policy if isinstance(policy, Policy) else Policy(policy, **pol_args)
+            params = self.decision.replace(**overrides) if self.decision is not None and overrides else self.decision
+        except UserError as e:
+            raise RouterError(str(e)) from None
+        if overrides and self.decision is None:
+            raise RouterError(f"{sorted(overrides)}: this router has no decision layer (icl_router.json has no 'decision')")
+        s = self.scores_and_mass(texts, models=models)
+        costs = self._costs(s.models) if pol.needs_costs else None
+        prior = dict(zip(s.models, self.prior(s.models).tolist()))
+        try:
+            return [
+                choose(dict(zip(s.models, row.tolist())), policy=pol, costs=costs, prior=prior, mass=float(m), params=params)
+                for row, m in zip(s.p, s.mass)
+            ]
+        except PolicyError as e:
+            raise RouterError(str(e)) from None
+
+    # ---- the pool ------------------------------------------------------------
+
+    def register(self, name: str, profile: Sequence[bool] | np.ndarray, *, cost: float | None = None) -> None:
+        """Add (or replace) a model by its outcomes on the router's K anchors, in anchor order. No training."""
+        prof = np.asarray(profile)
+        k = len(self.online.anchor_emb)
+        if prof.shape != (k,) or not np.isin(prof, (0, 1)).all():
+            raise RouterError(f"profile of {name!r} must be {k} booleans, one per anchor in anchor order; got shape {prof.shape}")
+        if cost is not None:
+            if not np.isfinite(cost) or cost < 0:
+                raise RouterError(f"cost of {name!r} must be >= 0 dollars per query, got {cost}")
+            self.costs[name] = float(cost)
+        self.online.sync({**self.online.profiles, name: prof.astype(bool).tolist()})
+
+    def remove(self, name: str) -> None:
+        """Take a model out of the pool."""
+        if name not in self.online.profiles:
+            raise RouterError(f"model {name!r} is not registered; registered: {self.models}")
+        self.online.sync({m: p for m, p in self.online.profiles.items() if m != name})
+        self.costs.pop(name, None)
+
+    def _models(self, models: Sequence[str] | None) -> list[str]:
+        pool = self.models
+        if not pool:
+            raise RouterError("the pool is empty: register at least one model (Router.register) before routing")
+        if models is None:
+            return pool
+        unknown = [m for m in models if m not in pool]
+        if unknown or not models:
+            raise RouterError(f"models: {unknown or 'an empty list'} not in the pool {pool}")
+        return list(models)
+
+    def _costs(self, models: list[str]) -> dict[str, float]:
+        missing = [m for m in models if m not in self.costs]
+        if missing:
+            raise RouterError(f"no cost for models {missing}: pass costs= to Router.load or cost= to register")
+        return {m: self.costs[m] for m in models}
+
+
+def _texts(texts: Sequence[str]) -> list[str]:
+    if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+        raise RouterError("texts must be a list of strings, e.g. router.route(['What is 2+2?'])")
+    return list(texts)

@@ -1,0 +1,69 @@
+"""The in-process API on a small router directory (no Ray): load, score, route, register."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+K = 6
+
+
+@pytest.fixture(scope="module")
+def tiny_router_lm():
+    from icl_router.model.tiny import build_tiny_router_lm
+    from icl_router.testing import SAMPLE_QUERIES
+
+    return build_tiny_router_lm(SAMPLE_QUERIES * 4, vocab_size=600)
+
+
+@pytest.fixture
+def router_dir(tmp_path, tiny_router_lm):
+    from icl_router.data.embed import BUNDLED
+    from icl_router.model.prompt import PromptLayout
+    from icl_router.model.router import ICLRouter
+    from icl_router.model.router_dir import RouterMeta, save_router_dir
+    from icl_router.routing.decision import DecisionParams
+
+    lm, tok = tiny_router_lm
+    layout = PromptLayout(tok, query_input="vector", profile_layout="pairs")
+    torch.manual_seed(0)
+    anchors = [f"a{i}" for i in range(K)]
+    router = ICLRouter(lm, layout, anchor_emb=torch.randn(K, 384), anchor_evidence=True).eval()
+    meta = RouterMeta(BUNDLED, 384, "vector", "pairs", layout.placeholder_id, layout.yes_id, layout.no_id, anchors, anchor_evidence=True,
+                      decision=DecisionParams(tau=0.1, prior_weight=1.0, min_gain=0.05).to_json())
+    pool = {"strong": np.array([1, 1, 1, 1, 0, 1], bool), "weak": np.array([0, 0, 1, 0, 0, 0], bool)}
+    return save_router_dir(router, tmp_path / "router", meta=meta, pool=pool)
+
+
+def test_load_route_score_and_register(router_dir):
+    from icl_router import Router
+    from icl_router.api import RouterError
+
+    r = Router.load(router_dir)
+    assert r.models == ["strong", "weak"] and r.decision.min_gain == pytest.approx(0.05)
+    texts = ["What is 17 * 23?", "Name the capital of France."]
+    p = r.scores(texts)
+    assert p.shape == (2, 2) and ((p > 0) & (p < 1)).all()
+    decisions = r.route(texts)
+    assert [d.model for d in decisions] == ["strong", "strong"]  # random anchors: no evidence near, the guard keeps the best prior
+    assert all(d.default == "strong" and d.order[0] == d.model for d in decisions)
+    assert r.route(texts, min_gain=1.0, default_model="weak")[0].model == "weak"  # per-call overrides of the decision layer
+    r.register("new", np.ones(K, bool), cost=0.5)
+    assert r.models == ["strong", "weak", "new"] and r.route(texts)[0].default == "new"  # the default follows the profiles
+    assert r.route(texts, models=["weak"])[0].model == "weak"
+    with pytest.raises(RouterError, match="no cost for models"):
+        r.route(texts, policy="cost", cost_weight=1.0)
+    r.costs.update(strong=2.0, weak=0.1)
+    assert r.route(texts, policy="cost", cost_weight=10.0, min_gain=0.0)[0].model == "weak"  # dear models cost too much
+    for bad, match in [
+        (lambda: r.register("x", np.ones(K + 1, bool)), "must be 6 booleans"),
+        (lambda: r.register("x", np.ones(K, bool), cost=-1.0), "cost of 'x' must be >= 0"),
+        (lambda: r.route("one string"), "texts must be a list of strings"),
+        (lambda: r.route(texts, models=["gpt-9"]), r"models: \['gpt-9'\] not in the pool"),
+        (lambda: r.route(texts, min_gain=2.0), "decision.min_gain must be a number"),
+        (lambda: r.route(texts, policy="cheapest"), "policy kind 'cheapest' is unknown"),
+        (lambda: r.remove("gpt-9"), "'gpt-9' is not registered"),
+    ]:
+        with pytest.raises(RouterError, match=match):
+            bad()
