@@ -37,6 +37,7 @@ def make(tiny, *, evidence=True):
         with torch.no_grad():
             router.evidence.weight.copy_(torch.tensor([0.5, 1.0, -0.3, 0.7]))
             router.evidence.bias.fill_(0.2)
+            router.evidence.lm_weight.fill_(0.8)
     profiles = torch.rand(T, K, generator=torch.Generator().manual_seed(0)) < 0.5  # [T, K]
     return router.eval(), profiles
 
@@ -118,3 +119,24 @@ def test_evidence_needs_vector_queries(tiny):
         ICLRouter(lm, PromptLayout(tok, query_input="text", profile_layout="pairs"), anchor_emb=torch.randn(K, E), anchor_evidence=True)
     with pytest.raises((ConfigError, ValueError), match="anchor_evidence reads the query's vector: set query_input: vector"):
         RouterConfig(query_input="text", anchor_evidence=True)
+
+
+def test_a_fresh_router_is_the_evidence_alone_and_the_scorer_skips_the_silent_lm(tiny):
+    """lm_weight starts at 0: the untrained router's p is the evidence head's, on every path."""
+    from icl_router.routing.fast import EvidenceScorer
+    from icl_router.routing.scorer import Scorer
+
+    lm, tok = tiny
+    torch.manual_seed(3)
+    router = ICLRouter(copy.deepcopy(lm), PromptLayout(tok, query_input="vector"), anchor_emb=torch.randn(K, E), anchor_evidence=True).eval()
+    assert router.evidence.lm_silent
+    profiles = torch.rand(2, K, generator=torch.Generator().manual_seed(1)) < 0.5
+    pool = {f"m{t}": profiles[t].numpy() for t in range(2)}
+    q = torch.randn(4, E)
+    full = Scorer(router, pool).score(["q"] * 4, query_emb=q.numpy())
+    alone = EvidenceScorer.from_router(router, pool).score(query_emb=q.numpy())
+    np.testing.assert_allclose(full, alone, atol=1e-5)  # float32 torch vs float64 numpy
+    with torch.no_grad():
+        router.evidence.lm_weight.fill_(0.5)
+    assert not router.evidence.lm_silent
+    assert np.abs(Scorer(router, pool).score(["q"] * 4, query_emb=q.numpy()) - alone).max() > 1e-4  # now the LM moves p

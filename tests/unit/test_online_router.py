@@ -23,6 +23,8 @@ def router_dir(tmp_path_factory):
     layout = PromptLayout(tok, query_input="vector", profile_layout="pairs")
     torch.manual_seed(0)
     router = ICLRouter(lm, layout, anchor_emb=torch.nn.functional.normalize(torch.randn(K, E), dim=-1), anchor_evidence=True).eval()
+    with torch.no_grad():
+        router.evidence.lm_weight.fill_(1.0)  # a trained router whose LM speaks (a fresh one starts silent)
     meta = RouterMeta(BUNDLED, E, "vector", "pairs", layout.placeholder_id, layout.yes_id, layout.no_id, [f"a{i}" for i in range(K)], anchor_evidence=True)
     pool = {"m0": np.arange(K) % 2 == 0, "m1": np.arange(K) % 3 == 0}
     return save_router_dir(router, tmp_path_factory.mktemp("r") / "router", meta=meta, pool=pool)

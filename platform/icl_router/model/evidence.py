@@ -23,7 +23,10 @@ class AnchorEvidence(nn.Module):
     """w . f + b, f = [logit of the softmax(cos / tau)-weighted outcome rate per tau, logit of the profile's rate].
 
     Starts as the middle temperature alone (w = e_1, b = 0), so an untrained router already
-    routes like kNN over the anchors and training moves it from there.
+    routes like kNN over the anchors and training moves it from there. ``lm_weight`` scales the
+    router LM's logit before the two are added (``combine``); it starts at 0, so the untrained
+    router is the evidence alone, and the LM speaks only as far as training makes it useful.
+    A router whose LM weight stayed 0 can be scored without running the LM at all.
     """
 
     def __init__(self) -> None:
@@ -32,6 +35,7 @@ class AnchorEvidence(nn.Module):
         init[1] = 1.0
         self.weight = nn.Parameter(init)
         self.bias = nn.Parameter(torch.zeros(1))  # [1], not a 0-dim tensor: ZeRO flattens parameters
+        self.lm_weight = nn.Parameter(torch.zeros(1))  # [1]; Adam moves it off 0 from the first step
         self.register_buffer("taus", torch.tensor(TAUS), persistent=False)
 
     def forward(self, query_emb: torch.Tensor, anchor_emb: torch.Tensor, profiles: torch.Tensor) -> torch.Tensor:
@@ -45,6 +49,15 @@ class AnchorEvidence(nn.Module):
         rates = torch.cat([att @ y.T, y.mean(1).expand(1, len(q), -1)])  # [F, Q, T]
         f = torch.logit(rates.clamp(CLIP, 1 - CLIP))  # [F, Q, T]
         return torch.einsum("f,fqt->tq", w, f) + self.bias  # [T, Q]
+
+    def combine(self, lm_logit: torch.Tensor, evidence_logit: torch.Tensor) -> torch.Tensor:
+        """The router's logit: the LM's, scaled by ``lm_weight``, plus the evidence's (same shapes)."""
+        return self.lm_weight.to(lm_logit) * lm_logit + evidence_logit
+
+    @property
+    def lm_silent(self) -> bool:
+        """True when the LM's logit counts for nothing (its weight is exactly 0)."""
+        return bool(self.lm_weight.detach().abs().max() == 0)
 
     def pairs(self, query_emb: torch.Tensor, anchor_emb: torch.Tensor, profiles: torch.Tensor, model_idx: torch.Tensor) -> torch.Tensor:
         """The logit of pair i = (query i, model ``model_idx[i]`` of profiles [M, K]) -> [N]."""

@@ -143,7 +143,7 @@ class ICLRouter(nn.Module):
         x = torch.cat([pre, self.embed_suffix(pairs.suffix_ids, pairs.query_emb)], 1)  # [N, P+S, H]
         h = self.lm.base_model(inputs_embeds=x, use_cache=False).last_hidden_state  # [N, P+S, H]
         last = pre.shape[1] + pairs.suffix_len.to(h.device) - 1  # [N]
-        return self._yes_no(h[torch.arange(len(h), device=h.device), last]) + self._pair_evidence(pairs)
+        return self._with_evidence(self._yes_no(h[torch.arange(len(h), device=h.device), last]), pairs)
 
     def forward_shared(self, pairs: Pairs) -> torch.Tensor:
         """Training path: each model's prefix once, its B suffixes against it -> [N].
@@ -158,7 +158,7 @@ class ICLRouter(nn.Module):
         kv = self._prefix_kv(pairs.profiles)
         idx = pairs.model_idx.to(kv[0][0].device)
         kv = tuple((k.index_select(0, idx), v.index_select(0, idx)) for k, v in kv)  # per layer [N, kv_heads, P, head_dim]
-        return self._suffix_forward(kv, pairs.suffix_ids, pairs.suffix_len, pairs.query_emb) + self._pair_evidence(pairs)
+        return self._with_evidence(self._suffix_forward(kv, pairs.suffix_ids, pairs.suffix_len, pairs.query_emb), pairs)
 
     def _forward_packed(self, pairs: Pairs) -> torch.Tensor:
         """Row m is ``[prefix_m, suffixes of model m ..., pad]`` under a block mask: a suffix
@@ -191,13 +191,13 @@ class ICLRouter(nn.Module):
         mask = torch.zeros(M, 1, L, L, dtype=x.dtype, device=dev).masked_fill(~see[:, None], torch.finfo(x.dtype).min)
         h = self.lm.base_model(inputs_embeds=x, attention_mask=mask, position_ids=pos.to(dev), use_cache=False).last_hidden_state
         last = torch.tensor(start, device=dev) + pairs.suffix_len.to(dev) - 1  # [N]
-        return self._yes_no(h[torch.tensor(model_idx, device=dev), last]) + self._pair_evidence(pairs)
+        return self._with_evidence(self._yes_no(h[torch.tensor(model_idx, device=dev), last]), pairs)
 
-    def _pair_evidence(self, pairs: Pairs) -> torch.Tensor | float:
-        """The anchor-evidence logit of each pair [N] (0 without the evidence head)."""
+    def _with_evidence(self, lm_logit: torch.Tensor, pairs: Pairs) -> torch.Tensor:
+        """The LM's logit of each pair [N], combined with the anchor evidence's when the router has the head."""
         if self.evidence is None:
-            return 0.0
-        return self.evidence.pairs(pairs.query_emb, self.anchor_emb, pairs.profiles, pairs.model_idx)
+            return lm_logit
+        return self.evidence.combine(lm_logit, self.evidence.pairs(pairs.query_emb, self.anchor_emb, pairs.profiles, pairs.model_idx))
 
     def _prefix_kv(self, profiles: torch.Tensor) -> PrefixCache:
         """bool [M, K] -> per layer (keys, values) [M, kv_heads, P, head_dim], gradients kept."""

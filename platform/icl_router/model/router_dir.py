@@ -210,6 +210,8 @@ def load_router_dir(path: str | Path, *, dtype: torch.dtype = torch.float32, dev
             f"{path / PROJECTOR_FILE}: {META_FILE} says anchor_evidence={meta.anchor_evidence} but the file "
             f"{'holds' if evidence else 'lacks'} the evidence.* weights (re-export it with `icl-router train`)"
         )
+    if evidence and "lm_weight" not in evidence:  # saved before the LM weight existed: the LM counted in full
+        evidence["lm_weight"] = torch.ones(1)
     router = ICLRouter(lm, layout, anchor_emb=anchor_emb, anchor_evidence=meta.anchor_evidence)
     try:
         router.projector.load_state_dict({k.removeprefix("projector."): v for k, v in tensors.items()})

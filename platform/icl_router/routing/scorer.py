@@ -128,15 +128,20 @@ class Scorer:
         by_len = np.argsort([len(s) for s in seqs], kind="stable")
         out = torch.empty(Q, T)
         step = max(1, self.max_rows // T) * self.pack  # queries per chunk (packed: T * step / pack rows)
+        ev = self.router.evidence
         for lo in range(0, Q, step):
             rows = torch.from_numpy(by_len[lo : lo + step])
             chunk, chunk_qe = [seqs[i] for i in rows.tolist()], None if qe is None else qe[rows]
+            if ev is not None and ev.lm_silent:  # the LM's logit counts for nothing: do not run it
+                d = ev(qe[rows], self.router.anchor_emb, profiles)  # [T, q]
+                out[rows] = torch.sigmoid(d.float()).T.cpu()
+                continue
             if self.shared_attention:
                 d = decoder.shared_forward(self.router, stacked, seqs=chunk, qe=chunk_qe)  # [T, q]
             else:
                 d = self._packed_forward(stacked, chunk, chunk_qe)  # [T, q]
-            if self.router.evidence is not None:
-                d = d + self.router.evidence(qe[rows], self.router.anchor_emb, profiles)  # [T, q]
+            if ev is not None:
+                d = ev.combine(d, ev(qe[rows], self.router.anchor_emb, profiles))  # [T, q]
             out[rows] = torch.sigmoid(d.float()).T.cpu()
         return out.numpy()
 
