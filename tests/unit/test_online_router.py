@@ -35,7 +35,7 @@ def routers(router_dir):
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    return {s: OnlineRouter(router_dir, scoring=s) for s in ("full", "evidence")}
+    return {s: OnlineRouter(router_dir, scoring=s) for s in ("full", "evidence")}  # the LM speaks: the paths differ
 
 
 def test_both_paths_score_the_pool(routers):
@@ -57,6 +57,26 @@ def test_both_paths_score_the_pool(routers):
 def test_unknown_scoring_path(router_dir):
     with pytest.raises(ValueError, match="scoring must be"):
         OnlineRouter(router_dir, scoring="fast")
+
+
+def test_auto_takes_the_evidence_path_only_when_the_lm_is_silent(router_dir, tmp_path):
+    """A router whose LM weight stayed 0 is scored by the evidence alone, with the full path's p."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    assert OnlineRouter(router_dir).scoring == "full"  # this router's LM speaks
+    silent = shutil.copytree(router_dir, tmp_path / "silent")
+    tensors = load_file(silent / "projector.safetensors")
+    tensors["evidence.lm_weight"] = torch.zeros(1)
+    save_file(tensors, silent / "projector.safetensors")
+    auto, full = OnlineRouter(silent), OnlineRouter(silent, scoring="full")
+    assert auto.scoring == "evidence"
+    routable = {"m0": [i % 2 == 0 for i in range(K)], "m1": [i % 3 == 0 for i in range(K)]}
+    auto.sync(routable)
+    full.sync(routable)
+    texts = ["Who wrote Hamlet?", "What is 2 + 2?"]
+    assert np.abs(auto.score(texts)[1] - full.score(texts)[1]).max() < 1e-5  # float32 torch vs float64 numpy
 
 
 def test_evidence_mass_for_the_decision_layer(router_dir, tmp_path):

@@ -48,7 +48,9 @@ class EvidenceScorer:
 
     @classmethod
     def from_router(cls, router, pool: dict[str, np.ndarray] | None = None) -> EvidenceScorer:
-        """From an ICLRouter with the evidence head (model/router.py, ``anchor_evidence``)."""
+        """From an ICLRouter with the evidence head (model/router.py, ``anchor_evidence``).
+
+        The router's p exactly when its LM is silent (``lm_weight`` 0); otherwise the LM's part is left out."""
         ev = router.evidence
         if ev is None:
             raise ValueError("this router has no anchor-evidence head (router.anchor_evidence: false): the evidence-only path needs one")

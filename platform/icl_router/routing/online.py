@@ -6,8 +6,11 @@ no Ray, so a Serve deployment, a bench or a test builds it the same way.
 
 Scoring paths (``scoring``):
 - ``full``: the cached-prefix scorer (routing/scorer.py), the router LM plus the evidence head;
-- ``evidence``: the evidence head alone (routing/fast.py), for a router whose LM adds nothing
-  over the evidence, or when the operator asks for it. Needs ``anchor_evidence``.
+- ``evidence``: the evidence head alone in numpy (routing/fast.py): no prefix caches, no
+  tokenising, no torch per query. The same p as ``full`` when the router's LM is silent (its
+  ``lm_weight`` stayed 0 in training); otherwise the LM's part is dropped, which the operator
+  asks for knowingly (the evaluation's ``icl-router-evidence`` row says what it costs).
+- ``auto`` (default): ``evidence`` when the router's LM is silent, else ``full``.
 """
 
 from __future__ import annotations
@@ -20,13 +23,13 @@ from typing import Literal
 
 import numpy as np
 
-Scoring = Literal["full", "evidence"]
+Scoring = Literal["auto", "full", "evidence"]
 
 
 class OnlineRouter:
     """Embeds and scores queries for one process; ``sync`` keeps its pool equal to the registry's."""
 
-    def __init__(self, router_dir: str | Path, *, embedder: str | None = None, scoring: Scoring = "full", threads: int = 1,
+    def __init__(self, router_dir: str | Path, *, embedder: str | None = None, scoring: Scoring = "auto", threads: int = 1,
                  embed_cache: int = 4096, embed_dtype: str = "float32") -> None:
         import torch
 
@@ -37,6 +40,9 @@ class OnlineRouter:
         torch.set_num_threads(max(1, threads))
         loaded = load_router_dir(router_dir)
         self.meta = loaded.meta
+        if scoring == "auto":
+            ev = loaded.router.evidence
+            scoring = "evidence" if ev is not None and ev.lm_silent and loaded.meta.query_input == "vector" else "full"
         self.scoring = scoring
         if scoring == "evidence":
             from icl_router.routing.fast import EvidenceScorer
@@ -47,7 +53,7 @@ class OnlineRouter:
 
             self.scorer = Scorer(loaded.router)
         else:
-            raise ValueError(f"scoring must be 'full' or 'evidence', got {scoring!r}")
+            raise ValueError(f"scoring must be 'auto', 'full' or 'evidence', got {scoring!r}")
         # the decision layer reads the query's evidence mass: its cosine to every anchor embedding
         self.tau = DecisionParams.from_json(loaded.meta.decision).tau if loaded.meta.decision is not None else None
         self.anchor_emb = loaded.router.anchor_emb.detach().float().cpu().numpy()  # [K, E]
