@@ -105,9 +105,10 @@ def test_both_stages_write_a_loadable_router(ray_local, real_data, tmp_path):
     # stage 2 started from stage 1 and trained on: weights moved, both stages' projectors differ
     p1 = first.router.projector.inp.weight
     p2 = loaded.router.projector.inp.weight
-    assert not torch.equal(p1, p2)
+    assert (p1 - p2).abs().max().item() > 1e-5  # Adam steps move weights far more than float noise
     # the anchor-evidence head trained under ZeRO-2 with the projector and was exported with it
-    assert meta["anchor_evidence"] and not torch.equal(loaded.router.evidence.weight, torch.tensor([0.0, 1.0, 0.0, 0.0]))
+    moved = (loaded.router.evidence.weight - torch.tensor([0.0, 1.0, 0.0, 0.0])).abs().max().item()
+    assert meta["anchor_evidence"] and moved > 1e-5  # by more than float noise
     p = Scorer(loaded.router, loaded.pool).score(["What is 2+2?"], query_emb=torch.randn(1, 384))
     assert p.shape == (1, 9) and bool(((p > 0) & (p < 1)).all())
 

@@ -12,6 +12,8 @@ import pytest
 from icl_router.bench.graders import TASK_GRADERS, humaneval, read_jsonl_gz
 from icl_router.graders import GRADERS, grade
 
+# grade() == 1.0 / 0.0 below compares verdicts: the binary graders return one of the two constants, never
+# a computed float, so == is exact; graded fractions (f1) are compared with pytest.approx.
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 ZEROEVAL = DATA / "generations" / "zeroeval"
 

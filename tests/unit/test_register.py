@@ -40,7 +40,8 @@ def test_register_then_score(router_dir, small_dataset):
     anchors = json.loads((router_dir / "icl_router.json").read_text())["anchor_query_ids"]
     want = small_dataset.correctness(anchors, ["m-best"])[:, 0] >= 0.5
     out = register_model(router_dir, small_dataset.root, "m-best")
-    assert out == {"model_id": "m-best", "profile_accuracy": round(float(want.mean()), 4), "replaced": False}
+    assert (out["model_id"], out["replaced"]) == ("m-best", False)
+    assert out["profile_accuracy"] == pytest.approx(float(want.mean()), abs=1e-4)  # reported rounded to 4 places
     pool = read_profiles(router_dir / PROFILES_FILE, anchors)
     assert list(pool) == ["m-weak", "m-mid", "m-best"]
     np.testing.assert_array_equal(pool["m-best"], want)
@@ -50,7 +51,7 @@ def test_register_then_score(router_dir, small_dataset):
     texts = ["question 7 about gsm8k", "a much longer question about mmlu and history and rivers and the capital city"]
     p = scorer.score(texts)
     ref = Scorer(scorer.router, {"x": want}).score(texts)  # the same profile added by hand
-    np.testing.assert_allclose(p[:, [2]], ref, atol=1e-6)
+    np.testing.assert_allclose(p[:, [2]], ref, atol=1e-6)  # float32: a pool of 3 batches rows unlike a pool of 1
 
     # re-registering replaces the profile and keeps the pool order
     out = register_models(router_dir, small_dataset.root, ["m-best", "m-strong"])

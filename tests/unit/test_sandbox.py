@@ -15,7 +15,7 @@ from icl_router.graders import grade
 from icl_router.sandbox import isolation, run_code
 
 REPO = Path(__file__).resolve().parents[2]
-TEST = "assert answer() == 42\n"
+TEST = "assert answer() == 42\n"  # grade() then returns the verdict 1.0 or 0.0 exactly: == on it is exact
 NAMESPACES = isolation().startswith("namespaces")
 
 

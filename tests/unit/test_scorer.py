@@ -60,8 +60,9 @@ def test_cached_scores_equal_full_forward(tiny, query_input, profile_layout, max
     p = scorer.score(QUERIES, query_emb=q_emb)
     ref = full_forward(router, profiles, q_emb)
     assert p.shape == (len(QUERIES), T)
+    # float32 through a 2-layer LM: the cached prefix and the per-pair forward sum in another order
     assert np.abs(p - ref).max() < 1e-4
-    assert np.abs(p[:, 0] - p[:, 1]).max() > 1e-6  # scores depend on the profile
+    assert np.abs(p[:, 0] - p[:, 1]).max() > 1e-6  # scores depend on the profile (well above rounding)
 
 
 @pytest.mark.parametrize("query_input,profile_layout", [("vector", "pairs"), ("text", "fused")])
@@ -109,7 +110,9 @@ def test_add_remove_and_model_subset(tiny):
     scorer = Scorer(router, pool, pack=2)
     full = scorer.score(QUERIES, query_emb=q_emb)
     assert scorer.models == ["m0", "m1", "m2"]
-    np.testing.assert_array_equal(scorer.score(QUERIES, query_emb=q_emb, models=["m2", "m0"]), full[:, [2, 0]])
+    # A subset or a smaller pool changes the rows batched together, so float32 sums run in another
+    # order: equal up to rounding (atol), not bit for bit.
+    np.testing.assert_allclose(scorer.score(QUERIES, query_emb=q_emb, models=["m2", "m0"]), full[:, [2, 0]], atol=1e-6)
     scorer.remove("m1")
     assert scorer.models == ["m0", "m2"]
     np.testing.assert_allclose(scorer.score(QUERIES, query_emb=q_emb), full[:, [0, 2]], atol=1e-6)

@@ -34,9 +34,12 @@ def test_outcome_grades_and_prices_a_row():
     row = {S.QUERY_ID: "q", S.GRADER: "gsm8k", S.GOLD: "# 18", "num_input_tokens": 30, "num_generated_tokens": 7, "time_taken_llm": 0.25}
     right = _outcome({**row, "generated_text": '{"reasoning": "16-3-4=9, 9*2", "answer": "18"}'}, model_id="m", cost_in=1e-6, cost_out=3e-6)
     wrong = _outcome({**row, "generated_text": '{"answer": "19"}'}, model_id="m", cost_in=1e-6, cost_out=3e-6)
-    assert (right[S.SCORE], right[S.CORRECT], wrong[S.SCORE], wrong[S.CORRECT]) == (1.0, True, 0.0, False)
+    assert (right[S.CORRECT], wrong[S.CORRECT]) == (True, False)
+    # scores are float verdicts and the latency a float copied from the row: compared as values
+    assert (right[S.SCORE], wrong[S.SCORE]) == pytest.approx((1.0, 0.0), abs=1e-12)
     assert right[S.COST] == pytest.approx(30 * 1e-6 + 7 * 3e-6)
-    assert (right[S.PROMPT_TOKENS], right[S.COMPLETION_TOKENS], right[S.LATENCY_S]) == (30, 7, 0.25)
+    assert (right[S.PROMPT_TOKENS], right[S.COMPLETION_TOKENS]) == (30, 7)
+    assert right[S.LATENCY_S] == pytest.approx(0.25, abs=1e-12)
 
 
 def test_prompts_keep_the_question_and_ask_for_what_the_grader_reads():
@@ -161,7 +164,7 @@ def test_profiles_two_models_grades_every_row_and_a_second_run_adds_nothing(prof
         cost_in, cost_out = PRICES[r[S.MODEL_ID]]
         assert r[S.COST] == pytest.approx(r[S.PROMPT_TOKENS] * cost_in + r[S.COMPLETION_TOKENS] * cost_out)
         assert 0.0 <= r[S.SCORE] <= 1.0 and r[S.CORRECT] == (r[S.SCORE] >= 0.5)
-        assert r[S.SCORE] == grade("gsm8k", r[S.RESPONSE], gold[r[S.QUERY_ID]])
+        assert r[S.SCORE] == pytest.approx(grade("gsm8k", r[S.RESPONSE], gold[r[S.QUERY_ID]]), abs=1e-12)  # a float verdict
     # The imported ZeroEval outcomes are untouched: the new models ran alone.
     assert len(ds.read_outcomes()) == len(queries) * (len(ds.model_ids()) - len(PRICES)) + 2 * N_FIRST
 
