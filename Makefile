@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-stamp
 
-.PHONY: setup demo lint test test-unit clean
+.PHONY: setup demo lint test test-fast clean
 
 setup: $(STAMP)
 
@@ -25,11 +25,13 @@ demo: setup
 lint: setup
 	$(BIN)/ruff check platform tests
 
+# What CI runs: lint, then every tier (unit, ray, vllm; slow included).
 test: setup lint
 	$(BIN)/python -m pytest -q tests
 
-test-unit: setup
-	$(BIN)/python -m pytest -q tests/unit
+# The unit tier alone (no Ray, no vLLM): the quick check while editing.
+test-fast: setup
+	$(BIN)/python -m pytest -q -m unit tests
 
 clean:
 	rm -rf $(VENV) runs

@@ -1,4 +1,5 @@
-"""Shared fixtures: real data location, a small dataset, a local Ray cluster."""
+"""Shared fixtures (real data location, a small dataset, a local Ray cluster) and
+the test tiers: every test carries the marker of its directory (unit, ray, vllm, gpu)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,19 @@ from icl_router.data.dataset import Dataset
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 LLMROUTER_TRAIN = SHARED_DATA / "routing" / "llmrouter" / "train.jsonl"
+TESTS = Path(__file__).resolve().parent
+TIERS = ("unit", "ray", "vllm", "gpu")  # tests/<tier>/ -> the marker; pyproject registers each
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark each test with its directory's tier, so `-m unit` selects tests/unit (what make test-fast runs)."""
+    for item in items:
+        tier = item.path.resolve().relative_to(TESTS).parts[0]
+        if tier not in TIERS:
+            raise pytest.UsageError(f"{item.nodeid}: tests live in tests/<tier>/ with a tier of {TIERS}; move it into one")
+        if tier == "unit" and "ray_local" in item.fixturenames:
+            raise pytest.UsageError(f"{item.nodeid}: the unit tier runs without Ray; move the test to tests/ray/")
+        item.add_marker(tier)
 
 
 @pytest.fixture
