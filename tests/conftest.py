@@ -1,4 +1,4 @@
-"""Shared fixtures (real data location, a small dataset, a local Ray cluster) and
+"""Shared fixtures (real data location, a small dataset, the tiny router LM, a local Ray cluster) and
 the test tiers: every test carries the marker of its directory (unit, ray, vllm, gpu)."""
 
 from __future__ import annotations
@@ -96,6 +96,25 @@ def small_dataset(tmp_path) -> Dataset:
         )
     )
     return ds
+
+
+@pytest.fixture(scope="session")
+def tiny_router_lm():
+    """(tiny Qwen2 LM in eval mode, its tokenizer): random weights, a byte-level BPE trained on
+    SAMPLE_QUERIES. Built once per session and shared, so it is read-only: a test that trains it,
+    changes its mode or edits its weights works on ``copy.deepcopy(lm)``. The check at the end of the
+    session fails if one did not."""
+    import torch
+
+    from icl_router.model.tiny import build_tiny_router_lm
+    from icl_router.testing import SAMPLE_QUERIES
+
+    lm, tok = build_tiny_router_lm(SAMPLE_QUERIES * 4, vocab_size=600)
+    lm.eval()
+    before = {n: p.detach().clone() for n, p in lm.state_dict().items()}
+    yield lm, tok
+    changed = [n for n, p in lm.state_dict().items() if not torch.equal(p, before[n])]  # bitwise: any write at all
+    assert not changed and not lm.training, f"a test changed the shared tiny router LM ({changed[:3]}, training={lm.training})"
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,6 @@ from icl_router.data.dataset import DatasetError
 from icl_router.model.prompt import PromptLayout
 from icl_router.model.router import ICLRouter
 from icl_router.model.router_dir import PROFILES_FILE, RouterMeta, read_profiles, save_router_dir
-from icl_router.model.tiny import build_tiny_router_lm
 from icl_router.routing.register import register_model, register_models
 from icl_router.routing.scorer import Scorer
 
@@ -23,11 +22,11 @@ K, E = 6, 16
 
 
 @pytest.fixture
-def router_dir(tmp_path, small_dataset):
-    """A tiny random-weight router whose anchors are the dataset's first K queries; pool: m-weak, m-mid."""
-    q = small_dataset.read_queries()
-    texts, anchors = q.column(S.TEXT).to_pylist(), q.column(S.QUERY_ID).to_pylist()[:K]
-    lm, tok = build_tiny_router_lm(texts, vocab_size=600)
+def router_dir(tmp_path, small_dataset, tiny_router_lm):
+    """A tiny random-weight router whose anchors are the dataset's first K queries; pool: m-weak, m-mid.
+    Function-scoped: the tests register into it and change it."""
+    anchors = small_dataset.read_queries().column(S.QUERY_ID).to_pylist()[:K]
+    lm, tok = tiny_router_lm  # read-only: the router is saved, and later loaded from its directory
     layout = PromptLayout(tok, query_input="text", profile_layout="fused")
     torch.manual_seed(0)
     router = ICLRouter(lm, layout, anchor_emb=torch.randn(K, E))

@@ -8,7 +8,6 @@ import torch
 
 from icl_router.model.prompt import PromptLayout
 from icl_router.model.router import ICLRouter
-from icl_router.model.tiny import build_tiny_router_lm
 from icl_router.routing.decoder import prefix_attention
 from icl_router.routing.scorer import Scorer
 from icl_router.testing import full_forward_p
@@ -26,9 +25,8 @@ E, K, T = 24, 8, 3
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    lm, tok = build_tiny_router_lm(QUERIES * 4, vocab_size=600)
-    return lm.eval(), tok
+def tiny(tiny_router_lm):
+    return tiny_router_lm  # read-only here: the scorer only runs forwards (no_grad, eval)
 
 
 def make(tiny, query_input, profile_layout):

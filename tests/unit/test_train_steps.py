@@ -12,7 +12,6 @@ import torch
 from icl_router.config import PhaseConfig, TrainConfig
 from icl_router.model.prompt import PromptLayout
 from icl_router.model.router import ICLRouter
-from icl_router.model.tiny import build_tiny_router_lm
 from icl_router.testing import SAMPLE_QUERIES as QUERIES
 from icl_router.train.data import TrainData
 from icl_router.train.loop import PlainEngine, make_optimizer, param_parts, train_steps
@@ -39,15 +38,16 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    return build_tiny_router_lm(QUERIES * 4, vocab_size=600)
+def tiny(tiny_router_lm):
+    return tiny_router_lm
 
 
 def make_router(tiny, query_input="text", profile_layout="pairs", anchor_evidence=False):
     lm, tok = tiny
     torch.manual_seed(0)
+    # a copy in train mode: these tests train it, and the shared LM must stay as it is
     layout = PromptLayout(tok, query_input=query_input, profile_layout=profile_layout)
-    return ICLRouter(copy.deepcopy(lm), layout, anchor_emb=torch.randn(K, E), anchor_evidence=anchor_evidence)
+    return ICLRouter(copy.deepcopy(lm), layout, anchor_emb=torch.randn(K, E), anchor_evidence=anchor_evidence).train()
 
 
 def train_config(*phases, stage=2, **kw):

@@ -31,15 +31,14 @@ COSTS = {"tiny-a": 0.01, "tiny-b": 0.001}
 QUERY = "What is the sum of 17 and 25?"
 
 
-def _router_dir(path: Path, texts: list[str]) -> Path:
+def _router_dir(path: Path, tiny_router_lm) -> Path:
     import torch
 
     from icl_router.model.prompt import PromptLayout
     from icl_router.model.router import ICLRouter
     from icl_router.model.router_dir import RouterMeta, save_router_dir
-    from icl_router.model.tiny import build_tiny_router_lm
 
-    lm, tok = build_tiny_router_lm(texts, seed=0)
+    lm, tok = tiny_router_lm  # read-only: the router is saved, and the Serve replicas load it from there
     layout = PromptLayout(tok, query_input="vector", profile_layout="pairs")
     torch.manual_seed(0)
     router = ICLRouter(lm, layout, anchor_emb=torch.randn(K, 384), anchor_evidence=True)  # the evaluated configuration
@@ -53,7 +52,7 @@ def _router_dir(path: Path, texts: list[str]) -> Path:
 
 
 @pytest.fixture(scope="module")
-def service():
+def service(tiny_router_lm):
     """(base URL, metrics URL): the app up on free loopback ports, everything under one temp dir."""
     import ray
     from ray import serve
@@ -90,7 +89,7 @@ def service():
     fast = dict(upscale_delay_s=1, downscale_delay_s=4, metrics_interval_s=0.5, look_back_period_s=2)
     cfg = ServeConfig(
         router=ScorerServeConfig(
-            path=str(_router_dir(root / "router", texts)), num_cpus=1,
+            path=str(_router_dir(root / "router", tiny_router_lm)), num_cpus=1,
             autoscaling=AutoscalingConfig(min_replicas=1, max_replicas=2, target_ongoing_requests=0.5, **fast),
         ),
         pool=pool,
