@@ -41,6 +41,7 @@ def test_hull_and_aiq_follow_routerbench():
     assert aiq(pts, c_min=1.0, c_max=5.0) == pytest.approx((55.0 * 1 + 70.0 * 3) / 4, abs=1e-6)
 
 
+@pytest.mark.slow  # the whole evaluate job (training included) on a slice: no Ray, but long for the unit tier
 def test_quick_evaluation_on_a_slice(tmp_path):
     llm, rb = SHARED_DATA / "routing" / "llmrouter", SHARED_DATA / "routing" / "routerbench"
     if not llm.is_dir() or not rb.is_dir():
