@@ -29,7 +29,7 @@ from icl_router.data.anchors import run_anchors
 from icl_router.data.dataset import Dataset
 from icl_router.model.router_dir import load_router_dir
 
-pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]  # the tier marker comes from the directory (tests/conftest.py); each test here runs a minute or more
 
 REPO = Path(__file__).resolve().parents[2]
 LOCAL = REPO / "cluster" / "local"

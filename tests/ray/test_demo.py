@@ -8,7 +8,7 @@ from icl_router.config import DemoConfig
 from icl_router.demo import SERVED, run_demo
 from icl_router.model.router_dir import read_meta, read_profiles
 
-pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]  # the tier marker comes from the directory (tests/conftest.py); each test here runs a minute or more
 
 
 def test_demo_runs_end_to_end_and_registers_the_held_out_model(ray_local, tmp_path):

@@ -9,7 +9,7 @@ from icl_router import schemas as S
 from icl_router.config import EmbedConfig
 from icl_router.data.embed import BUNDLED, load_embedder, run_embed
 
-pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]  # the tier marker comes from the directory (tests/conftest.py); each test here runs a minute or more
 
 
 def test_embed_matches_plain_encode_skips_done_and_keeps_embedders_apart(ray_local, real_dataset):

@@ -23,7 +23,7 @@ from icl_router.train.driver import run_train
 
 LLMROUTER_TRAIN = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "routing" / "llmrouter" / "train.jsonl"
 
-pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]  # the tier marker comes from the directory (tests/conftest.py); each test here runs a minute or more
 
 TINY = {"hidden_size": 128, "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 1200}
 

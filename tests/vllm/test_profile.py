@@ -143,7 +143,7 @@ def profiled(cluster, data, models):
     return cfg, run_profile(cfg)
 
 
-@pytest.mark.vllm
+@pytest.mark.slow  # with its fixtures: a Ray cluster, two vLLM engines, the profile job
 @pytest.mark.timeout(600)
 def test_profiles_two_models_grades_every_row_and_a_second_run_adds_nothing(profiled, data):
     cfg, summary = profiled
@@ -174,7 +174,7 @@ def test_profiles_two_models_grades_every_row_and_a_second_run_adds_nothing(prof
     assert _profile_files(ds) == files
 
 
-@pytest.mark.vllm
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_a_killed_job_keeps_its_shards_and_the_rerun_does_only_the_rest(profiled, data, models, cluster, work):
     # The profiled dataset gains N_MORE new queries: only those run, for both models.

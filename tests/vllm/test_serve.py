@@ -23,8 +23,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.vllm
-
 API_KEY, ADMIN_KEY = "sk-test-user", "sk-test-admin"
 K = 8
 COSTS = {"tiny-a": 0.01, "tiny-b": 0.001}
@@ -319,6 +317,7 @@ def _replica_actor(model: str):
     return ray.get_actor(name, namespace="serve")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_failover_when_a_pool_replica_dies_under_traffic(client):
     """Routed requests fail over; a stream cut by the kill ends with an error event; a request naming
