@@ -136,11 +136,12 @@ def test_code_completion_and_full_function():
         "entry_point": "add",
         "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n",
     }
-    assert grade("code", "    return a + b\n", gold) == 1.0  # a completion of the prompt
-    assert grade("code", "Here:\n```python\ndef add(a, b):\n    return a + b\n```\nDone.", gold) == 1.0
+    ok_s = 60.0  # a sandbox timeout no loaded machine reaches: a pass must not turn into a timeout
+    assert grade("code", "    return a + b\n", gold, timeout_s=ok_s) == 1.0  # a completion of the prompt
+    assert grade("code", "Here:\n```python\ndef add(a, b):\n    return a + b\n```\nDone.", gold, timeout_s=ok_s) == 1.0
     assert grade("code", "```python\ndef add(a, b):\n    return a - b\n```", gold) == 0.0
     mbpp = {"test_list": ["assert sq(3) == 9", "assert sq(0) == 0"]}
-    assert grade("code", "def sq(x):\n    return x * x\n", mbpp) == 1.0
+    assert grade("code", "def sq(x):\n    return x * x\n", mbpp, timeout_s=ok_s) == 1.0
     assert grade("code", "def sq(x):\n    return 9\n", mbpp) == 0.0
     with pytest.raises(ValueError, match="test_list"):
         grade("code", "x = 1", {"entry_point": "f"})
@@ -165,6 +166,6 @@ def test_zeroeval_published_accuracy_is_reproduced(task):
 def test_humaneval_canonical_pass_and_mutants_fail():
     if not (DATA / "benchmarks" / "humaneval.jsonl.gz").is_file():
         pytest.skip("../shared/data/benchmarks/humaneval.jsonl.gz is absent")
-    out = humaneval(DATA, limit=24, workers=4, timeout_s=5.0)
+    out = humaneval(DATA, limit=24, workers=4, timeout_s=60.0)  # generous: a loaded machine must not fail a canonical solution
     assert out["humaneval_canonical_failed"] == [] and out["humaneval_mutant_survived"] == []
     assert out["humaneval_canonical_pass"] == out["humaneval_mutant_fail"] == 24
