@@ -29,9 +29,9 @@ lint: setup
 test: setup lint
 	$(BIN)/python -m pytest -q tests
 
-# The unit tier alone (no Ray, no vLLM): the quick check while editing.
+# The unit tier without its few slow tests (no Ray, no vLLM): the quick check while editing.
 test-fast: setup
-	$(BIN)/python -m pytest -q -m unit tests
+	$(BIN)/python -m pytest -q -m "unit and not slow" tests
 
 clean:
 	rm -rf $(VENV) runs
