@@ -142,7 +142,7 @@ def test_killed_worker_resumes_from_checkpoint_and_ends_at_the_same_step(ray_loc
     assert len(list((Path(summary["checkpoint"]) / "ds").glob("*optim_states.pt"))) == 2
 
 
-def test_deepspeed_zero2_keeps_a_part_at_rate_zero_frozen_for_its_phase(monkeypatch):
+def test_deepspeed_zero2_keeps_a_part_at_rate_zero_frozen_for_its_phase(monkeypatch, tiny_router_lm):
     """The Ray Train workers' engine (ZeRO-2, torch AdamW from make_optimizer) on one rank, in this
     process: the part a phase gives rate 0 computes no gradient and stays put, then trains.
     Both cases share one process group: DeepSpeed caches its groups for the process."""
@@ -153,7 +153,6 @@ def test_deepspeed_zero2_keeps_a_part_at_rate_zero_frozen_for_its_phase(monkeypa
 
     from icl_router.model.prompt import PromptLayout
     from icl_router.model.router import ICLRouter
-    from icl_router.model.tiny import build_tiny_router_lm
     from icl_router.testing import SAMPLE_QUERIES as Q
     from icl_router.train.data import TrainData
     from icl_router.train.loop import make_optimizer, train_steps
@@ -164,7 +163,7 @@ def test_deepspeed_zero2_keeps_a_part_at_rate_zero_frozen_for_its_phase(monkeypa
     for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
         monkeypatch.setenv(k, v)
     monkeypatch.setitem(deepspeed.ops.__compatible_ops__, "deepspeed_shm_comm", False)  # as train_loop does
-    lm, tok = build_tiny_router_lm(Q * 4, vocab_size=600)
+    lm, tok = tiny_router_lm  # trained below on deep copies only
     g = torch.Generator().manual_seed(0)
     data = TrainData(
         items=np.array([[q, m, int(torch.rand(1, generator=g) < 0.5)] for q in range(len(Q)) for m in range(2)]),

@@ -9,14 +9,6 @@ import torch
 K = 6
 
 
-@pytest.fixture(scope="module")
-def tiny_router_lm():
-    from icl_router.model.tiny import build_tiny_router_lm
-    from icl_router.testing import SAMPLE_QUERIES
-
-    return build_tiny_router_lm(SAMPLE_QUERIES * 4, vocab_size=600)
-
-
 @pytest.fixture
 def router_dir(tmp_path, tiny_router_lm):
     from icl_router.data.embed import BUNDLED

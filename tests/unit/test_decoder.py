@@ -6,6 +6,7 @@ by name (the scores themselves are checked against the full forward in test_scor
 
 from __future__ import annotations
 
+import copy
 import sys
 import warnings
 
@@ -14,9 +15,7 @@ import torch
 
 from icl_router.model.prompt import PromptLayout
 from icl_router.model.router import ICLRouter
-from icl_router.model.tiny import build_tiny_router_lm
 from icl_router.routing import decoder
-from icl_router.testing import SAMPLE_QUERIES
 
 
 def tiny_llama(vocab: int, pad: int):
@@ -31,9 +30,10 @@ def tiny_llama(vocab: int, pad: int):
 
 
 @pytest.fixture(scope="module", params=["qwen2", "llama"])
-def lm(request):
-    qwen, tok = build_tiny_router_lm(SAMPLE_QUERIES * 4, vocab_size=600)
-    return (qwen.eval() if request.param == "qwen2" else tiny_llama(len(tok), tok.pad_token_id)), tok
+def lm(request, tiny_router_lm):
+    qwen, tok = tiny_router_lm
+    # a copy: one test edits a layer (and puts it back) to break an assumption
+    return (copy.deepcopy(qwen) if request.param == "qwen2" else tiny_llama(len(tok), tok.pad_token_id)), tok
 
 
 def test_the_architectures_meet_every_structural_assumption(lm):

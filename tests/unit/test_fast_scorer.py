@@ -8,16 +8,14 @@ import torch
 
 from icl_router.model.prompt import PromptLayout
 from icl_router.model.router import ICLRouter
-from icl_router.model.tiny import build_tiny_router_lm
 from icl_router.routing.fast import EvidenceScorer
-from icl_router.testing import SAMPLE_QUERIES
 
 K, E, T = 40, 16, 5
 
 
 @pytest.fixture(scope="module")
-def router():
-    lm, tok = build_tiny_router_lm(SAMPLE_QUERIES * 4, vocab_size=600)
+def router(tiny_router_lm):
+    lm, tok = tiny_router_lm  # read-only: only the evidence head is set below
     torch.manual_seed(0)
     r = ICLRouter(lm, PromptLayout(tok, query_input="vector", profile_layout="pairs"), anchor_emb=torch.randn(K, E), anchor_evidence=True).eval()
     with torch.no_grad():  # a trained head: every temperature and the rate weighed

@@ -10,16 +10,14 @@ from icl_router.data.embed import BUNDLED, EmbedderError
 from icl_router.model.prompt import PromptLayout
 from icl_router.model.router import ICLRouter
 from icl_router.model.router_dir import RouterMeta, save_router_dir
-from icl_router.model.tiny import build_tiny_router_lm
 from icl_router.routing.online import OnlineRouter
-from icl_router.testing import SAMPLE_QUERIES
 
 K, E = 12, 384
 
 
 @pytest.fixture(scope="module")
-def router_dir(tmp_path_factory):
-    lm, tok = build_tiny_router_lm(SAMPLE_QUERIES * 4, vocab_size=600)
+def router_dir(tmp_path_factory, tiny_router_lm):
+    lm, tok = tiny_router_lm  # read-only: the router is saved and loaded from its directory
     layout = PromptLayout(tok, query_input="vector", profile_layout="pairs")
     torch.manual_seed(0)
     router = ICLRouter(lm, layout, anchor_emb=torch.nn.functional.normalize(torch.randn(K, E), dim=-1), anchor_evidence=True).eval()
