@@ -178,6 +178,9 @@ def test_deepspeed_zero2_keeps_a_part_at_rate_zero_frozen_for_its_phase(monkeypa
     try:
         for frozen in ("lm", "projector"):
             router = ICLRouter(copy.deepcopy(lm), PromptLayout(tok, query_input="vector"), anchor_emb=torch.as_tensor(data.anchor_emb), anchor_evidence=True)
+            router.train()  # the shared LM is in eval mode; training runs in train mode
+            with torch.no_grad():  # an LM that speaks: at lm_weight 0 (a fresh head) the LM gets no gradient to move by
+                router.evidence.lm_weight.fill_(1.0)
             first = {"lr_projector": 0.0, "lr_router": 1e-2} if frozen == "projector" else {"lr_projector": 1e-2, "lr_router": 0.0}
             cfg = TrainConfig(stage=2, dataset="<in-memory>", output="<unused>", batch_size=4,
                               phases=[{"epochs": 2, **first}, {"epochs": 1, "lr_projector": 1e-2, "lr_router": 1e-2}])
