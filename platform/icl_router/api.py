@@ -52,10 +52,11 @@ class Router:
         self.costs: dict[str, float] = dict(costs or {})
 
     @classmethod
-    def load(cls, router_dir: str | Path, *, embedder: str | None = None, scoring: str = "full", costs: dict[str, float] | None = None) -> Router:
+    def load(cls, router_dir: str | Path, *, embedder: str | None = None, scoring: str = "auto", costs: dict[str, float] | None = None) -> Router:
         """Load ``router_dir`` (icl-router train output) with its registered pool and the embedder its
         anchors were embedded with (``embedder`` names another variant); ``scoring``: ``full`` (the
-        router LM with its evidence) or ``evidence`` (the evidence head alone, no LM forward)."""
+        router LM with its evidence), ``evidence`` (the evidence head alone, no LM forward) or
+        ``auto`` (the evidence path when the router's LM is silent, as the service chooses)."""
         from icl_router.model.router_dir import PROFILES_FILE, read_meta, read_profiles
         from icl_router.routing.online import OnlineRouter
 

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any, get_args
 
 from icl_router.errors import UserError
-from icl_router.kinds import DatasetFormat
+from icl_router.kinds import DatasetFormat, PolicyKind
 
 # bench name -> module in icl_router.bench with ``add_args(parser)`` and ``run(args) -> dict``
 BENCHES = {
@@ -52,6 +52,23 @@ def _job(module: str, func: str, cls: str) -> Callable[[argparse.Namespace], Any
         return getattr(importlib.import_module(module), func)(cfg)
 
     return run
+
+
+def _cmd_route(a: argparse.Namespace) -> Any:
+    from transformers.utils import logging as hf_logging
+
+    from icl_router.api import Router
+    from icl_router.routing.decision import DecisionParams
+    from icl_router.routing.policy import Policy
+
+    names = ("threshold", "margin", "budget", "cost_weight", "min_gain", "prior_weight", "default_model")
+    options = {n: getattr(a, n) for n in names if getattr(a, n) is not None}
+    Policy(a.policy, **{k: v for k, v in options.items() if k in ("threshold", "margin", "budget", "cost_weight")})  # refuse before loading
+    DecisionParams().replace(**{k: v for k, v in options.items() if k in ("min_gain", "prior_weight", "default_model")})
+    hf_logging.disable_progress_bar()
+    router = Router.load(a.router)
+    decisions = router.route(a.text, policy=a.policy, models=a.model, **options)
+    return [{"text": t, "model": d.model, "default": d.default, "order": d.order, "p": {m: round(v, 4) for m, v in d.p.items()}} for t, d in zip(a.text, decisions)]
 
 
 def _cmd_bench(a: argparse.Namespace) -> Any:
@@ -109,6 +126,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True, help="dataset directory holding the models' outcomes on the router's anchors")
     p.add_argument("--model", required=True, action="append", help="model id; repeat to register several")
     p.set_defaults(run=lambda a: importlib.import_module("icl_router.routing.register").register_models(a.router, a.dataset, a.model))
+
+    p = sub.add_parser("route", help="route queries with a trained router directory in this process (the Python API)")
+    p.add_argument("--router", required=True, help="router directory")
+    p.add_argument("--text", required=True, action="append", help="a query; repeat to route several")
+    p.add_argument("--policy", default="highest", choices=list(get_args(PolicyKind)), help="routing policy")
+    for name in ("threshold", "margin", "budget", "cost-weight", "min-gain", "prior-weight"):
+        p.add_argument(f"--{name}", type=float, help=f"the policy's or the decision layer's {name.replace('-', '_')}")
+    p.add_argument("--default-model", help="the guard's default model (default: the best prior)")
+    p.add_argument("--model", action="append", help="route among these pool models only; repeat")
+    p.set_defaults(run=_cmd_route)
 
     from icl_router import submit  # light: Ray is imported only when a job is submitted
 

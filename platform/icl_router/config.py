@@ -277,6 +277,12 @@ class ScalingConfig(Config):
     cpus_per_worker: float = 1.0
 
 
+class DecisionFitConfig(Config):
+    """How a trained router's decision layer is fitted (routing/decision_fit.py, docs/design.md §3)."""
+
+    clusters: int = Field(default=8, ge=2)  # k-means clusters whose own anchors are hidden in the second view
+
+
 class TrainConfig(Config):
     stage: Literal[1, 2]
     dataset: str
@@ -294,6 +300,10 @@ class TrainConfig(Config):
     max_failures: int = 2  # worker failures survived by resuming from the latest checkpoint
     storage_path: str | None = None  # Ray Train run storage; default <output>.runs
     seed: int = 0
+    # stage 2: train queries held out of training, on which the trained router is checked against the
+    # untrained one (the better is kept) and the decision layer is fitted
+    val_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
+    decision: DecisionFitConfig | None = DecisionFitConfig()  # stage 2; null: no decision layer
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     scaling: ScalingConfig = ScalingConfig()
     ray: RayConfig = RayConfig()
@@ -377,6 +387,38 @@ class ProfileConfig(Config):
 # Evaluation
 
 
+class GenerateConfig(Config):
+    """The synthetic pool (data/generate.py): readable queries in task families, made-up models."""
+
+    seed: int = 0
+    n_queries: int = 2000
+    n_models: int = 6  # the first n of the synthetic models
+    families: list[str] | None = None  # None: every family
+    ood_families: list[str] = ["units", "spelling"]
+    train_fraction: float = 0.7
+    query_noise: float = 0.6  # std of the per-query hardness shared by all models (logits)
+
+    @model_validator(mode="after")
+    def _check(self) -> GenerateConfig:
+        from icl_router.data.generate import FAMILIES, MODELS  # the generator's own tables
+
+        families = self.families if self.families is not None else list(FAMILIES)
+        if not 1 <= self.n_models <= len(MODELS):
+            raise ValueError(f"n_models must be between 1 and {len(MODELS)} (the synthetic pool)")
+        if self.n_queries < 1:
+            raise ValueError("n_queries must be at least 1")
+        unknown = set(families) - set(FAMILIES)
+        if unknown:
+            raise ValueError(f"families {sorted(unknown)} do not exist; choose from {list(FAMILIES)}")
+        if not set(self.ood_families) <= set(families):
+            raise ValueError("ood_families must be a subset of families")
+        if not set(families) - set(self.ood_families):
+            raise ValueError("at least one family must be in-distribution (not in ood_families)")
+        if not 0.0 < self.train_fraction < 1.0:
+            raise ValueError("train_fraction must be strictly between 0 and 1, e.g. 0.7")
+        return self
+
+
 class EvalRouterConfig(Config):
     """One ICL-Router variant of an evaluation, trained in-process per seed (the Ray Train job's steps).
 
@@ -392,7 +434,7 @@ class EvalRouterConfig(Config):
     max_text_tokens: int = 64
     val_fraction: float = 0.1  # of train, held out to pick the step (early stopping); 0 keeps the last step
     eval_every: int = 100  # steps between validation checks
-    calibrate: bool = False  # per-model Platt scaling of p on the validation slice (cost accuracy here)
+    decision: DecisionFitConfig | None = DecisionFitConfig()  # null: route by the raw p's argmax
     checkpoints: list[str] | None = None  # one trained router directory per seed instead of training
 
 
@@ -400,37 +442,61 @@ class EvalRouterConfig(Config):
 TEXT_ROUTER = EvalRouterConfig(router=RouterConfig(query_input="text", anchor_evidence=False), k=100, max_steps=600, eval_every=500)
 
 
-class RouterBenchEvalConfig(Config):
-    """The cost/quality section: the RouterBench subset with its per-query costs."""
+class EvalDatasetConfig(Config):
+    """One dataset of an evaluation: where it is, its ID/OOD split, how many anchors.
 
-    dataset: str = "routing/routerbench"  # under data_root, like EvaluateConfig.dataset
+    ``dataset`` is an imported dataset directory, or (with ``format``) JSONL files / a folder
+    of an importable format, imported into ``cache_dir``; relative paths are under
+    ``data_root``. ``generate`` makes the synthetic pool instead (in ``cache_dir``).
+    """
+
+    name: str  # the report's key for this dataset
+    dataset: str | None = None
+    format: DatasetFormat | None = None
+    generate: GenerateConfig | None = None
+    split: SplitConfig = SplitConfig()  # id_tasks / ood_tasks / train_fraction; the seed comes from seeds
+    view: Literal["text", "last-block"] = "text"  # what is embedded: the text, or its last blank-line block (few-shot prompts)
+    k: int | None = None  # anchors per seed (null: icl_router.k)
+
+    @model_validator(mode="after")
+    def _check(self) -> EvalDatasetConfig:
+        if (self.dataset is None) == (self.generate is None):
+            raise ValueError(f"datasets[{self.name}]: give exactly one of dataset (a path) or generate (the synthetic pool)")
+        return self
+
+
+LLMROUTER = EvalDatasetConfig(name="llmrouter", dataset="routing/llmrouter", format="llmrouter")
+
+
+class RouterBenchEvalConfig(Config):
+    """The cost/quality section: the RouterBench subset with its per-query costs, on its own train/test split."""
+
+    dataset: str = "routing/routerbench"  # under data_root
     format: DatasetFormat | None = "routerbench"
-    margins: list[float] = [0.0, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0]  # margin policy sweep
     k: int | None = None  # anchors on this dataset's train split (null: icl_router.k)
+    reference_model: str = "gpt-4-1106-preview"  # the model whose cost and accuracy the report measures against
+    cost_weights: list[float] = [0.0, *(round(10 ** (e / 4), 4) for e in range(-2, 19))]  # the cost policy's sweep (points of p per dollar)
 
 
 class EvaluateConfig(Config):
-    """``icl-router evaluate``: the standard protocol (shared/data/README.md) on any pool.
+    """``icl-router evaluate``: the standard protocol on one or several datasets, beside every baseline.
 
-    ``dataset`` is an imported dataset directory, or (with ``format``) JSONL files /
-    a folder of an importable format, imported into ``cache_dir``; relative paths
-    are under ``data_root``. Queries without an ``embedder`` embedding are embedded
-    in-process. Sections other than the main table are switched off by emptying them.
+    Every dataset runs every method on the same rows for every seed. The add-model, K and
+    pool-size sections run on the first dataset and seed; ``routerbench`` is the cost
+    section. Queries without an ``embedder`` embedding are embedded in-process.
     """
 
     data_root: str = "../shared/data"
-    dataset: str = "routing/llmrouter"
-    format: DatasetFormat | None = "llmrouter"
-    cache_dir: str = "runs/cache/evaluate"  # imported and embedded copies (runs/ is not versioned)
+    cache_dir: str = "runs/cache/evaluate"  # imported, generated and embedded copies (runs/ is not versioned)
     embedder: str = "all-MiniLM-L6-v2"
-    split: SplitConfig = SplitConfig()  # id_tasks / ood_tasks / train_fraction; the seed comes from seeds
+    datasets: list[EvalDatasetConfig] = [LLMROUTER]
     seeds: list[int] = [0, 1, 2]
     knn_k: int = 20
     icl_router: EvalRouterConfig = EvalRouterConfig()
-    icl_router_text: EvalRouterConfig | None = TEXT_ROUTER  # null switches it off
-    add_model: bool = True  # leave each model out of training, add it by profile only (first seed)
-    k_sweep: list[int] = [50, 100, 250, 500]  # accuracy vs anchors (first seed)
-    pool_sizes: list[int] = [3, 5, 7]  # accuracy vs pool size (first seed; the first n models by train accuracy)
+    icl_router_text: EvalRouterConfig | None = None  # e.g. TEXT_ROUTER's settings; null switches it off
+    add_model: bool = True  # leave each model out of training, add it by profile only (first dataset and seed)
+    k_sweep: list[int] = [50, 100, 250, 500]  # accuracy vs anchors (first dataset and seed)
+    pool_sizes: list[int] = [3, 5, 7]  # accuracy vs pool size (first dataset and seed; the first n models by train accuracy)
     sweep_max_steps: int | None = None  # caps each training of the add-model, K and pool-size sweeps
     threads: int | None = None  # torch threads (null: torch's default); 1 on an oversubscribed machine
     routerbench: RouterBenchEvalConfig | None = RouterBenchEvalConfig()
@@ -440,9 +506,15 @@ class EvaluateConfig(Config):
     def _check(self) -> EvaluateConfig:
         if not self.seeds:
             raise ValueError("seeds must list at least one seed, e.g. [0, 1, 2]")
+        if not self.datasets:
+            raise ValueError("datasets must list at least one dataset, e.g. [{name: llmrouter, dataset: routing/llmrouter, format: llmrouter}]")
+        names = [d.name for d in self.datasets]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"datasets: names {dup} appear more than once; each is a key of the report")
         for name, r in (("icl_router", self.icl_router), ("icl_router_text", self.icl_router_text)):
-            if r is not None and r.checkpoints is not None and len(r.checkpoints) != len(self.seeds):
-                raise ValueError(f"{name}.checkpoints: one router directory per seed ({len(self.seeds)}), got {len(r.checkpoints)}")
+            if r is not None and r.checkpoints is not None and (len(r.checkpoints) != len(self.seeds) or len(self.datasets) > 1):
+                raise ValueError(f"{name}.checkpoints: one router directory per seed ({len(self.seeds)}) of a single dataset, got {len(r.checkpoints)}")
         return self
 
 
@@ -573,7 +645,7 @@ class DemoConfig(Config):
     n_models: int = 7  # of the synthetic pool
     held_out: str = "synth-logic-8b"  # trained without, then registered from its profile alone
     embedder: str = "all-MiniLM-L6-v2"  # or a variant, e.g. all-MiniLM-L6-v2@onnx-int8 (data/embed.py)
-    k: int = 60  # anchors
+    k: int = 200  # anchors
     stage1_epochs: int = 2
     stage2_epochs: int = 4
     stage1_lr: float = 1e-3  # a tiny router trained from scratch needs far larger rates than the paper's

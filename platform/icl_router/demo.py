@@ -75,23 +75,27 @@ def _train_config(cfg: DemoConfig, out: Path, *, stage: int, models: list[str]) 
 
 
 def evaluate_router(router_dir: Path, data_dir: Path, *, embedder: str) -> dict[str, dict[str, float]]:
-    """Routed accuracy (percent) on the test (ID) and OOD parts: the router's pool vs the baselines on all models."""
-    import torch
-
+    """Routed accuracy (percent) on the test (ID) and OOD parts: the router's pool, through the Python
+    API the service's path runs (decision layer included), beside the baselines on all models."""
+    from icl_router.api import Router
     from icl_router.data.routing_set import load_routing_set
     from icl_router.evaluation import baselines as B
     from icl_router.evaluation.run import baseline_scores
-    from icl_router.routing.scorer import Scorer
 
     rs = load_routing_set(data_dir, split=SplitConfig(name="given"), embedder=embedder)
-    scorer = Scorer.from_dir(router_dir)
-    cols = [rs.models.index(m) for m in scorer.models]
-    out = baseline_scores(rs, knn_k=20)
-    out["icl-router"] = {}
+    router = Router.load(router_dir, embedder=embedder)
+    cols = [rs.models.index(m) for m in router.models]
+    out = baseline_scores(rs, knn_k=20, seed=0)
+    out["icl-router"], out["icl-router-raw"], out["away"] = {}, {}, {}
     for key, part in (("id", "test"), ("ood", "ood")):
         rows = rs.rows(part)
-        p = scorer.score([rs.texts[r] for r in rows], query_emb=torch.as_tensor(rs.embeddings[rows]))  # [n, T]
-        out["icl-router"][key] = B.routed_accuracy(p, rs.labels[rows][:, cols])
+        texts = [rs.texts[r] for r in rows]
+        lab = rs.labels[rows][:, cols]
+        decisions = router.route(texts)
+        chosen = np.array([router.models.index(d.model) for d in decisions])
+        out["icl-router"][key] = float(100 * np.nanmean(lab[np.arange(len(rows)), chosen]))
+        out["icl-router-raw"][key] = B.routed_accuracy(router.scores_and_mass(texts).p, lab)
+        out["away"][key] = float(100 * np.mean([d.default is not None and d.model != d.default for d in decisions]))
     return out
 
 
@@ -99,7 +103,9 @@ def _table(before: dict, after: dict, *, held_out: str) -> str:
     lines = ["| method | ID | OOD |", "|---|---|---|"]
     lines.append(f"| icl-router, pool without {held_out} | {before['icl-router']['id']:.1f} | {before['icl-router']['ood']:.1f} |")
     lines.append(f"| icl-router, {held_out} registered (no retraining) | {after['icl-router']['id']:.1f} | {after['icl-router']['ood']:.1f} |")
-    for m in ("random", "best-single", "max-expert", "knn", "logreg", "oracle"):
+    lines.append(f"| the same, argmax without the decision layer | {after['icl-router-raw']['id']:.1f} | {after['icl-router-raw']['ood']:.1f} |")
+    lines.append(f"| queries the guard let leave the default model (%) | {after['away']['id']:.1f} | {after['away']['ood']:.1f} |")
+    for m in ("random", "best-single", "max-expert", "knn", "knn-tuned", "logreg", "oracle"):
         lines.append(f"| {m} (all models) | {after[m]['id']:.1f} | {after[m]['ood']:.1f} |")
     return "\n".join(lines)
 
@@ -110,8 +116,8 @@ def _plot(before: dict, after: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = ["random", "best-single", "knn", "logreg", "max-expert", "icl-router (before)", "icl-router (after)", "oracle"]
-    rows = [after[n] for n in names[:5]] + [before["icl-router"], after["icl-router"], after["oracle"]]
+    names = ["random", "best-single", "knn", "knn-tuned", "logreg", "max-expert", "icl-router (before)", "icl-router (after)", "oracle"]
+    rows = [after[n] for n in names[:6]] + [before["icl-router"], after["icl-router"], after["oracle"]]
     x = np.arange(len(names))
     fig, ax = plt.subplots(figsize=(9, 4))
     ax.bar(x - 0.2, [r["id"] for r in rows], 0.4, label="ID test")

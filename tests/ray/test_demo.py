@@ -21,8 +21,17 @@ def test_demo_runs_end_to_end_and_registers_the_held_out_model(ray_local, tmp_pa
     pool = read_profiles(out / "router" / "profiles.parquet", meta.anchor_query_ids)
     assert sorted(pool) == sorted([*report["trained_on"], "synth-logic-8b"])
     for part in ("id", "ood"):
-        methods = {**{m: v[part] for m, v in report["after"].items()}, "before": report["before"]["icl-router"][part]}
+        methods = {**{m: v[part] for m, v in report["after"].items() if m != "away"}, "before": report["before"]["icl-router"][part]}
+        assert 0 <= report["after"]["away"][part] <= 100
         assert all(0 <= v <= methods["oracle"] + 1e-9 for v in methods.values()), methods
         assert methods["random"] < methods["oracle"]
     assert (out / "demo.png").stat().st_size > 10_000 and (out / "report.md").is_file()
     assert all((out / "pool" / name / "config.json").is_file() for name in SERVED)
+    # the README's Python API example, on the demo's router directory
+    from icl_router import Router
+
+    router = Router.load(out / "router")
+    assert router.decision is not None and sorted(router.models) == sorted(pool)  # fitted when stage 2 was trained
+    decisions = router.route(["What is 17 + 25?", "Spell the word garden backwards."])
+    assert all(d.model in pool and d.default in pool for d in decisions)
+    assert router.scores(["What is 17 + 25?"]).shape == (1, len(pool))

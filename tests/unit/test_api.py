@@ -59,3 +59,18 @@ def test_load_route_score_and_register(router_dir):
     ]:
         with pytest.raises(RouterError, match=match):
             bad()
+
+
+def test_cli_route_prints_decisions_and_refuses_bad_values_in_one_line(router_dir, capsys):
+    import json
+
+    from icl_router.cli import main
+
+    main(["route", "--router", str(router_dir), "--text", "What is 2+2?", "--min-gain", "1.0", "--default-model", "weak"])
+    out = json.loads(capsys.readouterr().out)
+    assert out[0]["model"] == "weak" == out[0]["default"] and set(out[0]["p"]) == {"strong", "weak"}
+    for args, field in ((["--min-gain", "2"], "decision.min_gain"), (["--policy", "cost"], "cost_weight"), (["--model", "gpt-9"], "models")):
+        with pytest.raises(SystemExit) as e:
+            main(["route", "--router", str(router_dir), "--text", "hi", *args])
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("icl-router")]
+        assert e.value.code == 2 and len(err) == 1 and field in err[0], err

@@ -121,7 +121,7 @@ def test_unknown_key_from_a_base_fails_after_the_merge(tmp_path):
 def test_a_section_given_in_part_keeps_its_default_values():
     cfg = EvaluateConfig.model_validate({"icl_router": {"router": {"tiny": {"hidden_size": 64}}}, "icl_router_text": {"k": 50}})
     assert cfg.icl_router.router.anchor_evidence and cfg.icl_router.router.tiny.hidden_size == 64  # not RouterConfig's defaults
-    assert cfg.icl_router_text.router.query_input == "text" and cfg.icl_router_text.k == 50
+    assert cfg.icl_router_text.k == 50 and cfg.icl_router_text.decision is not None
     assert EvaluateConfig.model_validate({"icl_router_text": None}).icl_router_text is None
 
 
@@ -130,14 +130,26 @@ def test_quick_is_standard_with_only_its_differences():
     standard = load_config(EvaluateConfig, JOBS / "evaluate" / "standard.yaml").model_dump()
     differ = {k for k in standard if quick[k] != standard[k]}
     assert differ == {"seeds", "icl_router", "icl_router_text", "add_model", "k_sweep", "pool_sizes"}
-    for v in ("icl_router", "icl_router_text"):
-        assert {k for k in standard[v] if quick[v][k] != standard[v][k]} == {"max_steps", "eval_every"}
+    assert {k for k in standard["icl_router"] if quick["icl_router"][k] != standard["icl_router"][k]} == {"max_steps", "eval_every"}
+    assert quick["icl_router_text"] is None
+
+
+def test_the_suite_runs_every_dataset_and_its_quick_variant_one_seed():
+    suite = load_config(EvaluateConfig, JOBS / "evaluate" / "suite.yaml")
+    assert [d.name for d in suite.datasets] == ["llmrouter", "zeroeval", "routerbench", "synthetic"] and suite.seeds == [0, 1, 2]
+    assert all(d.split.ood_tasks for d in suite.datasets) and suite.routerbench is not None
+    quick = load_config(EvaluateConfig, JOBS / "evaluate" / "suite-quick.yaml")
+    assert quick.datasets == suite.datasets and quick.seeds == [0]
+    with pytest.raises(ValueError, match="names \\['a'\\] appear more than once"):
+        EvaluateConfig.model_validate({"datasets": [{"name": "a", "dataset": "x"}, {"name": "a", "dataset": "y"}]})
+    with pytest.raises(ValueError, match="exactly one of dataset"):
+        EvaluateConfig.model_validate({"datasets": [{"name": "a"}]})
 
 
 def test_the_evaluated_routers_default_to_the_best_measured_configuration():
     rc = EvalRouterConfig()
     assert (rc.router.query_input, rc.router.profile_layout, rc.router.anchor_evidence) == ("vector", "pairs", True)
-    assert (rc.k, rc.max_steps, rc.calibrate) == (500, 300, False)
+    assert (rc.k, rc.max_steps, rc.decision.clusters) == (500, 300, 8)
     assert [(p.epochs, p.lr_projector, p.lr_router) for p in rc.phases] == [(5, 3e-4, 3e-4)]
     assert load_config(EvaluateConfig, JOBS / "evaluate" / "standard.yaml").icl_router == rc
 

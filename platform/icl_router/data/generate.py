@@ -22,10 +22,9 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-from pydantic import model_validator
 
 from icl_router import schemas as S
-from icl_router.config import Config
+from icl_router.config import GenerateConfig
 from icl_router.data.dataset import Dataset, write_dataset_atomically
 
 FAMILIES = ("arithmetic", "units", "geography", "code", "logic", "spelling")
@@ -43,33 +42,6 @@ MODELS: dict[str, tuple[float, float, tuple[float, ...]]] = {
     "synth-mid-34b": (34, 0.9, (0.7, 0.5, 0.5, 0.6, 0.5, 0.4)),
 }
 PRICE_PER_TOKEN_PER_B = 1e-8  # dollars per token per billion parameters (70B: $0.70 per 1M tokens)
-
-
-class GenerateConfig(Config):
-    seed: int = 0
-    n_queries: int = 2000
-    n_models: int = 6  # the first n of MODELS
-    families: list[str] = list(FAMILIES)
-    ood_families: list[str] = ["units", "spelling"]
-    train_fraction: float = 0.7
-    query_noise: float = 0.6  # std of the per-query hardness shared by all models (logits)
-
-    @model_validator(mode="after")
-    def _check(self) -> GenerateConfig:
-        if not 1 <= self.n_models <= len(MODELS):
-            raise ValueError(f"n_models must be between 1 and {len(MODELS)} (the synthetic pool)")
-        if self.n_queries < 1:
-            raise ValueError("n_queries must be at least 1")
-        unknown = set(self.families) - set(FAMILIES)
-        if unknown:
-            raise ValueError(f"families {sorted(unknown)} do not exist; choose from {list(FAMILIES)}")
-        if not set(self.ood_families) <= set(self.families):
-            raise ValueError("ood_families must be a subset of families")
-        if not set(self.families) - set(self.ood_families):
-            raise ValueError("at least one family must be in-distribution (not in ood_families)")
-        if not 0.0 < self.train_fraction < 1.0:
-            raise ValueError("train_fraction must be strictly between 0 and 1, e.g. 0.7")
-        return self
 
 
 # -- query texts ---------------------------------------------------------------------
@@ -196,19 +168,20 @@ TEMPLATES = {"arithmetic": _arithmetic, "units": _units, "geography": _geography
 
 def generate_tables(cfg: GenerateConfig) -> tuple[pa.Table, pa.Table]:
     """(queries, outcomes) in the dataset contract; pure function of ``cfg``."""
+    families = cfg.families if cfg.families is not None else list(FAMILIES)
     r, rng = random.Random(cfg.seed), np.random.default_rng(cfg.seed)
-    family_idx = rng.integers(0, len(cfg.families), cfg.n_queries)
+    family_idx = rng.integers(0, len(families), cfg.n_queries)
     level = rng.integers(0, len(LEVELS), cfg.n_queries)
     texts, golds, seen = [], [], set()
     for f, lv in zip(family_idx, level):
         for _ in range(50):  # templates are wide; a repeated text is rare, draw again
-            text, gold = TEMPLATES[cfg.families[f]](r, int(lv))
+            text, gold = TEMPLATES[families[f]](r, int(lv))
             if text not in seen:
                 break
         seen.add(text)
         texts.append(text)
         golds.append(gold)
-    family = np.array(cfg.families)[family_idx]
+    family = np.array(families)[family_idx]
     is_ood = np.isin(family, cfg.ood_families)
     split = np.where(is_ood, "ood", "test").astype(object)
     id_pos = rng.permutation(np.flatnonzero(~is_ood))
@@ -231,7 +204,7 @@ def generate_tables(cfg: GenerateConfig) -> tuple[pa.Table, pa.Table]:
     names = list(MODELS)[: cfg.n_models]
     size = np.array([MODELS[m][0] for m in names])  # [M]
     slope = np.array([MODELS[m][1] for m in names])  # [M]
-    skill = np.array([[MODELS[m][2][FAMILIES.index(f)] for f in cfg.families] for m in names])  # [M, F]
+    skill = np.array([[MODELS[m][2][FAMILIES.index(f)] for f in families] for m in names])  # [M, F]
     hardness = rng.normal(0.0, cfg.query_noise, cfg.n_queries)  # [Q]
     logit = skill[:, family_idx] + slope[:, None] * (1 - level)[None, :] + hardness[None, :]  # [M, Q]
     correct = rng.random(logit.shape) < 1 / (1 + np.exp(-logit))  # [M, Q]

@@ -84,6 +84,13 @@ def knn_tuned(train_emb: np.ndarray, train_labels: np.ndarray, test_emb: np.ndar
     k, m and delta are picked on a ``val_fraction`` slice of train (neighbours from the rest),
     then applied with all of train. The scores are one-hot on the chosen model.
     """
+    params = knn_tuned_fit(train_emb, train_labels, val_fraction=val_fraction, seed=seed)
+    p = knn_tuned_p(train_emb, train_labels, test_emb, params)
+    return _guard(p, _train_acc(train_labels), params["delta"]), params
+
+
+def knn_tuned_fit(train_emb: np.ndarray, train_labels: np.ndarray, *, val_fraction: float = 0.2, seed: int = 0) -> dict:
+    """{k, m, delta, val_acc}: the grid point with the best routed accuracy on the validation slice."""
     rng = np.random.default_rng(seed + 11)
     n = len(train_emb)
     val = np.zeros(n, dtype=bool)
@@ -99,9 +106,13 @@ def knn_tuned(train_emb: np.ndarray, train_labels: np.ndarray, test_emb: np.ndar
                 if acc > best_acc + 1e-9:
                     best, best_acc = (k, m, d), acc
     k, m, d = best
-    prior = _train_acc(train_labels)
-    s, c = _knn_counts(train_emb, train_labels, test_emb, k=k)
-    return _guard((s + m * prior) / np.maximum(c + m, 1e-9), prior, d), {"k": k, "m": m, "delta": d, "val_acc": round(best_acc, 2)}
+    return {"k": k, "m": m, "delta": d, "val_acc": round(best_acc, 2)}
+
+
+def knn_tuned_p(train_emb: np.ndarray, train_labels: np.ndarray, test_emb: np.ndarray, params: dict) -> np.ndarray:
+    """The rule's p [n_test, M]: the k neighbours' outcomes shrunk toward the train accuracy by m."""
+    s, c = _knn_counts(train_emb, train_labels, test_emb, k=params["k"])
+    return (s + params["m"] * _train_acc(train_labels)) / np.maximum(c + params["m"], 1e-9)
 
 
 def _knn_counts(train_emb: np.ndarray, train_labels: np.ndarray, test_emb: np.ndarray, *, k: int) -> tuple[np.ndarray, np.ndarray]:

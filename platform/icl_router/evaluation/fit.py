@@ -109,33 +109,5 @@ def fit(
         router.load_state_dict(best)
     info = {"steps": step, "seconds": round(time.perf_counter() - t0, 1), "final_loss": float(np.mean(losses[-50:])) if losses else None}
     if val is not None:
-        p = score(router, rs, val, data.profiles, max_text_tokens=cfg.max_text_tokens)
-        info.update(val_acc=round(best_acc, 2), best_step=best_step, val_curve=curve, calibration=fit_calibration(p, val_labels))
+        info.update(val_acc=round(best_acc, 2), best_step=best_step, val_curve=curve)
     return router.eval(), info
-
-
-def fit_calibration(p: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Per-model Platt scaling on held-out rows: p, labels [n, T] -> [T, 2] (scale, offset) of logit p.
-
-    The router's p(correct) transfers ranking between models better than level
-    (ENVIRONMENT.md); a per-model offset also breaks the near-ties of an
-    under-trained router in favour of the models that are right more often.
-    """
-    from sklearn.linear_model import LogisticRegression
-
-    z = np.log(np.clip(p, 1e-6, 1 - 1e-6) / np.clip(1 - p, 1e-6, 1))  # [n, T]
-    out = np.tile([1.0, 0.0], (p.shape[1], 1))
-    for t in range(p.shape[1]):
-        known = ~np.isnan(labels[:, t])
-        y = labels[known, t] >= 0.5
-        if y.all() or not y.any():
-            continue
-        clf = LogisticRegression(C=1.0).fit(z[known, t : t + 1], y)
-        out[t] = clf.coef_[0, 0], clf.intercept_[0]
-    return out
-
-
-def calibrate(p: np.ndarray, cal: np.ndarray) -> np.ndarray:
-    """Apply ``fit_calibration``'s [T, 2] to p [n, T]."""
-    z = np.log(np.clip(p, 1e-6, 1 - 1e-6) / np.clip(1 - p, 1e-6, 1))
-    return 1 / (1 + np.exp(-(z * cal[:, 0] + cal[:, 1])))

@@ -6,14 +6,18 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 LABELS = {
-    "icl-router": "ICL-Router (query as vector)",
-    "icl-router-evidence": "ICL-Router, its evidence head alone (no LM forward)",
+    "icl-router": "ICL-Router (with its decision layer)",
+    "icl-router-evidence": "ICL-Router, its evidence head alone (no LM forward), same decision layer",
+    "icl-router-raw": "ICL-Router, argmax without the decision layer",
     "icl-router-text": "ICL-Router (query as text)",
     "random": "random model (expected)",
     "best-single": "best single model (picked on train)",
     "max-expert": "max expert (best per task; OOD: on test)",
     "knn": "kNN on query embeddings",
+    "knn-tuned": "tuned neighbour rule (k, m, delta on validation)",
     "logreg": "logistic regression per model",
     "oracle": "oracle (any model right)",
 }
@@ -23,23 +27,78 @@ def _ms(v: dict | None) -> str:
     return "–" if not v else f"{v['mean']:.1f} ± {v['std']:.1f}"
 
 
+def _f(x: float | None, fmt: str = "{:.1f}") -> str:
+    return "–" if x is None else fmt.format(x)
+
+
+def suite_table(r: dict[str, Any]) -> list[str]:
+    """Per dataset and split: the router beside the bars it must clear."""
+    cols = ["icl-router", "best-single", "knn-tuned", "knn", "logreg", "oracle"]
+    lines = [
+        "| dataset | split | " + " | ".join(cols) + " | router - best single | router - knn-tuned |",
+        "|---|---|" + "---|" * (len(cols) + 2),
+    ]
+    for name, rep in r["datasets"].items():
+        m = rep["methods"]
+        for part in ("id", "ood"):
+            if part not in m.get("icl-router", {}):
+                continue
+            d = r["delta"][name][part]
+            cells = [_ms(m.get(c, {}).get(part)) for c in cols]
+            lines.append(f"| {name} | {part.upper()} | " + " | ".join(cells) + f" | {d['vs_best_single']:+.1f} | {d['vs_knn_tuned']:+.1f} |")
+    if "mean" in r["delta"]:
+        mean = r["delta"]["mean"]["all"]
+        lines.append("| mean | all | " + " | ".join("" for _ in cols) + f" | {mean['vs_best_single']:+.1f} | {mean['vs_knn_tuned']:+.1f} |")
+    return lines
+
+
 def markdown(r: dict[str, Any]) -> str:
     seeds = ", ".join(map(str, r["seeds"]))
     lines = [
         "# Evaluation report",
         "",
-        f"Dataset `{r['dataset']}`, {len(r['models'])} models; train {r['n']['train']}, ID test {r['n']['id']}, OOD {r['n']['ood']} "
-        f"queries; seeds {seeds} (mean ± std of routed accuracy, %). Took {r['seconds'] / 60:.1f} min.",
+        f"{len(r['datasets'])} dataset(s), seeds {seeds}: routed accuracy (%), mean ± std over seeds. Took {r['seconds'] / 60:.1f} min.",
         "",
-        "| method | ID | OOD |",
-        "|---|---|---|",
+        "## Every dataset: the router beside the best single model and the tuned neighbour rule",
+        "",
+        *suite_table(r),
     ]
-    for m, v in r["methods"].items():
-        lines.append(f"| {LABELS.get(m, m)} | {_ms(v.get('id'))} | {_ms(v.get('ood'))} |")
+    for name, rep in r["datasets"].items():
+        lines += [
+            "",
+            f"## {name}",
+            "",
+            f"`{rep['dataset']}`, {len(rep['models'])} models, K={rep['k']} anchors; train {rep['n']['train']}, ID test {rep['n']['id']}, "
+            f"OOD {rep['n']['ood']} queries ({rep.get('seconds', 0) / 60:.1f} min).",
+            "",
+            "| method | ID | OOD |",
+            "|---|---|---|",
+        ]
+        for m, v in rep["methods"].items():
+            lines.append(f"| {LABELS.get(m, m)} | {_ms(v.get('id'))} | {_ms(v.get('ood'))} |")
+        cal = rep.get("calibration") or {}
+        if cal:
+            lines += [
+                "",
+                "Calibration of the router's p(correct) over every (query, model) pair, mean over seeds: before the decision "
+                "layer -> after it; and the share of queries routed away from the default model.",
+                "",
+                "| split | ECE | Brier | routed away from the default |",
+                "|---|---|---|---|",
+            ]
+            for part, c in cal.items():
+                lines.append(f"| {part.upper()} | {c['ece_raw']:.3f} -> {c['ece']:.3f} | {c['brier_raw']:.3f} -> {c['brier']:.3f} | {c['away_from_default']:.1f}% |")
+        dec = [(seed, d) for seed, d in (rep.get("decision") or {}).items() if d]
+        if dec:
+            lines += ["", "| seed | tau | prior_weight | min_gain | calibration | fitted on |", "|---|---|---|---|---|---|"]
+            for seed, d in dec:
+                lines.append(
+                    f"| {seed} | {d['tau']} | {d['prior_weight']} | {d['min_gain']} | ({d['calibration'][0]:.2f}, {d['calibration'][1]:.2f}) | {d['fitted'].get('rows', '–')} queries |"
+                )
     if r.get("add_model"):
         lines += [
             "",
-            "## Adding a model by its profile only (first seed, ID test)",
+            "## Adding a model by its profile only (first dataset and seed, ID test)",
             "",
             "Router trained without the model, which is then added by its anchor outcomes only, vs the router trained with it.",
             "",
@@ -53,25 +112,38 @@ def markdown(r: dict[str, Any]) -> str:
                 f"{f(a['auc_trained'])} | {a['share_added']:.1f} | {a['share_trained']:.1f} |"
             )
     if r.get("k_sweep"):
-        lines += ["", "## Accuracy vs number of anchors (first seed)", "", "| K | ID | OOD |", "|---|---|---|"]
-        lines += [f"| {k['k']} | {k['id']:.1f} | {k['ood']:.1f} |" for k in r["k_sweep"]]
+        lines += ["", "## Accuracy vs number of anchors (first dataset and seed)", "", "| K | ID | OOD |", "|---|---|---|"]
+        lines += [f"| {k['k']} | {_f(k.get('id'))} | {_f(k.get('ood'))} |" for k in r["k_sweep"]]
     if r.get("pool_sizes"):
-        lines += ["", "## Accuracy vs pool size (first seed, ID test; the n best models on train)", "", "| n | ICL-Router | kNN | best single | oracle |", "|---|---|---|---|---|"]
-        lines += [f"| {p['n']} | {p['icl-router']:.1f} | {p['knn']:.1f} | {p['best-single']:.1f} | {p['oracle']:.1f} |" for p in r["pool_sizes"]]
-    rb = r.get("routerbench")
-    if rb:
         lines += [
             "",
-            f"## Cost/quality on RouterBench ({rb['n_test']} test queries)",
+            "## Accuracy vs pool size (first dataset and seed, ID test; the n best models on train)",
             "",
-            "Margin policy (the cheapest model whose p is within the margin of the best) on each router's p; "
-            "AIQ (RouterBench): mean quality of the non-decreasing convex hull over the single models' cost range "
-            f"[{rb['cost_range'][0]:.2e}, {rb['cost_range'][1]:.2e}] $ per query.",
-            "",
-            "| router | AIQ |",
-            "|---|---|",
+            "| n | ICL-Router | knn-tuned | kNN | best single | oracle |",
+            "|---|---|---|---|---|---|",
         ]
-        lines += [f"| {k} | {v:.1f} |" for k, v in rb["aiq"].items()]
+        lines += [f"| {p['n']} | {p['icl-router']:.1f} | {p['knn-tuned']:.1f} | {p['knn']:.1f} | {p['best-single']:.1f} | {p['oracle']:.1f} |" for p in r["pool_sizes"]]
+    rb = r.get("routerbench")
+    if rb:
+        ref, ref_name = rb["reference"], rb["reference_model"]
+        lines += [
+            "",
+            f"## Cost and quality on RouterBench ({rb['n_test']} test queries)",
+            "",
+            f"The cost policy (the highest p - cost_weight x cost, swept) on each router's p; {ref_name} answers {ref['quality']:.1f}% at "
+            f"${ref['cost']:.2e} per query. AIQ (RouterBench): the mean quality of the non-decreasing convex hull over the single "
+            f"models' cost range [{rb['cost_range'][0]:.2e}, {rb['cost_range'][1]:.2e}] $ per query; the single models' own hull: "
+            f"**{rb['single_hull_aiq']:.1f}**.",
+            "",
+            f"| router | AIQ | AIQ - single hull | accuracy at 25% of {ref_name}'s cost | at 50% | cost to match {ref_name} |",
+            "|---|---|---|---|---|---|",
+        ]
+        for k, v in rb["aiq"].items():
+            match = rb["cost_to_match_gpt4"][k]
+            match_s = "never" if match is None else f"${match:.2e} ({100 * match / ref['cost']:.0f}%)"
+            lines.append(
+                f"| {k} | {v:.1f} | {v - rb['single_hull_aiq']:+.1f} | {_f(rb['acc_at_25pct_gpt4_cost'][k])} | {_f(rb['acc_at_50pct_gpt4_cost'][k])} | {match_s} |"
+            )
         lines += ["", "| model | cost $/query | accuracy |", "|---|---|---|"]
         lines += [f"| {m} | {s['cost']:.2e} | {s['quality']:.1f} |" for m, s in sorted(rb["single"].items(), key=lambda x: x[1]["cost"])]
         lines.append(f"| oracle (cheapest right model) | {rb['oracle']['cost']:.2e} | {rb['oracle']['quality']:.1f} |")
@@ -102,10 +174,31 @@ def plots(r: dict[str, Any], out: Path) -> list[str]:
     ax.set_ylabel("routed accuracy (%)")
     ax.legend()
     save(fig, "methods.png")
+    if len(r["datasets"]) > 1 or r["delta"]:
+        rows = [(name, part, d) for name, parts in r["delta"].items() if name != "mean" for part, d in parts.items()]
+        if rows:
+            fig, ax = plt.subplots(figsize=(1.2 * len(rows) + 2, 3.6))
+            x = np.arange(len(rows))
+            ax.bar(x - 0.2, [d["vs_best_single"] for _, _, d in rows], 0.4, label="router - best single")
+            ax.bar(x + 0.2, [d["vs_knn_tuned"] for _, _, d in rows], 0.4, label="router - knn-tuned")
+            ax.axhline(0, color="k", lw=0.8)
+            ax.axhline(-0.5, color="grey", lw=0.8, ls="--")
+            ax.set_xticks(x, [f"{n}\n{p.upper()}" for n, p, _ in rows], fontsize=8)
+            ax.set_ylabel("routed accuracy difference (points)")
+            ax.legend(fontsize=7)
+            save(fig, "suite_delta.png")
+    curves = {name: rep["calibration"]["id"]["reliability"] for name, rep in r["datasets"].items() if rep.get("calibration", {}).get("id")}
+    if curves:
+        from icl_router.evaluation.calibration import plot_reliability
+
+        plot_reliability(curves, str(out / "reliability.png"))
+        made.append("reliability.png")
     if r.get("k_sweep"):
         fig, ax = plt.subplots(figsize=(5, 3.5))
         ks = [k["k"] for k in r["k_sweep"]]
         for part in ("id", "ood"):
+            if any(part not in k for k in r["k_sweep"]):
+                continue
             ax.plot(ks, [k[part] for k in r["k_sweep"]], "o-", label=f"ICL-Router {part.upper()}")
             if "knn" in r["methods"] and part in r["methods"]["knn"]:
                 ax.axhline(r["methods"]["knn"][part]["mean"], ls="--", lw=1, color="C0" if part == "id" else "C1", label=f"kNN {part.upper()}")
@@ -117,7 +210,7 @@ def plots(r: dict[str, Any], out: Path) -> list[str]:
     if r.get("pool_sizes"):
         fig, ax = plt.subplots(figsize=(5, 3.5))
         ns = [p["n"] for p in r["pool_sizes"]]
-        for m in ("icl-router", "knn", "best-single", "oracle"):
+        for m in ("icl-router", "knn-tuned", "knn", "best-single", "oracle"):
             ax.plot(ns, [p[m] for p in r["pool_sizes"]], "o-", label=m)
         ax.set_xlabel("pool size")
         ax.set_ylabel("ID routed accuracy (%)")
@@ -128,11 +221,15 @@ def plots(r: dict[str, Any], out: Path) -> list[str]:
         fig, ax = plt.subplots(figsize=(6, 4))
         for name, curve in rb["curves"].items():
             pts = sorted((p["cost"], p["quality"]) for p in curve)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", ms=3, label=f"{name} (AIQ {rb['aiq'][name]:.1f})")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", ms=3, label=f"{name} (AIQ {rb['aiq'][name]:.1f}; single hull {rb['single_hull_aiq']:.1f})")
         for m, s in rb["single"].items():
             ax.scatter(s["cost"], s["quality"], marker="x", color="gray")
             ax.annotate(m, (s["cost"], s["quality"]), fontsize=6)
         ax.scatter(rb["oracle"]["cost"], rb["oracle"]["quality"], marker="*", color="k", label="oracle")
+        ref = rb["reference"]
+        for frac in (0.25, 0.5):
+            ax.axvline(frac * ref["cost"], color="grey", lw=0.6, ls=":")
+        ax.axhline(ref["quality"], color="grey", lw=0.6, ls=":")
         ax.set_xscale("log")
         ax.set_xlabel("mean cost per query ($)")
         ax.set_ylabel("accuracy (%)")

@@ -1,11 +1,12 @@
-"""``icl-router evaluate``: the standard protocol end to end, beside every baseline.
+"""``icl-router evaluate``: the standard protocol on every dataset, beside every baseline.
 
-Per seed: the seed's split, K anchors on its train part, the baselines (random,
-best single, max expert, kNN, logistic regression, oracle) and the ICL-Router
-variants (trained in-process with the Ray Train job's steps, or loaded from given
-router directories), all on the same rows. On the first seed also: the add-model
-experiment, accuracy vs K and vs pool size. Then the RouterBench cost/quality
-section. Writes ``report.json``, ``report.md`` and PNG plots to the output directory.
+Per dataset and seed: the seed's split, K anchors on its train part, the baselines
+(random, best single, max expert, kNN, the tuned neighbour rule, logistic regression,
+oracle) and the ICL-Router variants (trained in-process with the Ray Train job's steps,
+or loaded from given router directories) with their decision layer fitted on held-out
+train queries, all on the same rows. On the first dataset and seed also: the add-model
+experiment, accuracy vs K and vs pool size. Then the RouterBench cost section.
+Writes ``report.json``, ``report.md`` and PNG plots to the output directory.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ import numpy as np
 from icl_router import schemas as S
 from icl_router.config import (
     ConfigError,
+    EvalDatasetConfig,
     EvalRouterConfig,
     EvaluateConfig,
     SplitConfig,
@@ -32,9 +35,17 @@ from icl_router.data.dataset import Dataset, DatasetError
 from icl_router.data.routing_set import RoutingSet, load_routing_set
 from icl_router.evaluation import baselines as B
 from icl_router.evaluation import fit as F
+from icl_router.routing.decision import DecisionParams, cosine, evidence_mass
+from icl_router.routing.decision_fit import fit_router_decision
+from icl_router.routing.policy import Policy, route_batch
 from icl_router.train.data import build_train_data
 
-METHODS = ["icl-router", "icl-router-evidence", "icl-router-text", "random", "best-single", "max-expert", "knn", "logreg", "oracle"]
+# icl-router: the router with its decision layer; -evidence: its evidence head alone (the serving fast
+# path) with the same decision layer; -raw: the router's argmax without the decision layer
+METHODS = [
+    "icl-router", "icl-router-evidence", "icl-router-raw", "icl-router-text",
+    "random", "best-single", "max-expert", "knn", "knn-tuned", "logreg", "oracle",
+]
 
 
 def say(msg: str) -> None:
@@ -114,8 +125,44 @@ def dense(ds: Dataset, *, embedder: str, split: SplitConfig) -> tuple[RoutingSet
     return rs, ds.read_queries()
 
 
+def open_entry(cfg: EvaluateConfig, d: EvalDatasetConfig) -> tuple[Dataset, str]:
+    """(the dataset of one entry, imported / generated and embedded, the name of its embeddings)."""
+    if d.generate is not None:
+        from icl_router.data.generate import generate_dataset
+
+        key = hashlib.sha1(json.dumps(d.generate.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:12]
+        target = Path(cfg.cache_dir) / f"synthetic-{key}"
+        if not (target / "queries.parquet").is_file():
+            say(f"generating the synthetic pool {d.name} into {target}")
+            generate_dataset(target, d.generate, overwrite=True)
+        ds = Dataset(target)
+    else:
+        ds = open_dataset(resolve(cfg.data_root, d.dataset), d.format, cache_dir=cfg.cache_dir)
+    name = cfg.embedder if d.view == "text" else f"{cfg.embedder}+last-block"
+    ensure_embeddings(ds, embedder=cfg.embedder, name=name, view=last_block if d.view == "last-block" else None)
+    return ds, name
+
+
 # ---------------------------------------------------------------------------
 # Routers
+
+
+HIGHEST = Policy()
+
+
+@dataclass
+class Routed:
+    """A trained router ready for one seed's rows: the pool's columns, profiles and priors, its decision layer."""
+
+    router: Any
+    info: dict
+    cols: list[int]  # T columns of the routing set: the pool
+    profiles: np.ndarray  # bool [T, K]
+    decision: DecisionParams | None
+
+    @property
+    def prior(self) -> np.ndarray:
+        return self.profiles.mean(axis=1)  # [T] accuracy on the anchors
 
 
 def train_config(rc: EvalRouterConfig, *, seed: int, max_steps: int | None = None) -> TrainConfig:
@@ -132,8 +179,12 @@ def train_config(rc: EvalRouterConfig, *, seed: int, max_steps: int | None = Non
     )
 
 
-def get_router(rc: EvalRouterConfig, rs: RoutingSet, *, seed: int, seed_i: int, cache: Path, label: str, models: list[int] | None = None, max_steps: int | None = None) -> tuple[Any, dict]:
-    """A trained router for this seed's routing set (trained here, or the given checkpoint)."""
+def get_router(rc: EvalRouterConfig, rs: RoutingSet, *, seed: int, seed_i: int, cache: Path, label: str, models: list[int] | None = None, max_steps: int | None = None) -> Routed:
+    """A trained router for this seed's routing set (trained here, or the given checkpoint) with its decision layer."""
+    cols = list(range(len(rs.models))) if models is None else list(models)
+    profiles = rs.profiles([rs.models[m] for m in cols])
+    val = np.zeros(0, dtype=np.int64)
+    stored = None
     if rc.checkpoints is not None and models is None:
         from icl_router.model.router_dir import load_router_dir
 
@@ -143,37 +194,80 @@ def get_router(rc: EvalRouterConfig, rs: RoutingSet, *, seed: int, seed_i: int, 
                 f"checkpoint {rc.checkpoints[seed_i]} was trained with other anchors than seed {seed}'s; "
                 f"train it on this split with k={rc.k} and seed {seed}"
             )
-        return loaded.router.eval(), {"checkpoint": rc.checkpoints[seed_i]}
-    cfg = train_config(rc, seed=seed, max_steps=max_steps)
-    data, val = build_train_data(rs, stage=2, val_fraction=rc.val_fraction, seed=seed, models=models)
-    init = F.tiny_init(cfg, rs.texts, cache) if cfg.router.name_or_path is None else cfg.router.name_or_path
-    return F.fit(cfg, data, init_dir=init, rs=rs, val=val if len(val) else None, eval_every=rc.eval_every, label=label)
+        router, info = loaded.router.eval(), {"checkpoint": rc.checkpoints[seed_i]}
+        stored = None if loaded.meta.decision is None else DecisionParams.from_json(loaded.meta.decision)
+    else:
+        cfg = train_config(rc, seed=seed, max_steps=max_steps)
+        data, val = build_train_data(rs, stage=2, val_fraction=rc.val_fraction, seed=seed, models=models)
+        init = F.tiny_init(cfg, rs.texts, cache) if cfg.router.name_or_path is None else cfg.router.name_or_path
+        router, info = F.fit(cfg, data, init_dir=init, rs=rs, val=val if len(val) else None, eval_every=rc.eval_every, label=label)
+    decision = stored
+    if rc.decision is not None and stored is None:
+        held = held_out_rows(rs, val=val, best_step=info.get("best_step"))
+        texts = query_texts(router, rs, held, max_text_tokens=rc.max_text_tokens)
+        decision = fit_router_decision(
+            router, texts=texts, query_emb=rs.embeddings[held], labels=rs.labels[held][:, cols], profiles=profiles, clusters=rc.decision.clusters, seed=seed
+        )
+        info["decision_rows"] = int(len(held))
+    return Routed(router, info, cols, profiles, decision)
 
 
-def icl_scores(router: Any, rs: RoutingSet, rows: np.ndarray, rc: EvalRouterConfig, info: dict, *, models: list[int] | None = None) -> np.ndarray:
-    """p [len(rows), T] for the pool ``models`` (default: all), per-model calibrated when the router has a calibration."""
-    p = F.score(router, rs, rows, rs.profiles([rs.models[m] for m in models]) if models else rs.profiles(), max_text_tokens=rc.max_text_tokens)
-    cal = info.get("calibration")
-    return F.calibrate(p, cal) if rc.calibrate and cal is not None and len(cal) == p.shape[1] else p
+def held_out_rows(rs: RoutingSet, *, val: np.ndarray, best_step: int | None) -> np.ndarray:
+    """The train queries that trained nothing of the router that was kept: every non-anchor train
+    query when validation kept the untrained router (step 0), else the validation slice."""
+    if best_step == 0 or best_step is None and len(val) == 0:
+        tr = rs.rows("train")
+        return tr[~np.isin(tr, rs.anchor_rows)]
+    return val
 
 
-def evidence_scores(router: Any, rs: RoutingSet, rows: np.ndarray) -> np.ndarray:
+def query_texts(router: Any, rs: RoutingSet, rows: np.ndarray, *, max_text_tokens: int) -> list[str]:
+    """What the router reads of each query's text: nothing for a vector router, the cut text otherwise."""
+    if router.layout.query_input == "vector":
+        return [""] * len(rows)
+    from icl_router.train.loop import truncate_texts
+
+    return truncate_texts([rs.texts[j] for j in rows], router.layout.tokenizer, max_tokens=max_text_tokens)
+
+
+def raw_p(r: Routed, rs: RoutingSet, rows: np.ndarray, rc: EvalRouterConfig) -> np.ndarray:
+    """The router's p [len(rows), T] before the decision layer."""
+    return F.score(r.router, rs, rows, r.profiles, max_text_tokens=rc.max_text_tokens)
+
+
+def evidence_p(r: Routed, rs: RoutingSet, rows: np.ndarray) -> np.ndarray:
     """p [len(rows), T] of the router's anchor-evidence head alone: the serving path that skips the LM."""
     from icl_router.routing.fast import EvidenceScorer
 
-    fast = EvidenceScorer.from_router(router, dict(zip(rs.models, rs.profiles())))
+    fast = EvidenceScorer.from_router(r.router, {f"m{t}": prof for t, prof in enumerate(r.profiles)})
     return fast.score(query_emb=rs.embeddings[rows])
+
+
+def decide(r: Routed, rs: RoutingSet, rows: np.ndarray, p: np.ndarray, *, policy: Policy = HIGHEST, costs: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, int | None]:
+    """(chosen column [n], the p it decided on [n, T], the guard's default) through the decision layer."""
+    mass = None
+    if r.decision is not None:
+        anchor_emb = r.router.anchor_emb.detach().float().cpu().numpy()
+        mass = evidence_mass(cosine(rs.embeddings[rows], anchor_emb), r.decision.tau)
+    names = [rs.models[m] for m in r.cols]
+    return route_batch(p, policy=policy, models=names, costs=costs, prior=r.prior, mass=mass, params=r.decision)
+
+
+def accuracy(choice: np.ndarray, labels: np.ndarray) -> float:
+    return float(100 * np.nanmean(labels[np.arange(len(labels)), choice]))
 
 
 # ---------------------------------------------------------------------------
 # The sections
 
 
-def baseline_scores(rs: RoutingSet, *, knn_k: int) -> dict[str, dict[str, float]]:
+def baseline_scores(rs: RoutingSet, *, knn_k: int, seed: int) -> dict[str, dict[str, float]]:
     """{method: {"id": acc, "ood": acc}} of the baselines on this seed's ID test and OOD rows."""
     tr = rs.rows("train")
     parts = {k: rs.rows(p) for k, p in (("id", "test"), ("ood", "ood")) if len(rs.rows(p))}
-    lr = B.logreg(rs.embeddings[tr], rs.labels[tr], rs.embeddings[np.concatenate(list(parts.values()))])  # one fit for both parts
+    every = np.concatenate(list(parts.values()))
+    lr = B.logreg(rs.embeddings[tr], rs.labels[tr], rs.embeddings[every])  # one fit for both parts
+    tuned, _ = B.knn_tuned(rs.embeddings[tr], rs.labels[tr], rs.embeddings[every], seed=seed)
     out: dict[str, dict[str, float]] = {}
     start = 0
     for key, rows in parts.items():
@@ -182,9 +276,10 @@ def baseline_scores(rs: RoutingSet, *, knn_k: int) -> dict[str, dict[str, float]
         res = {
             "random": B.random_expected(lab),
             "best-single": B.routed_accuracy(B.best_single(rs.labels[tr], len(rows)), lab),
-            # OOD tasks have no train queries: their best model is picked on test (README)
+            # OOD tasks have no train queries: their best model is picked on test
             "max-expert": B.routed_accuracy(B.max_expert(rs.labels[tr], [rs.tasks[i] for i in tr], tasks, test_labels=lab), lab),
             "knn": B.routed_accuracy(B.knn(rs.embeddings[tr], rs.labels[tr], rs.embeddings[rows], k=knn_k), lab),
+            "knn-tuned": B.routed_accuracy(tuned[start : start + len(rows)], lab),
             "logreg": B.routed_accuracy(lr[start : start + len(rows)], lab),
             "oracle": B.routed_accuracy(B.oracle(lab), lab),
         }
@@ -206,45 +301,57 @@ def auc(score: np.ndarray, y: np.ndarray) -> float | None:
     return float((r[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
 
-def add_model_section(cfg: EvaluateConfig, rs: RoutingSet, full_p: np.ndarray, *, seed: int, cache: Path) -> list[dict]:
-    """Per model: trained without it, added by its profile only vs the router trained with it (ID test)."""
+def add_model_section(cfg: EvaluateConfig, rs: RoutingSet, full: Routed, *, seed: int, cache: Path) -> list[dict]:
+    """Per model: trained without it, added by its profile only vs the router trained with it (ID test).
+
+    The added model joins with its profile: its prior is its profile accuracy and the guard's default
+    follows the profiles; the decision layer's parameters are those fitted without it."""
     te = rs.rows("test")
     lab = rs.labels[te]
+    rc = cfg.icl_router
+    full_p = raw_p(full, rs, te, rc)
+    full_choice, _, _ = decide(full, rs, te, full_p)
     out = []
     for j, name in enumerate(rs.models):
         others = [m for m in range(len(rs.models)) if m != j]
-        router, info = get_router(cfg.icl_router, rs, seed=seed, seed_i=0, cache=cache, label=f"add-model -{name}", models=others, max_steps=cfg.sweep_max_steps)
-        if info.get("calibration") is not None:  # the added model has no held-out labels: it gets the others' mean calibration
-            info["calibration"] = np.insert(info["calibration"], j, info["calibration"].mean(0), axis=0)
-        p = icl_scores(router, rs, te, cfg.icl_router, info)  # all models; j's profile was never trained on
+        without = get_router(rc, rs, seed=seed, seed_i=0, cache=cache, label=f"add-model -{name}", models=others, max_steps=cfg.sweep_max_steps)
+        added = Routed(without.router, without.info, list(range(len(rs.models))), rs.profiles(), without.decision)
+        p = raw_p(added, rs, te, rc)  # all models; j's profile was never trained on
+        choice, _, _ = decide(added, rs, te, p)
+        choice_wo, _, _ = decide(without, rs, te, p[:, others])
         known = ~np.isnan(lab[:, j])
         out.append(
             {
                 "model": name,
-                "acc_added": B.routed_accuracy(p, lab),
-                "acc_trained": B.routed_accuracy(full_p, lab),
-                "acc_without": B.routed_accuracy(p[:, others], lab[:, others]),
+                "acc_added": accuracy(choice, lab),
+                "acc_trained": accuracy(full_choice, lab),
+                "acc_without": accuracy(choice_wo, lab[:, others]),
                 "auc_added": auc(p[known, j], lab[known, j] >= 0.5),
                 "auc_trained": auc(full_p[known, j], lab[known, j] >= 0.5),
-                "share_added": float(100 * np.mean(p.argmax(1) == j)),
-                "share_trained": float(100 * np.mean(full_p.argmax(1) == j)),
+                "share_added": float(100 * np.mean(choice == j)),
+                "share_trained": float(100 * np.mean(full_choice == j)),
             }
         )
         say(f"add-model {name}: added {out[-1]['acc_added']:.1f} trained-with {out[-1]['acc_trained']:.1f} without {out[-1]['acc_without']:.1f}")
     return out
 
 
-def k_section(cfg: EvaluateConfig, rs0: RoutingSet, queries: Any, *, seed: int, cache: Path) -> list[dict]:
+def k_section(cfg: EvaluateConfig, d: EvalDatasetConfig, rs0: RoutingSet, queries: Any, *, seed: int, cache: Path) -> list[dict]:
     out = []
     for k in cfg.k_sweep:
         rc = cfg.icl_router.model_copy(update={"k": k, "checkpoints": None})
-        rs = F.for_seed(rs0, queries, cfg.split, seed=seed, k=k)
-        router, info = get_router(rc, rs, seed=seed, seed_i=0, cache=cache, label=f"K={k}", max_steps=cfg.sweep_max_steps)
-        row = {"k": k, "steps": info.get("steps")}
+        try:
+            rs = F.for_seed(rs0, queries, d.split, seed=seed, k=k)
+        except ConfigError as e:  # more anchors than informative train queries
+            say(f"K={k}: skipped ({e})")
+            continue
+        r = get_router(rc, rs, seed=seed, seed_i=0, cache=cache, label=f"K={k}", max_steps=cfg.sweep_max_steps)
+        row = {"k": k, "steps": r.info.get("steps")}
         for part, key in (("test", "id"), ("ood", "ood")):
             rows = rs.rows(part)
-            row[key] = B.routed_accuracy(icl_scores(router, rs, rows, rc, info), rs.labels[rows])
-        say(f"K={k}: ID {row['id']:.1f} OOD {row['ood']:.1f}")
+            if len(rows):
+                row[key] = accuracy(decide(r, rs, rows, raw_p(r, rs, rows, rc))[0], rs.labels[rows])
+        say(f"K={k}: " + " ".join(f"{key.upper()} {row[key]:.1f}" for key in ("id", "ood") if key in row))
         out.append(row)
     return out
 
@@ -258,65 +365,193 @@ def pool_section(cfg: EvaluateConfig, rs: RoutingSet, *, seed: int, cache: Path)
         if n >= len(rs.models) or n < 2:
             continue
         pool = sorted(order[:n])
-        router, info = get_router(cfg.icl_router, rs, seed=seed, seed_i=0, cache=cache, label=f"pool {n}", models=pool, max_steps=cfg.sweep_max_steps)
+        r = get_router(cfg.icl_router, rs, seed=seed, seed_i=0, cache=cache, label=f"pool {n}", models=pool, max_steps=cfg.sweep_max_steps)
         lab = rs.labels[te][:, pool]
+        tuned, _ = B.knn_tuned(rs.embeddings[tr], rs.labels[tr][:, pool], rs.embeddings[te], seed=seed)
         row = {
             "n": n,
             "models": [rs.models[m] for m in pool],
-            "icl-router": B.routed_accuracy(icl_scores(router, rs, te, cfg.icl_router, info, models=pool), lab),
+            "icl-router": accuracy(decide(r, rs, te, raw_p(r, rs, te, cfg.icl_router))[0], lab),
             "knn": B.routed_accuracy(B.knn(rs.embeddings[tr], rs.labels[tr][:, pool], rs.embeddings[te], k=cfg.knn_k), lab),
+            "knn-tuned": B.routed_accuracy(tuned, lab),
             "best-single": B.routed_accuracy(B.best_single(rs.labels[tr][:, pool], len(te)), lab),
             "oracle": B.routed_accuracy(B.oracle(lab), lab),
         }
-        say(f"pool {n}: router {row['icl-router']:.1f} knn {row['knn']:.1f}")
+        say(f"pool {n}: router {row['icl-router']:.1f} knn-tuned {row['knn-tuned']:.1f}")
         out.append(row)
     return out
 
 
 def routerbench_section(cfg: EvaluateConfig, *, cache: Path) -> dict:
-    """Cost/quality on RouterBench's own train/test split: the margin policy on the router's
-    p and on kNN's, beside each single model and the oracle; AIQ of each curve."""
+    """Cost/quality on RouterBench's own train/test split: the cost policy (p - cost_weight * cost,
+    swept) on the router's p through its decision layer, on the tuned neighbour rule's p with its
+    guard and on kNN's p, beside each single model and the oracle; AIQ of each curve, the accuracy
+    at 25% and 50% of the reference model's cost and the cost of matching its accuracy."""
     from icl_router.data.dataset import correctness_matrix
-    from icl_router.evaluation.cost import aiq, policy_curve
+    from icl_router.evaluation.cost import aiq, cost_to_reach, quality_at_cost, utility_curve
+    from icl_router.routing.decision import guarded_choice
 
     rb = cfg.routerbench
-    ds = open_dataset(resolve(cfg.data_root, rb.dataset), rb.format, cache_dir=cfg.cache_dir)
-    name = f"{cfg.embedder}+last-block"
-    ensure_embeddings(ds, embedder=cfg.embedder, name=name, view=last_block)
-    rs, queries = dense(ds, embedder=name, split=SplitConfig(name="given"))
+    entry = EvalDatasetConfig(name="routerbench-cost", dataset=rb.dataset, format=rb.format, split=SplitConfig(name="given"), view="last-block")
+    ds, emb_name = open_entry(cfg, entry)
+    rs, queries = dense(ds, embedder=emb_name, split=entry.split)
+    if rb.reference_model not in rs.models:
+        raise ConfigError(f"routerbench.reference_model {rb.reference_model!r} is not in {ds.root}'s pool {rs.models}")
     costs = correctness_matrix(ds.read_outcomes(rs.models), rs.query_ids, rs.models, column=S.COST)  # [N, M]
     seed = cfg.seeds[0]
     rc = cfg.icl_router.model_copy(update={"checkpoints": None, "k": rb.k or cfg.icl_router.k})
-    rs = F.for_seed(rs, queries, SplitConfig(name="given"), seed=seed, k=rc.k)
+    rs = F.for_seed(rs, queries, entry.split, seed=seed, k=rc.k)
     tr, te = rs.rows("train"), rs.rows("test")
-    router, info = get_router(rc, rs, seed=seed, seed_i=0, cache=cache, label="routerbench")
+    r = get_router(rc, rs, seed=seed, seed_i=0, cache=cache, label="routerbench")
     lab, c = rs.labels[te], costs[te]
     est = np.nanmean(costs[tr], axis=0)  # [M] the per-model cost the policy decides on
+    ws = rb.cost_weights
+
+    def router_choice(p: np.ndarray, w: float) -> np.ndarray:
+        return decide(r, rs, te, p, policy=Policy("cost", cost_weight=w), costs=est)[0]
+
+    params = B.knn_tuned_fit(rs.embeddings[tr], rs.labels[tr], seed=seed)
+    prior_tr = np.nanmean(rs.labels[tr], axis=0)
+
+    def tuned_choice(p: np.ndarray, w: float) -> np.ndarray:  # its guard in utility, like the router's
+        return guarded_choice(p, int(np.argmax(prior_tr - w * est)), params["delta"], cost_weight=w, costs=est)
+
     curves = {
-        "icl-router": policy_curve(icl_scores(router, rs, te, rc, info), lab, c, est_costs=est, margins=rb.margins),
-        "knn": policy_curve(B.knn(rs.embeddings[tr], rs.labels[tr], rs.embeddings[te], k=cfg.knn_k), lab, c, est_costs=est, margins=rb.margins),
+        "icl-router": utility_curve(raw_p(r, rs, te, rc), lab, c, est_costs=est, cost_weights=ws, choose=router_choice),
+        "knn-tuned": utility_curve(B.knn_tuned_p(rs.embeddings[tr], rs.labels[tr], rs.embeddings[te], params), lab, c, est_costs=est, cost_weights=ws, choose=tuned_choice),
+        "knn": utility_curve(B.knn(rs.embeddings[tr], rs.labels[tr], rs.embeddings[te], k=cfg.knn_k), lab, c, est_costs=est, cost_weights=ws),
     }
     singles = {m: {"cost": float(np.nanmean(c[:, j])), "quality": float(100 * np.nanmean(lab[:, j]))} for j, m in enumerate(rs.models)}
     c_min, c_max = min(s["cost"] for s in singles.values()), max(s["cost"] for s in singles.values())
     pts = lambda curve: np.array([[p["cost"], p["quality"]] for p in curve])  # noqa: E731
-    aiqs = {k: aiq(pts(v), c_min=c_min, c_max=c_max) for k, v in curves.items()}
-    aiqs["single models (zero router)"] = aiq(pts(singles.values()), c_min=c_min, c_max=c_max)
+    ref = singles[rb.reference_model]
+    out_aiq = {k: aiq(pts(v), c_min=c_min, c_max=c_max) for k, v in curves.items()}
+    single_pts = pts(singles.values())
     oracle_pick = np.where(np.nan_to_num(lab) >= 0.5, c, np.inf).argmin(1)  # the cheapest correct model
     any_right = (np.nan_to_num(lab) >= 0.5).any(1)
     oracle_cost = float(np.nanmean(np.where(any_right, c[np.arange(len(te)), oracle_pick], np.nanmin(c, axis=1))))
-    say("routerbench AIQ " + ", ".join(f"{k} {v:.1f}" for k, v in aiqs.items()))
-    return {
+    with_singles = {k: np.concatenate([pts(v), single_pts]) for k, v in curves.items()}  # a router may always send everything to one model
+    report = {
         "n_test": int(len(te)),
         "models": rs.models,
+        "reference_model": rb.reference_model,
+        "reference": ref,
         "single": singles,
         "curves": curves,
-        "aiq": aiqs,
+        "aiq": out_aiq,
+        "single_hull_aiq": aiq(single_pts, c_min=c_min, c_max=c_max),
+        "acc_at_25pct_gpt4_cost": {k: quality_at_cost(v, 0.25 * ref["cost"]) for k, v in with_singles.items()},
+        "acc_at_50pct_gpt4_cost": {k: quality_at_cost(v, 0.50 * ref["cost"]) for k, v in with_singles.items()},
+        "cost_to_match_gpt4": {k: cost_to_reach(pts(v), ref["quality"]) for k, v in curves.items()},
         "cost_range": [c_min, c_max],
         "oracle": {"cost": oracle_cost, "quality": float(100 * any_right.mean())},
+        "decision": None if r.decision is None else r.decision.to_json(),
+        "knn_tuned_params": params,
     }
+    say(f"routerbench AIQ single hull {report['single_hull_aiq']:.1f}, " + ", ".join(f"{k} {v:.1f}" for k, v in out_aiq.items()))
+    return report
 
 
 # ---------------------------------------------------------------------------
+# One dataset
+
+
+def evaluate_dataset(cfg: EvaluateConfig, d: EvalDatasetConfig, *, first: bool, cache: Path) -> dict:
+    """Every method on this dataset's ID test and OOD rows for every seed: its report entry."""
+    from icl_router.evaluation import calibration as C
+
+    ds, emb_name = open_entry(cfg, d)
+    rs0, queries = dense(ds, embedder=emb_name, split=d.split)
+    k = d.k or cfg.icl_router.k
+    variants = {"icl-router": cfg.icl_router.model_copy(update={"k": k}), "icl-router-text": cfg.icl_router_text}
+    per_seed: dict[str, dict[str, list[float]]] = {m: {"id": [], "ood": []} for m in METHODS}
+    pooled: dict[str, dict[str, list[np.ndarray]]] = {part: {"p": [], "raw": [], "labels": []} for part in ("id", "ood")}
+    calib: dict[str, dict[str, list[float]]] = {part: {"ece": [], "brier": [], "ece_raw": [], "brier_raw": [], "away_from_default": []} for part in ("id", "ood")}
+    extra: dict[str, Any] = {"train_info": {}, "decision": {}}
+    for si, seed in enumerate(cfg.seeds):
+        say(f"{d.name}: seed {seed} ({si + 1}/{len(cfg.seeds)})")
+        rs = F.for_seed(rs0, queries, d.split, seed=seed, k=k)
+        for m, parts in baseline_scores(rs, knn_k=cfg.knn_k, seed=seed).items():
+            for key, v in parts.items():
+                per_seed[m][key].append(v)
+        for name, rc in variants.items():
+            if rc is None:
+                continue
+            rs_v = rs if rc.k == k else F.for_seed(rs0, queries, d.split, seed=seed, k=rc.k)
+            r = get_router(rc, rs_v, seed=seed, seed_i=si, cache=cache, label=f"{d.name} {name} seed {seed}")
+            extra["train_info"][f"{name}/{seed}"] = {kk: v for kk, v in r.info.items() if kk != "val_curve"}
+            if name == "icl-router":
+                extra["decision"][str(seed)] = None if r.decision is None else r.decision.to_json()
+                routed = r
+            for part, key in (("test", "id"), ("ood", "ood")):
+                rows = rs_v.rows(part)
+                if len(rows) == 0:
+                    continue
+                lab = rs_v.labels[rows]
+                p = raw_p(r, rs_v, rows, rc)
+                choice, q, default = decide(r, rs_v, rows, p)
+                per_seed[name][key].append(accuracy(choice, lab))
+                if name != "icl-router":
+                    continue
+                per_seed["icl-router-raw"][key].append(B.routed_accuracy(p, lab))
+                if r.router.evidence is not None:
+                    per_seed["icl-router-evidence"][key].append(accuracy(decide(r, rs_v, rows, evidence_p(r, rs_v, rows))[0], lab))
+                s = C.summary(q, lab, choice, default if default is not None else int(np.argmax(r.prior)))
+                for field in ("ece", "brier", "away_from_default"):
+                    calib[key][field].append(s[field])
+                calib[key]["ece_raw"].append(C.ece(p, lab))
+                calib[key]["brier_raw"].append(C.brier(p, lab))
+                pooled[key]["p"].append(q)
+                pooled[key]["raw"].append(p)
+                pooled[key]["labels"].append(lab)
+            say(f"{d.name} {name} seed {seed}: " + " ".join(f"{key.upper()} {per_seed[name][key][-1]:.1f}" for key in ("id", "ood") if per_seed[name][key]))
+        if si == 0 and first:
+            if cfg.add_model:
+                extra["add_model"] = add_model_section(cfg, rs, routed, seed=seed, cache=cache)
+            if cfg.k_sweep:
+                extra["k_sweep"] = k_section(cfg, d, rs0, queries, seed=seed, cache=cache)
+            if cfg.pool_sizes:
+                extra["pool_sizes"] = pool_section(cfg, rs, seed=seed, cache=cache)
+    methods = {
+        m: {kk: {"mean": float(np.mean(v)), "std": float(np.std(v)), "per_seed": v} for kk, v in parts.items() if v}
+        for m, parts in per_seed.items()
+        if parts["id"] or parts["ood"]
+    }
+    calibration = {}
+    for part, fields in calib.items():
+        if not pooled[part]["p"]:
+            continue
+        p_all, raw_all, lab_all = (np.concatenate(pooled[part][f]) for f in ("p", "raw", "labels"))
+        calibration[part] = {f: float(np.mean(v)) for f, v in fields.items()}
+        calibration[part]["reliability"] = C.reliability(p_all, lab_all)
+        calibration[part]["reliability_raw"] = C.reliability(raw_all, lab_all)
+    return {
+        "methods": methods,
+        "dataset": str(ds.root),
+        "models": rs0.models,
+        "k": k,
+        "n": {"train": int(len(rs.rows("train"))), "id": int(len(rs.rows("test"))), "ood": int(len(rs.rows("ood")))},
+        "calibration": calibration,
+        **extra,
+    }
+
+
+def deltas(datasets: dict[str, dict]) -> dict[str, dict]:
+    """router - best single and router - knn-tuned per dataset and split, and their means over datasets."""
+    out: dict[str, dict] = {}
+    for name, rep in datasets.items():
+        m = rep["methods"]
+        if "icl-router" not in m:
+            continue
+        out[name] = {
+            part: {f"vs_{b.replace('-', '_')}": m["icl-router"][part]["mean"] - m[b][part]["mean"] for b in ("best-single", "knn-tuned")}
+            for part in ("id", "ood")
+            if part in m["icl-router"]
+        }
+    if out:
+        cells = [v for parts in out.values() for v in parts.values()]
+        out["mean"] = {"all": {k: float(np.mean([c[k] for c in cells])) for k in ("vs_best_single", "vs_knn_tuned")}}
+    return out
 
 
 def run_evaluate(cfg: EvaluateConfig) -> dict:
@@ -330,62 +565,34 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     out = Path(cfg.output or "runs/evaluate")
     out.mkdir(parents=True, exist_ok=True)
     cache = Path(cfg.cache_dir)
-    ds = open_dataset(resolve(cfg.data_root, cfg.dataset), cfg.format, cache_dir=cfg.cache_dir)
-    ensure_embeddings(ds, embedder=cfg.embedder, name=cfg.embedder)
-    rs0, queries = dense(ds, embedder=cfg.embedder, split=cfg.split)
-    variants = {"icl-router": cfg.icl_router, "icl-router-text": cfg.icl_router_text}
-    per_seed: dict[str, dict[str, list[float]]] = {m: {"id": [], "ood": []} for m in METHODS}
-    extra: dict[str, Any] = {"seeds": cfg.seeds, "train_info": {}}
-    for si, seed in enumerate(cfg.seeds):
-        say(f"seed {seed} ({si + 1}/{len(cfg.seeds)})")
-        rs = F.for_seed(rs0, queries, cfg.split, seed=seed, k=cfg.icl_router.k)
-        for m, parts in baseline_scores(rs, knn_k=cfg.knn_k).items():
-            for key, v in parts.items():
-                per_seed[m][key].append(v)
-        for name, rc in variants.items():
-            if rc is None:
-                continue
-            rs_v = rs if rc.k == cfg.icl_router.k else F.for_seed(rs0, queries, cfg.split, seed=seed, k=rc.k)
-            router, info = get_router(rc, rs_v, seed=seed, seed_i=si, cache=cache, label=f"{name} seed {seed}")
-            extra["train_info"][f"{name}/{seed}"] = {k: v for k, v in info.items() if k not in ("val_curve", "calibration")}
-            for part, key in (("test", "id"), ("ood", "ood")):
-                rows = rs_v.rows(part)
-                if len(rows) == 0:
-                    continue
-                p = icl_scores(router, rs_v, rows, rc, info)
-                per_seed[name][key].append(B.routed_accuracy(p, rs_v.labels[rows]))
-                if name == "icl-router" and getattr(router, "evidence", None) is not None:  # the same router's evidence head alone (routing/fast.py)
-                    per_seed["icl-router-evidence"][key].append(B.routed_accuracy(evidence_scores(router, rs_v, rows), rs_v.labels[rows]))
-                if name == "icl-router" and si == 0 and part == "test":
-                    first_p = p
-            say(f"{name} seed {seed}: ID {per_seed[name]['id'][-1]:.1f} OOD {per_seed[name]['ood'][-1] if per_seed[name]['ood'] else float('nan'):.1f}")
-        if si == 0:
-            if cfg.add_model:
-                extra["add_model"] = add_model_section(cfg, rs, first_p, seed=seed, cache=cache)
-            if cfg.k_sweep:
-                extra["k_sweep"] = k_section(cfg, rs0, queries, seed=seed, cache=cache)
-            if cfg.pool_sizes:
-                extra["pool_sizes"] = pool_section(cfg, rs, seed=seed, cache=cache)
+    datasets = {}
+    for i, d in enumerate(cfg.datasets):
+        t1 = time.time()
+        datasets[d.name] = evaluate_dataset(cfg, d, first=i == 0, cache=cache)
+        datasets[d.name]["seconds"] = round(time.time() - t1, 1)
+    first = datasets[cfg.datasets[0].name]
+    report: dict[str, Any] = {
+        "datasets": datasets,
+        "delta": deltas(datasets),
+        # the first dataset's table and sections at the top level: the standard report's keys
+        "methods": first["methods"],
+        "dataset": first["dataset"],
+        "models": first["models"],
+        "n": first["n"],
+        "seeds": cfg.seeds,
+        **{k: first[k] for k in ("add_model", "k_sweep", "pool_sizes") if k in first},
+    }
     if cfg.routerbench is not None:
-        extra["routerbench"] = routerbench_section(cfg, cache=cache)
-    methods = {
-        m: {k: {"mean": float(np.mean(v)), "std": float(np.std(v)), "per_seed": v} for k, v in parts.items() if v}
-        for m, parts in per_seed.items()
-        if parts["id"]
-    }
-    report = {
-        "methods": methods,
-        "dataset": str(ds.root),
-        "models": rs0.models,
-        "n": {"train": int(len(rs.rows("train"))), "id": int(len(rs.rows("test"))), "ood": int(len(rs.rows("ood")))},
-        "config": cfg.model_dump(mode="json"),
-        "seconds": round(time.time() - t0, 1),
-        **extra,
-    }
+        report["routerbench"] = routerbench_section(cfg, cache=cache)
+    report["config"] = cfg.model_dump(mode="json")
+    report["seconds"] = round(time.time() - t0, 1)
     write_report(report, out)
     say(f"report written to {out} in {report['seconds']:.0f} s")
     return {
         "output": str(out),
         "seconds": report["seconds"],
-        **{m: {k: round(v["mean"], 1) for k, v in parts.items() if k in ("id", "ood")} for m, parts in methods.items()},
+        **{
+            name: {m: {k: round(v["mean"], 1) for k, v in parts.items()} for m, parts in rep["methods"].items() if m in ("icl-router", "best-single", "knn-tuned")}
+            for name, rep in datasets.items()
+        },
     }

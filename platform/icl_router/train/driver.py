@@ -117,15 +117,16 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         recent = []
 
 
-def prepare_data(cfg: TrainConfig) -> tuple[TrainData, dict[str, Any]]:
-    """(the workers' training data, router meta fields) from the dataset and the named split."""
+def prepare_data(cfg: TrainConfig) -> tuple[TrainData, dict[str, Any], Any, np.ndarray]:
+    """(the workers' training data, router meta fields, the routing set, held-out rows [V]) from the
+    dataset and the named split; stage 2 holds ``val_fraction`` of its train queries out of training."""
     from icl_router.data.routing_set import load_routing_set
 
     rs = load_routing_set(cfg.dataset, split=cfg.split, embedder=cfg.embedder, models=cfg.models)
     if not rs.anchor_ids:
         raise DatasetError(f"{cfg.dataset} has no anchors.parquet; run `icl-router anchors` first")
     try:
-        data, _ = build_train_data(rs, stage=cfg.stage)
+        data, val = build_train_data(rs, stage=cfg.stage, val_fraction=cfg.val_fraction if cfg.stage == 2 else 0.0, seed=cfg.seed)
     except DatasetError as e:
         raise DatasetError(f"{cfg.dataset}, split {cfg.split.name!r}: {e}") from None
     meta = {
@@ -137,7 +138,58 @@ def prepare_data(cfg: TrainConfig) -> tuple[TrainData, dict[str, Any]]:
         "anchor_query_ids": rs.anchor_ids,
         "stage": cfg.stage,
     }
-    return data, meta
+    return data, meta, rs, val
+
+
+def keep_and_fit_decision(cfg: TrainConfig, router_dir: Path, *, rs: Any, val: np.ndarray, data: TrainData, init_dir: Path | None) -> dict[str, Any]:
+    """Check the trained router against the untrained one on the held-out queries and keep the better
+    (a tie keeps the untrained one, whose LM is silent); then fit the decision layer on the train
+    queries that trained nothing of the kept router, and write both into ``router_dir``."""
+    from dataclasses import asdict
+
+    from icl_router.evaluation.baselines import routed_accuracy
+    from icl_router.model.router_dir import load_router_dir, save_router_dir, write_decision
+    from icl_router.routing.decision_fit import fit_router_decision
+    from icl_router.routing.scorer import Scorer
+    from icl_router.train.loop import build_router, truncate_texts
+
+    loaded = load_router_dir(router_dir)
+    fresh = build_router(cfg, anchor_emb=data.anchor_emb, init_dir=str(init_dir) if init_dir else None).eval()
+    labels = rs.labels[:, [rs.models.index(m) for m in data.models]]
+    pool = dict(zip(data.models, data.profiles))
+
+    def texts(router: Any, rows: np.ndarray) -> list[str]:
+        if router.layout.query_input == "vector":
+            return [""] * len(rows)
+        return truncate_texts([rs.texts[i] for i in rows], router.layout.tokenizer, max_tokens=cfg.max_text_tokens)
+
+    def val_acc(router: Any) -> float:
+        qe = rs.embeddings[val] if router.layout.query_input == "vector" else None
+        return routed_accuracy(Scorer(router, pool).score(texts(router, val), query_emb=qe), labels[val])
+
+    trained_acc, fresh_acc = val_acc(loaded.router), val_acc(fresh)
+    keep_trained = trained_acc > fresh_acc
+    router = loaded.router if keep_trained else fresh
+    if not keep_trained:
+        meta = loaded.meta
+        meta.extra = {**meta.extra, "kept": "untrained", "trained_val_acc": round(trained_acc, 2)}
+        save_router_dir(fresh, router_dir, meta=meta, pool=loaded.pool)
+    out = {"kept": "trained" if keep_trained else "untrained", "val_acc": {"trained": round(trained_acc, 2), "untrained": round(fresh_acc, 2)}}
+    if cfg.decision is None:
+        return out
+    if keep_trained:
+        held = val
+    else:
+        train = rs.rows("train")
+        held = train[~np.isin(train, rs.anchor_rows)]
+    params = fit_router_decision(
+        router, texts=texts(router, held), query_emb=rs.embeddings[held], labels=labels[held], profiles=data.profiles,
+        clusters=cfg.decision.clusters, seed=cfg.seed,
+    )
+    write_decision(router_dir, params.to_json())
+    _say(f"[train] kept the {out['kept']} router (held-out accuracy {trained_acc:.1f} trained, {fresh_acc:.1f} untrained); "
+         f"decision layer fitted on {len(held)} queries: {asdict(params)}")
+    return {**out, "decision": params.to_json()}
 
 
 def build_tiny_init(cfg: TrainConfig, texts: list[str], path: Path) -> Path:
@@ -173,7 +225,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     output = Path(cfg.output).resolve()
     storage = Path(cfg.storage_path or f"{output}.runs").resolve()
     run_name = f"stage{cfg.stage}"
-    data, meta = prepare_data(cfg)
+    data, meta, rs, val = prepare_data(cfg)
     init_dir = None
     if cfg.init_from is None and cfg.router.name_or_path is None:
         init_dir = storage / run_name / INIT_DIR
@@ -203,13 +255,20 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     result = trainer.fit()
     if result.error:
         raise RuntimeError(f"training failed: {result.error}")
+    kept = {}
     with result.checkpoint.as_directory() as d:
         exported = Path(d) / ROUTER_SUBDIR
         if not exported.is_dir():
             raise RuntimeError(f"the last checkpoint {result.checkpoint.path} holds no exported router")
         staging = output.with_name(f".{output.name}.staging-{uuid.uuid4().hex[:8]}")
         shutil.copytree(exported, staging)
-        swap_into_place(staging, output)  # output always holds a whole router, the old or the new
+        try:
+            if cfg.stage == 2 and len(val):
+                kept = keep_and_fit_decision(cfg, staging, rs=rs, val=val, data=data, init_dir=init_dir)
+            swap_into_place(staging, output)  # output always holds a whole router, the old or the new
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging)
     summary = {
         "stage": cfg.stage,
         "output": str(output),
@@ -221,6 +280,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         "seconds": round(time.time() - t0, 1),
         "checkpoint": result.checkpoint.path,
         "resumed_from": result.metrics.get("resumed_from"),
+        **kept,
     }
     print(f"[train] stage {cfg.stage} done: {summary['steps']} steps, loss {summary['final_loss']:.4f}, router at {output}", flush=True)
     return summary
