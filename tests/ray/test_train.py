@@ -103,12 +103,18 @@ def test_both_stages_write_a_loadable_router(ray_local, real_data, tmp_path):
     assert sorted(loaded.pool) == real_data.model_ids() and len(loaded.pool) == 9
     np.testing.assert_array_equal(np.stack([loaded.pool[m] for m in sorted(loaded.pool)], 1), want)
     # stage 2 started from stage 1 and trained on: weights moved, both stages' projectors differ
+    trained = load_router_dir(Path(s2["checkpoint"]) / "router")  # what training exported, before the held-out check
     p1 = first.router.projector.inp.weight
-    p2 = loaded.router.projector.inp.weight
+    p2 = trained.router.projector.inp.weight
     assert (p1 - p2).abs().max().item() > 1e-5  # Adam steps move weights far more than float noise
     # the anchor-evidence head trained under ZeRO-2 with the projector and was exported with it
-    moved = (loaded.router.evidence.weight - torch.tensor([0.0, 1.0, 0.0, 0.0])).abs().max().item()
+    moved = (trained.router.evidence.weight - torch.tensor([0.0, 1.0, 0.0, 0.0])).abs().max().item()
     assert meta["anchor_evidence"] and moved > 1e-5  # by more than float noise
+    # the better of the trained and the untrained router on held-out queries was kept, with its decision layer
+    assert s2["kept"] in ("trained", "untrained") and set(s2["val_acc"]) == {"trained", "untrained"}
+    assert meta["decision"]["tau"] > 0 and meta["decision"]["fitted"]["rows"] > 0
+    if s2["kept"] == "untrained":
+        assert loaded.router.evidence.lm_silent and meta["extra"]["kept"] == "untrained"
     p = Scorer(loaded.router, loaded.pool).score(["What is 2+2?"], query_emb=torch.randn(1, 384))
     assert p.shape == (1, 9) and bool(((p > 0) & (p < 1)).all())
 
