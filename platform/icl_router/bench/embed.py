@@ -28,7 +28,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-actors", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--embedder", default="all-MiniLM-L6-v2")
-    p.add_argument("--texts", default=str(LLMROUTER_TRAIN), help="llmrouter-style JSONL; generated texts if absent")
+    p.add_argument("--texts", default=str(LLMROUTER_TRAIN), help="llmrouter-style JSONL; 'prompts': bench serve's short prompts, numbered; generated texts if absent")
     p.add_argument("--address", default=None, help="Ray cluster address; default: a local cluster")
     p.add_argument("--mode", choices=["pool", "variants"], default="pool")
     p.add_argument("--variants", default="all-MiniLM-L6-v2@onnx,all-MiniLM-L6-v2@onnx-int8,all-MiniLM-L6-v2@static",
@@ -39,6 +39,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 def load_texts(path: Path, n: int, *, spread: bool = False) -> tuple[list[str], str]:
     """The first ``n`` questions of ``path`` (``spread``: ``n`` spaced evenly over the file, every task's share)."""
+    if str(path) == "prompts":  # what bench serve sends: short chat prompts, each text distinct
+        from icl_router.bench.serve import PROMPTS
+
+        return [f"{PROMPTS[i % len(PROMPTS)]} (#{i})" for i in range(n)], "bench serve prompts"
     if path.is_file():
         with path.open() as f:
             if spread:
