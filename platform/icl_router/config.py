@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from icl_router.errors import UserError
 from icl_router.kinds import Accelerator, DatasetFormat, PolicyKind, ProfileLayout, QueryInput
+from icl_router.routing.online import Scoring
 
 
 class ConfigError(UserError):
@@ -578,6 +579,7 @@ class ScorerServeConfig(Config):
     threads: int | None = Field(default=None, ge=1)  # torch intra-op threads per replica; default: num_cpus (at least 1)
     embed_cache: int = Field(default=4096, ge=0)  # query embeddings kept per replica, keyed by exact text (LRU); 0: none
     embed_dtype: Literal["float32", "bfloat16"] = "float32"  # bfloat16: faster query embedding on CPUs with bf16, slightly moved vectors
+    scoring: Scoring = "auto"  # routing.online: full (router LM + evidence), evidence (the head alone), auto (evidence if the LM is silent)
     max_ongoing_requests: int = 32
     autoscaling: AutoscalingConfig = AutoscalingConfig(max_replicas=2)
 
@@ -589,7 +591,17 @@ class PolicyConfig(Config):
     threshold: float | None = None
     margin: float | None = None
     budget: float | None = None
-    cost_weight: float | None = None  # kind "cost": points of p one dollar per query is worth
+    cost_weight: float | None = None  # kind cost: points of p one dollar per query is worth
+
+    @model_validator(mode="after")
+    def _check(self) -> PolicyConfig:
+        from icl_router.routing.policy import Policy, PolicyError
+
+        try:
+            Policy(self.kind, threshold=self.threshold, margin=self.margin, budget=self.budget, cost_weight=self.cost_weight)
+        except PolicyError as e:
+            raise ValueError(str(e)) from None
+        return self
 
 
 class AuthConfig(Config):
@@ -611,9 +623,14 @@ class ServeConfig(Config):
     app_name: str = "icl-router"
     host: str = "127.0.0.1"
     port: int = 8100  # 0: any free port
-    first_output_timeout_s: float = 20.0  # a pool model silent this long is failed over to the next
-    down_for_s: float = 15.0  # a failed model goes to the back of the order this long
+    first_output_timeout_s: float = 20.0  # a pool model silent this long is failed over to the next (its circuit opens)
+    router_timeout_s: float = 2.0  # a router call slower than this is given up: the request routes by the priors
+    probe_interval_s: float = 1.0  # how often open circuits are probed (a 1-token request; the router's health call)
+    probe_timeout_s: float = 5.0  # a probe silent this long has failed
+    registry_timeout_s: float = 30.0  # an admin call the registry does not answer in this time gets 503
+    deploy_timeout_s: float = 900.0  # a registration with `serving` not RUNNING by then fails with the reason (and is torn down)
     max_prompt_chars: int = 32000  # longer prompts get 400 context_length_exceeded
+    max_body_bytes: int = 1_048_576  # larger request bodies get 413 request_too_large
     persist_profiles: bool = False  # onboarded profiles written back to <router>/profiles.parquet
     ingress_replicas: int = 1
     ingress_max_ongoing_requests: int = 256
@@ -627,8 +644,10 @@ class ServeConfig(Config):
             raise ValueError(f"pool: names {dup} appear more than once")
         if not names:
             raise ValueError("pool must list at least one model, e.g. [{name: m1, path: /models/m1}]")
-        if self.first_output_timeout_s <= 0 or self.down_for_s < 0 or self.max_prompt_chars < 1:
-            raise ValueError("first_output_timeout_s > 0, down_for_s >= 0 and max_prompt_chars >= 1 are required")
+        positive = ("first_output_timeout_s", "router_timeout_s", "probe_interval_s", "probe_timeout_s", "registry_timeout_s", "deploy_timeout_s")
+        bad = [k for k in positive if not getattr(self, k) > 0]
+        if bad or self.max_prompt_chars < 1 or self.max_body_bytes < 1024:
+            raise ValueError(f"{', '.join(positive)} must be > 0 (got {bad or 'ok'}), max_prompt_chars >= 1 and max_body_bytes >= 1024")
         return self
 
 

@@ -86,3 +86,30 @@ def test_app_args_take_a_config_path_with_overrides_or_inline_fields():
     assert serve_config({"router": {"path": "r"}, "pool": [{"name": "m", "path": "p"}]}).pool[0].name == "m"
     with pytest.raises(ConfigError, match="beside 'config'"):
         serve_config({"config": str(SERVE / "demo.yaml"), "port": 1})
+
+
+def test_the_rayservice_probes_are_the_services_health_and_ready():
+    import yaml
+
+    doc = yaml.safe_load((SERVE.parent / "cluster" / "kuberay" / "rayservice.yaml").read_text())
+    serve_cfg = yaml.safe_load(doc["spec"]["serveConfigV2"])
+    port = serve_cfg["http_options"]["port"]
+    for group in doc["spec"]["rayClusterConfig"]["workerGroupSpecs"]:
+        (c,) = group["template"]["spec"]["containers"]
+        assert c["readinessProbe"]["httpGet"] == {"path": "/ready", "port": port}
+        assert c["livenessProbe"]["httpGet"] == {"path": "/health", "port": port}
+        # liveness must outlast a slow start (else the pod restarts while its models load)
+        live = c["livenessProbe"]
+        assert live["initialDelaySeconds"] + live["periodSeconds"] * live["failureThreshold"] >= 900
+    head = doc["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert "readinessProbe" not in head  # KubeRay submits the app only once the head is ready
+
+
+def test_serve_timeouts_and_limits_are_checked():
+    base = {"router": {"path": "r"}, "pool": [{"name": "m", "path": "p"}]}
+    for bad in ({"probe_interval_s": 0}, {"router_timeout_s": -1}, {"max_body_bytes": 10}, {"deploy_timeout_s": 0}):
+        with pytest.raises(ValueError):
+            ServeConfig.model_validate({**base, **bad})
+    with pytest.raises(ValueError, match="cost_weight"):
+        ServeConfig.model_validate({**base, "policy": {"kind": "cost"}})
+    assert ServeConfig.model_validate({**base, "policy": {"kind": "cost", "cost_weight": 100}}).policy.cost_weight == 100

@@ -49,9 +49,10 @@ def run(args: argparse.Namespace) -> dict:
     cfg = load_config(ServeConfig, args.config, args.overrides)
     url = args.url
     if url is None:
-        from icl_router.serving.app import start
+        from icl_router.serving.app import start, wait_ready
 
         url = start(cfg)
+        wait_ready(url, app_name=cfg.app_name, timeout_s=1800)
     key = args.api_key or (cfg.auth.api_keys[0] if cfg.auth.api_keys else "none")
     client = openai.OpenAI(base_url=url, api_key=key, timeout=60, max_retries=0)
 

@@ -31,8 +31,9 @@ def compose(cfg: ServeConfig) -> Any:
     from ray.serve.llm import build_llm_deployment
 
     from icl_router.model.router_dir import read_meta
-    from icl_router.serving.deployments import Registry, Router, llm_config
+    from icl_router.serving.deployments import Router, llm_config
     from icl_router.serving.ingress import Ingress
+    from icl_router.serving.registry import Registry
 
     router_dir = str(Path(cfg.router.path).resolve())  # replicas run elsewhere: no relative paths
     read_meta(router_dir)  # fail here, not in a replica that Serve retries forever
@@ -41,7 +42,7 @@ def compose(cfg: ServeConfig) -> Any:
         embedder = str(Path(embedder).resolve())
     pool = [m.model_copy(update={"path": str(Path(m.path).resolve())}) if Path(m.path).exists() else m for m in cfg.pool]
     pools = {m.name: build_llm_deployment(llm_config(m)) for m in pool}
-    registry = Registry.bind(router_dir, models={m.name: {"cost": m.cost} for m in pool}, persist=cfg.persist_profiles)
+    registry = Registry.bind(router_dir, costs={m.name: m.cost for m in pool}, persist=cfg.persist_profiles, deploy_timeout_s=cfg.deploy_timeout_s)
     r = cfg.router
     router = Router.options(
         autoscaling_config=r.autoscaling.model_dump(),
@@ -49,10 +50,10 @@ def compose(cfg: ServeConfig) -> Any:
         ray_actor_options={"num_cpus": r.num_cpus, "num_gpus": r.num_gpus},
     ).bind(
         router_dir, registry=registry, embedder=embedder, max_batch_size=r.max_batch_size, batch_wait_timeout_s=r.batch_wait_timeout_s,
-        threads=r.threads or max(1, int(r.num_cpus)), embed_cache=r.embed_cache, embed_dtype=r.embed_dtype,
+        threads=r.threads or max(1, int(r.num_cpus)), embed_cache=r.embed_cache, embed_dtype=r.embed_dtype, scoring=r.scoring,
     )
     return Ingress.options(num_replicas=cfg.ingress_replicas, max_ongoing_requests=cfg.ingress_max_ongoing_requests).bind(
-        router, registry, pools, settings=cfg.model_dump(mode="json")
+        router, registry, pools, cfg=cfg
     )
 
 
@@ -67,7 +68,8 @@ def free_port() -> int:
 
 
 def start(cfg: ServeConfig) -> str:
-    """Start Serve on ``cfg.host:cfg.port`` (0: a free port), deploy the app, return the base URL (…/v1)."""
+    """Start Serve on ``cfg.host:cfg.port`` (0: a free port) and deploy the app without waiting for it
+    to be ready (``wait_ready``); return the base URL (…/v1)."""
     from ray import serve
 
     from icl_router.raycluster import ensure_ray
@@ -75,17 +77,41 @@ def start(cfg: ServeConfig) -> str:
     ensure_ray(cfg.ray)
     port = cfg.port or free_port()
     serve.start(http_options={"host": cfg.host, "port": port})
-    serve.run(compose(cfg), name=cfg.app_name, route_prefix="/")
+    serve.run_many([serve.RunTarget(compose(cfg), name=cfg.app_name, route_prefix="/")], wait_for_applications_running=False)
     return f"http://{cfg.host}:{port}/v1"
+
+
+def wait_ready(url: str, *, app_name: str, timeout_s: float) -> float:
+    """Seconds until GET /ready answers 200. Raises if the app fails to deploy or ``timeout_s`` passes."""
+    import urllib.error
+    import urllib.request
+
+    from ray import serve
+
+    t0 = time.monotonic()
+    ready = url.removesuffix("/v1") + "/ready"
+    while time.monotonic() - t0 < timeout_s:
+        try:
+            with urllib.request.urlopen(ready, timeout=10) as r:
+                if r.status == 200:
+                    return time.monotonic() - t0
+        except (urllib.error.URLError, OSError):  # not up yet (the proxy's 404/503, our 503, refused)
+            pass
+        status = serve.status().applications.get(app_name)
+        if status is not None and str(getattr(status.status, "value", status.status)) == "DEPLOY_FAILED":
+            raise RuntimeError(f"the app {app_name!r} failed to deploy: {status.message}")
+        time.sleep(0.5)
+    raise TimeoutError(f"{ready} did not answer 200 within {timeout_s:g} s")
 
 
 def run_serve(cfg: ServeConfig) -> None:
     """``icl-router serve``: serve until Ctrl-C."""
     from ray import serve
 
-    t0 = time.monotonic()
     url = start(cfg)
-    print(f"icl-router: serving {[m.name for m in cfg.pool]} at {url} (ready in {time.monotonic() - t0:.0f} s; Ctrl-C stops)", flush=True)
+    print(f"icl-router: starting {[m.name for m in cfg.pool]} at {url} (GET /ready answers 200 once the router and a model are up)", flush=True)
+    took = wait_ready(url, app_name=cfg.app_name, timeout_s=3600)
+    print(f"icl-router: serving at {url} (ready in {took:.0f} s; Ctrl-C stops)", flush=True)
     try:
         while True:
             time.sleep(3600)

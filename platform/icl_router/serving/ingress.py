@@ -1,428 +1,428 @@
-"""The OpenAI-compatible ingress: /v1 (chat, completions, models) and /admin/models.
+"""The OpenAI-compatible ingress: /v1 (chat, completions, models), /admin/models, /health, /ready.
 
-``model: "icl-router"`` (or ``"auto"``) is routed: the router deployment scores the
-query against every routable model, the policy picks one, and the pool models are
-tried in the router's order until one answers (failover). A pool model's own name
-passes straight through. Routing travels back in ``x-icl-router-*`` headers; an
-extra body field ``routing`` picks the policy (and may restrict the candidates) per
-request. Every bad input is a 4xx with an OpenAI-style error body.
+``model: "icl-router"`` (or ``"auto"``) is routed: the router deployment scores the query,
+the policy and the decision layer pick a model, and the pool models are tried in order
+until one answers (``failover.failover``). A pool model's own name passes straight through.
+Routing travels back in ``x-icl-router-*`` headers; the extra body field ``routing`` picks
+the policy, the decision layer's overrides and the candidates per request.
+
+Parts known to be down (a pool model, the router) are skipped at once; a background task
+probes them and closes their circuits again (``circuits``). Until the router and one pool
+model have answered, /v1 answers 503 with Retry-After at once. Every bad input is a 4xx with
+an OpenAI-style error body (``protocol``); every response is counted by status and error code.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
-import json
 import logging
-import os
-import time
+import math
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
+from pydantic import ValidationError
 from ray import serve
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from icl_router.kinds import PolicyKind
-from icl_router.routing.policy import Policy, PolicyError, choose, restrict
+from icl_router.config import ServeConfig
+from icl_router.routing.decision import DecisionParams
+from icl_router.routing.policy import Policy
+from icl_router.serving.auth import Keys
+from icl_router.serving.circuits import Circuits, probe_open
+from icl_router.serving.failover import ROUTER, Exhausted, ModelRefused, Plan, Scores, failover, fallback_header, plan
+from icl_router.serving.metrics import CountResponses
+from icl_router.serving.protocol import (
+    POLICY_FIELDS,
+    ROUTED,
+    AdminModel,
+    AdminModelList,
+    ApiError,
+    ChatBody,
+    Completion,
+    CompletionBody,
+    Deleted,
+    Health,
+    ModelCard,
+    ModelList,
+    Ready,
+    RegisterBody,
+    Registered,
+    RoutingOptions,
+    add_body_schemas,
+    body_spec,
+    candidates,
+    install_error_handlers,
+    parse_body,
+    read_body,
+    reply,
+    require_json,
+    resolve,
+    responses,
+    text_of,
+    validation_error,
+)
+from icl_router.serving.protocol import H as HDR
+from icl_router.serving.registry import EMPTY, PoolSnapshot, Refusal
+from icl_router.serving.sse import relay
 
 log = logging.getLogger("ray.serve")
-ROUTED = ("icl-router", "auto")
-H = "x-icl-router-"  # header prefix
+
+app = FastAPI(title="icl-router", version="1", docs_url=None, redoc_url=None, openapi_url=None)
+app.add_middleware(CountResponses)
+install_error_handlers(app)
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, *, code: str, param: str | None = None, type_: str = "invalid_request_error") -> None:
-        super().__init__(message)
-        self.status, self.message, self.code, self.param, self.type = status, message, code, param, type_
+def _error_of(first: Any) -> Any:
+    """ray.serve.llm yields its engine's ErrorResponse (not the public subclass): matched by shape."""
+    items = first if isinstance(first, list) else [first]
+    return next((x for x in items if hasattr(x, "error") and not hasattr(x, "choices")), None)
 
 
-def error_response(status: int, message: str, *, code: str, param: str | None = None, type_: str = "invalid_request_error", headers=None) -> JSONResponse:
-    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
-# ---- request bodies ---------------------------------------------------------
-
-
-class RoutingOptions(BaseModel):
-    """The extra body field ``routing``: a policy for this request and/or a subset of candidates."""
-
-    model_config = ConfigDict(extra="forbid")
-    policy: PolicyKind | None = None
-    threshold: float | None = None
-    margin: float | None = None
-    budget: float | None = None
-    cost_weight: float | None = None  # policy "cost": points of p one dollar per query is worth
-    models: list[str] | None = Field(default=None, min_length=1)
-    fallback: StrictBool = False  # a request naming a pool model: may another model answer if it fails?
-
-
-class Message(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[dict[str, Any]] | None = None
-
-
-class ChatBody(BaseModel):
-    model_config = ConfigDict(extra="allow")  # the rest is checked by vLLM's ChatCompletionRequest
-    model: str
-    messages: list[Message] = Field(min_length=1)
-    stream: StrictBool = False
-    routing: RoutingOptions | None = None
-
-
-class CompletionBody(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    model: str
-    prompt: str | list[str] = Field(min_length=1)
-    stream: StrictBool = False
-    routing: RoutingOptions | None = None
-
-
-class RegisterBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    model: str = Field(min_length=1)
-    profile: list[StrictBool] | dict[str, StrictBool] | None = None  # outcomes on the K anchors (list: in anchor order)
-    dataset: str | None = None  # or: a dataset directory holding the model's outcomes on the anchors
-    cost: float | None = Field(default=None, ge=0)
-    serving: dict[str, Any] | None = None  # a pool model config (path, engine_kwargs, ...): deploy it too
-    replace: StrictBool = False
-
-
-def _validation_error(e: ValidationError) -> ApiError:
-    err = e.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"] if p not in ("body",)) or None
-    msg = err["msg"] if err["type"] != "missing" else "required field is missing"
-    return ApiError(400, f"{loc}: {msg}" if loc else msg, code="invalid_value", param=loc)
-
-
-def _text(content: str | list[dict[str, Any]] | None) -> str:
-    if isinstance(content, str):
-        return content
-    return "\n".join(str(p.get("text", "")) for p in content or [] if p.get("type") == "text")
-
-
-def _flat(item: Any) -> list[Any]:
-    return item if isinstance(item, list) else [item]
-
-
-def _keys(listed: list[str], env: str | None) -> list[str]:
-    return [*listed, *(k.strip() for k in os.environ.get(env or "", "").split(",") if k.strip())]
-
-
-# ---- the deployment ---------------------------------------------------------
-
-app = FastAPI(title="icl-router", docs_url=None, redoc_url=None)
-
-
-METRICS: dict = {}  # this replica's metrics, set by Ingress.__init__
-
-
-@app.exception_handler(ApiError)
-async def _api_error(_: Request, e: ApiError) -> JSONResponse:
-    if "errors" in METRICS:
-        METRICS["errors"].inc(tags={"code": e.code})
-    return error_response(e.status, e.message, code=e.code, param=e.param, type_=e.type)
-
-
-@app.exception_handler(RequestValidationError)
-async def _request_validation(_: Request, e: RequestValidationError) -> JSONResponse:
-    return error_response(400, str(e.errors()[0].get("msg")), code="invalid_value")
-
-
-@app.exception_handler(StarletteHTTPException)
-async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
-    code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
-    return error_response(e.status_code, str(e.detail), code=code)
-
-
-@app.exception_handler(Exception)
-async def _internal(_: Request, e: Exception) -> JSONResponse:
-    log.exception("internal error")
-    return error_response(500, f"internal error: {type(e).__name__}", code="internal_error", type_="server_error")
+def _policy_header(d: Plan, params: DecisionParams | None) -> str:
+    pol = d.decision.policy
+    out = pol.kind + "".join(f";{k}={getattr(pol, k)}" for k in POLICY_FIELDS if getattr(pol, k) is not None)
+    if params is not None and d.decision.default is not None:
+        out += f";min_gain={params.min_gain};prior_weight={params.prior_weight}"
+    return out
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.5})
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, router: Any, registry: Any, pools: dict[str, Any], *, settings: dict) -> None:
+    async def __init__(self, router: Any, registry: Any, pools: dict[str, Any], *, cfg: ServeConfig) -> None:
         from icl_router.serving.metrics import ingress_metrics
 
+        self.cfg = cfg
         self.router, self.registry, self.handles = router, registry, dict(pools)
-        self.s = settings
-        auth = settings["auth"]
-        self.api_keys = _keys(auth["api_keys"], auth["api_keys_env"])
-        self.admin_keys = _keys(auth["admin_keys"], auth["admin_keys_env"])
-        self.default_policy = Policy(**{k: v for k, v in settings["policy"].items()})
-        self.metrics = METRICS
-        METRICS.update(ingress_metrics())
-        self.snap: dict = {"version": -1, "routable": {}, "models": {}}
-        self.down: dict[str, float] = {}  # model -> monotonic time until which it goes last
-        self._poller: asyncio.Task | None = None
+        self.keys = Keys.from_config(cfg.auth)
+        self.default_policy = Policy(**cfg.policy.model_dump())
+        self.metrics = ingress_metrics()
+        self.snap: PoolSnapshot = EMPTY
+        self.circuits = Circuits()
+        self.started = False  # the router and one pool model have answered once
+        self.retry_after = str(max(1, math.ceil(cfg.probe_interval_s)))
+        self.schema: dict | None = None
+        # one round before taking traffic: a replica added to a running service is ready at once
+        try:
+            await asyncio.wait_for(self._tick(), 2 * cfg.probe_timeout_s)
+        except Exception as e:  # the pool is still starting: the watcher goes on
+            log.info("first probe round: %s", type(e).__name__)
+        self._watcher = asyncio.get_running_loop().create_task(self._watch())
 
-    # ---- plumbing -----------------------------------------------------------
+    # ---- the background task: the pool's version, the probes, the gauges ------------------
 
-    async def _refresh(self, force: bool = False) -> None:
-        if self._poller is None:
-            self._poller = asyncio.get_running_loop().create_task(self._poll())
-        if force or self.snap["version"] < 0:
-            self.snap = await self.registry.snapshot.remote()
-
-    async def _poll(self) -> None:
-        """Other ingress replicas' registrations arrive within a second."""
+    async def _watch(self) -> None:
         while True:
-            await asyncio.sleep(1.0)
             try:
-                if await self.registry.get_version.remote() != self.snap["version"]:
-                    self.snap = await self.registry.snapshot.remote()
-            except Exception as e:  # the registry restarting: keep the last pool
-                log.warning("registry poll failed: %s", e)
+                await self._tick()
+            except Exception as e:  # never let the watcher die
+                log.warning("watcher: %s: %s", type(e).__name__, e)
+            await asyncio.sleep(self.cfg.probe_interval_s)
 
-    def _auth(self, request: Request, *, admin: bool) -> None:
-        keys = self.admin_keys if admin else self.api_keys
-        if not keys:
-            return
-        got = request.headers.get("authorization", "")
-        token = got[7:].strip() if got.lower().startswith("bearer ") else ""
-        if not any(hmac.compare_digest(token.encode(), k.encode()) for k in keys):
-            what = "an admin key" if admin else "an API key"
-            raise ApiError(401, f"Incorrect or missing API key: this endpoint needs {what} as 'Authorization: Bearer <key>'.", code="invalid_api_key")
+    async def _tick(self) -> None:
+        try:
+            pool = await asyncio.wait_for(self._await(self.registry.get_version.remote()), self.cfg.probe_timeout_s)
+            if pool != (self.snap.epoch, self.snap.version):
+                await self._refresh()
+        except Exception as e:  # the registry restarting: keep the last pool
+            log.warning("registry poll failed: %s: %s", type(e).__name__, str(e)[:200])
+        self.circuits.forget([ROUTER, *self.snap.models])
+        ready = self.snap.ready
+        await asyncio.gather(
+            probe_open(self.circuits, [ROUTER], lambda _: self._await(self.router.health.remote()), timeout_s=self.cfg.probe_timeout_s),
+            probe_open(self.circuits, ready, self._probe_model, timeout_s=self.cfg.probe_timeout_s),
+        )
+        up = [m for m in ready if not self.circuits.is_open(m)]
+        if not self.started and up and not self.circuits.is_open(ROUTER):
+            self.started = True
+            log.info("ready: the router and %s answer", up)
+        self.metrics["open_circuits"].set(len(self.circuits.open_names([ROUTER, *ready])))
+        self.metrics["ready"].set(1 if self._ready() else 0)
 
-    async def _body(self, request: Request, cls: type[BaseModel]) -> BaseModel:
-        raw = await request.body()
+    @staticmethod
+    async def _await(response: Any) -> Any:
+        return await response
+
+    async def _refresh(self) -> PoolSnapshot:
+        self.snap = await asyncio.wait_for(self._await(self.registry.snapshot.remote()), self.cfg.registry_timeout_s)
+        return self.snap
+
+    async def _probe_model(self, model: str) -> None:
+        """A 1-token completion: the model's replica is up and its engine answers."""
+        from ray.serve.llm.openai_api_models import CompletionRequest
+
+        gen = self._handle(model).options(stream=True).completions.remote(CompletionRequest(model=model, prompt="ping", max_tokens=1))
         try:
-            data = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the request body is not valid JSON ({e})", code="invalid_json") from None
-        if not isinstance(data, dict):
-            raise ApiError(400, f"the request body must be a JSON object, got {type(data).__name__}", code="invalid_json")
-        try:
-            return cls.model_validate(data)
-        except ValidationError as e:
-            raise _validation_error(e) from None
+            first = await gen.__anext__()
+        finally:
+            gen.cancel()
+        err = _error_of(first)
+        if err is not None and int(err.error.code or 500) >= 500:
+            raise RuntimeError(f"{model} answered {err.error.code}")
+
+    def _ready(self) -> bool:
+        return self.started and any(not self.circuits.is_open(m) for m in self.snap.ready)
 
     def _handle(self, model: str) -> Any:
         if model not in self.handles:
-            entry = self.snap["models"][model]
-            self.handles[model] = serve.get_deployment_handle(entry["deployment"], app_name=entry["app"])
+            entry = self.snap.models[model]
+            self.handles[model] = serve.get_deployment_handle(entry.deployment, app_name=entry.app)
         return self.handles[model]
 
-    # ---- routing and failover -----------------------------------------------
+    # ---- reading requests ---------------------------------------------------------------
 
-    def _policy(self, r: RoutingOptions) -> Policy:
-        try:
-            return self.default_policy if r.policy is None else Policy(r.policy, threshold=r.threshold, margin=r.margin, budget=r.budget, cost_weight=r.cost_weight)
-        except PolicyError as e:
-            raise ApiError(400, f"routing: {e}", code="invalid_value", param="routing") from None
+    def _gate(self) -> None:
+        if not self.started:
+            raise ApiError(503, "the service is starting: the router and the pool are not ready yet; retry after Retry-After seconds",
+                           code="not_ready", type_="server_error", headers={"Retry-After": self.retry_after})
 
-    async def _order(self, body: ChatBody | CompletionBody, text: str) -> tuple[list[str], dict[str, str]]:
-        """The models to try, in order, and the routing headers."""
-        await self._refresh()
-        model = body.model
-        if model in ROUTED:
-            return await self._routed(body, text)
-        entry = self.snap["models"].get(model)
-        if entry is None or entry["state"] != "ready":
-            known = [*ROUTED, *(m for m, v in self.snap["models"].items() if v["state"] == "ready")]
-            raise ApiError(404, f"The model `{model}` does not exist. Available: {', '.join(known)}.", code="model_not_found", param="model")
-        if body.routing is not None and body.routing.fallback:  # checked now: the routing runs only if the model fails
-            self._policy(body.routing)
-            unknown = [m for m in body.routing.models or [] if m not in self.snap["models"]]
-            if unknown:
-                raise ApiError(400, f"routing: unknown models {unknown}", code="invalid_value", param="routing.models")
-        return [model], {H + "route": "direct", H + "model": model}
+    async def _read(self, request: Request, cls: type, *, admin: bool) -> Any:
+        self.keys.check(request.headers.get("authorization"), admin=admin)
+        if not admin:
+            self._gate()
+        require_json(request)
+        return parse_body(await read_body(request, self.cfg.max_body_bytes), cls)
 
-    async def _routed(self, body: ChatBody | CompletionBody, text: str) -> tuple[list[str], dict[str, str]]:
-        """Score the query, apply the policy: the failover order and the routing headers."""
-        r = body.routing or RoutingOptions()
-        policy = self._policy(r)
-        if not self.snap["routable"]:
-            raise ApiError(503, "no routable model: register one with POST /admin/models", code="no_routable_model", type_="server_error")
-        t0 = time.perf_counter()
-        timing = ""
-        try:
-            out = await asyncio.wait_for(self.router.score.remote(text, self.snap["version"]), self.s["first_output_timeout_s"])
-            p = {m: v for m, v in out["p"].items() if m in self.snap["routable"]}
-            timing = ";".join(f"{k}={v}" for k, v in out["ms"].items())
-        except Exception as e:  # the router is down: serve unscored (every p 0.5, the policy still applies)
-            log.warning("router failed (%s: %s); routing unscored", type(e).__name__, str(e)[:200])
-            p = {m: 0.5 for m in self.snap["routable"]}
-            self.metrics["fallbacks"].inc(tags={"from_model": "router", "to_model": "unscored"})
-        scoring_ms = (time.perf_counter() - t0) * 1e3
-        try:
-            if r.models:
-                p = restrict(p, r.models)
-            costs = {m: float(v.get("cost", 0.0)) for m, v in self.snap["models"].items()}
-            decision = choose(p, policy=policy, costs=costs)
-        except PolicyError as e:
-            raise ApiError(400, f"routing: {e}", code="invalid_value", param="routing") from None
-        now = time.monotonic()
-        order = sorted(decision.order, key=lambda m: self.down.get(m, 0.0) > now)  # stable: known-down models go last
-        pol = policy.kind + "".join(f";{k}={getattr(policy, k)}" for k in ("threshold", "margin", "budget", "cost_weight") if getattr(policy, k) is not None)
+    def _check_length(self, n: int, param: str) -> None:
+        if n > self.cfg.max_prompt_chars:
+            raise ApiError(400, f"This prompt has {n} characters, over this service's limit of {self.cfg.max_prompt_chars}. Shorten the prompt.",
+                           code="context_length_exceeded", param=param)
+
+    # ---- routing ----------------------------------------------------------------------------
+
+    async def _plan(self, text: str, r: RoutingOptions, snap: PoolSnapshot, *, exclude: str | None = None) -> tuple[Plan, dict[str, str]]:
+        policy, params = resolve(r, snap, default=self.default_policy)
+        cands = candidates(r, snap, exclude=exclude)
+        pool = (snap.epoch, snap.version)
+
+        async def score(t: str) -> Scores:
+            return await self.router.score.remote(t, pool)
+
+        p = await plan(text, candidates=cands, priors=snap.priors(), costs=snap.costs(), policy=policy, params=params, score=score,
+                       circuits=self.circuits, timeout_s=self.cfg.router_timeout_s)
+        d = p.decision
         headers = {
-            H + "route": "routed",
-            H + "chosen": decision.model,
-            H + "order": ",".join(decision.order),
-            H + "p": ",".join(f"{m}={v:.4f}" for m, v in decision.p.items()),
-            H + "policy": pol,
-            H + "scoring-ms": f"{scoring_ms:.2f}",
+            HDR + "route": "routed",
+            HDR + "chosen": d.model,
+            HDR + "order": ",".join(d.order),
+            HDR + "p": ",".join(f"{m}={v:.4f}" for m, v in d.p.items()),
+            HDR + "policy": _policy_header(p, params),
+            HDR + "scoring-ms": f"{p.scoring_ms:.2f}",
         }
-        if timing:
-            headers[H + "timing"] = timing
-        return order, headers
+        if d.default is not None:
+            headers[HDR + "default"] = d.default
+        if p.timing:
+            headers[HDR + "timing"] = ";".join(f"{k}={v}" for k, v in p.timing.items())
+        return p, headers
 
-    async def _rest(self, body: ChatBody | CompletionBody, text: str, order: list[str], headers: dict[str, str]) -> list[str]:
-        """A direct request's fallback: the router's order over the other models (its headers added)."""
-        try:
-            rest, routed = await self._routed(body, text)
-        except ApiError as e:  # no routable model, or none left after routing.models
-            log.warning("no fallback for %s: %s", order[0], e.message)
-            return []
-        headers.update({k: v for k, v in routed.items() if k != H + "route"})
-        return [m for m in rest if m not in order]
-
-    async def _dispatch(self, kind: Literal["chat", "completions"], body: ChatBody | CompletionBody, text: str) -> Response:
+    async def _dispatch(self, request: Request, kind: Literal["chat", "completions"], body: ChatBody | CompletionBody, text: str) -> Response:
         from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
 
-        order, headers = await self._order(body, text)
-        route = headers[H + "route"]
-        # a request naming a model fails over only if it opted in (routing.fallback): then the rest is routed
-        extend = route == "direct" and body.routing is not None and body.routing.fallback
-        payload = body.model_dump(exclude={"routing"}, exclude_unset=True)
-        failed: list[str] = []
-        for model in order:  # grows while iterating when a direct request's model fails and it opted in
-            try:
-                req = (ChatCompletionRequest if kind == "chat" else CompletionRequest)(**{**payload, "model": model})
-            except ValidationError as e:
-                raise _validation_error(e) from None
-            gen = getattr(self._handle(model).options(stream=True), kind).remote(req)
-            try:
-                first = await asyncio.wait_for(gen.__anext__(), self.s["first_output_timeout_s"])
-            except Exception as e:  # died, timed out, unreachable: the next model in the order
-                gen.cancel()
-                reason = "timeout" if isinstance(e, asyncio.TimeoutError) else type(e).__name__
-                log.warning("pool model %s failed (%s: %s)", model, reason, str(e)[:200])
-                self.down[model] = time.monotonic() + self.s["down_for_s"]
-                failed.append(f"{model}:{reason}")
-                order += await self._rest(body, text, order, headers) if extend and len(order) == 1 else []
-                continue
-            # ray.serve.llm yields its engine's ErrorResponse (not the public subclass): match by shape
-            err = next((x for x in _flat(first) if hasattr(x, "error") and not hasattr(x, "choices")), None)
-            if err is not None:
-                code = int(err.error.code or 500)
-                if code < 500:  # the request's fault: no other model would do better
-                    METRICS["errors"].inc(tags={"code": str(code)})
-                    return error_response(code, err.error.message, code=str(err.error.type or "invalid_request_error"), param=err.error.param, headers=headers)
-                self.down[model] = time.monotonic() + self.s["down_for_s"]
-                failed.append(f"{model}:error{code}")
-                order += await self._rest(body, text, order, headers) if extend and len(order) == 1 else []
-                continue
-            self.down.pop(model, None)
-            headers[H + "model"] = model
-            if failed:
-                headers[H + "fallback"] = ";".join(failed)
-                for f in failed:
-                    self.metrics["fallbacks"].inc(tags={"from_model": f.split(":")[0], "to_model": model})
-            self.metrics["requests"].inc(tags={"model": model, "route": route, "status": "ok"})
-            if body.stream:  # from here on the answer cannot move to another model
-                return StreamingResponse(self._sse(first, gen, tags={"model": model, "route": route}), media_type="text/event-stream", headers=headers)
-            return Response(first.model_dump_json(), media_type="application/json", headers=headers)
-        self.metrics["requests"].inc(tags={"model": order[0], "route": route, "status": "unavailable"})
-        headers[H + "fallback"] = ";".join(failed)
-        return error_response(503, f"no pool model could answer: {', '.join(failed)}", code="model_unavailable", type_="server_error", headers=headers)
+        snap, r = self.snap, body.routing or RoutingOptions()
+        payload = body.model_dump(exclude={"routing"}, exclude_none=True)
+        try:  # vLLM's own request type, checked here: a request it cannot take is a 400, not a model failure
+            req = (ChatCompletionRequest if kind == "chat" else CompletionRequest)(**payload)
+        except ValidationError as e:
+            raise validation_error(e) from None
+        except Exception as e:  # vLLM's own checks (VLLMValidationError: e.g. stream_options without stream)
+            raise ApiError(400, f"{type(e).__name__}: {e}", code="invalid_value", param=getattr(e, "parameter", None)) from None
+        skipped: list[tuple[str, str]] = []
+        more = None
+        if body.model in ROUTED:
+            p, headers = await self._plan(text, r, snap)
+            order, skipped, route = p.decision.order, list(p.skipped), "routed"
+        else:
+            entry = snap.models.get(body.model)
+            if entry is None or entry.state != "ready":
+                known = [*ROUTED, *snap.ready]
+                raise ApiError(404, f"The model `{body.model}` does not exist. Available: {', '.join(known)}.", code="model_not_found", param="model")
+            order, route = [body.model], "direct"
+            headers = {HDR + "route": "direct", HDR + "model": body.model}
+            if r.fallback:  # checked now (a bad routing field is a 400 whether or not the model fails)
+                resolve(r, snap, default=self.default_policy)
+                if r.models:
+                    candidates(r, snap, exclude=body.model)
 
-    async def _sse(self, first: Any, gen: Any, *, tags: dict[str, str]):
-        """vLLM's SSE chunks; a stream that breaks or stalls for ``first_output_timeout_s`` ends with an
-        OpenAI-style error event (the openai client raises APIError on it), never a hung connection."""
-        for s in _flat(first):
-            yield s
-        while True:
+                async def more() -> list[str]:
+                    try:
+                        p, routed = await self._plan(text, r, snap, exclude=body.model)
+                    except ApiError as e:  # nothing else to route to
+                        log.warning("no fallback for %s: %s", body.model, e.message)
+                        return []
+                    headers.update({k: v for k, v in routed.items() if k != HDR + "route"})
+                    skipped.extend(p.skipped)
+                    return p.decision.order
+
+        async def call(model: str) -> tuple[Any, Any]:
+            gen = getattr(self._handle(model).options(stream=True), kind).remote(req.model_copy(update={"model": model}))
             try:
-                item = await asyncio.wait_for(gen.__anext__(), self.s["first_output_timeout_s"])
-            except StopAsyncIteration:
-                return
-            except asyncio.CancelledError:  # the client went away: stop the generation
+                first = await gen.__anext__()
+            except BaseException:  # failed, or given up on (timeout): stop the generation
                 gen.cancel()
                 raise
-            except Exception as e:
+            err = _error_of(first)
+            if err is not None:
                 gen.cancel()
-                reason = "stalled" if isinstance(e, asyncio.TimeoutError) else type(e).__name__
-                log.warning("stream broke (%s: %s)", reason, str(e)[:200])
-                self.metrics["requests"].inc(tags={**tags, "status": "stream_broken"})
-                err = {"message": f"the model failed mid-stream ({reason}); the answer is incomplete", "type": "server_error", "code": "stream_broken"}
-                yield f"data: {json.dumps({'error': err})}\n\n"
-                yield "data: [DONE]\n\n"
-                return
-            for s in _flat(item):
-                yield s if isinstance(s, str) else f"data: {s.model_dump_json()}\n\n"
+                code = int(err.error.code or 500)
+                if code < 500:
+                    raise ModelRefused(code, err.error.message, code=str(err.error.type or "invalid_request_error"), param=err.error.param)
+                raise RuntimeError(f"{model} answered {code}: {err.error.message}")
+            return first, gen
 
-    def _check_length(self, text_len: int) -> None:
-        if text_len > self.s["max_prompt_chars"]:
-            raise ApiError(
-                400,
-                f"This prompt has {text_len} characters, over this service's limit of {self.s['max_prompt_chars']}. Shorten the prompt.",
-                code="context_length_exceeded",
-                param="messages",
-            )
+        try:
+            served = await failover(order, call=call, circuits=self.circuits, timeout_s=self.cfg.first_output_timeout_s, more=more, skipped=skipped)
+        except ModelRefused as e:
+            return reply(request, ApiError(e.status, e.message, code=e.code or "invalid_request_error", param=e.param), headers)
+        except Exhausted as e:
+            self._count_fallbacks(e.skipped)
+            self.metrics["answers"].inc(tags={"model": order[0], "route": route, "status": "unavailable"})
+            headers[HDR + "fallback"] = fallback_header(e.skipped)
+            why = ", ".join(f"{m} ({why})" for m, why in e.skipped)
+            return reply(request, ApiError(503, f"no pool model could answer: {why}", code="model_unavailable", type_="server_error",
+                                           headers={"Retry-After": self.retry_after}), headers)
+        headers[HDR + "model"] = served.model
+        if served.skipped:
+            headers[HDR + "fallback"] = fallback_header(served.skipped)
+            self._count_fallbacks(served.skipped)
+        self.metrics["answers"].inc(tags={"model": served.model, "route": route, "status": "ok"})
+        if body.stream:  # from here on the answer cannot move to another model
+            def broken(reason: str) -> None:
+                self.circuits.trip(served.model, reason)
+                self.metrics["answers"].inc(tags={"model": served.model, "route": route, "status": "stream_broken"})
 
-    # ---- /v1 ------------------------------------------------------------------
+            stream = relay(served.first, served.rest, stall_s=self.cfg.first_output_timeout_s, cancel=served.rest.cancel, on_broken=broken)
+            return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
+        return Response(served.first.model_dump_json(), media_type="application/json", headers=headers)
 
-    @app.post("/v1/chat/completions")
+    def _count_fallbacks(self, skipped: list[tuple[str, str]]) -> None:
+        for m, why in skipped:
+            self.metrics["fallbacks"].inc(tags={"from_model": m, "reason": why})
+
+    # ---- /v1 ----------------------------------------------------------------------------------
+
+    @app.post("/v1/chat/completions", response_model=None, openapi_extra=body_spec(ChatBody), responses=responses(400, 401, 404, 413, 415, 503, ok=Completion, stream=True))
     async def chat(self, request: Request) -> Response:
-        self._auth(request, admin=False)
-        body = await self._body(request, ChatBody)
-        texts = [_text(m.content) for m in body.messages]
-        self._check_length(sum(map(len, texts)))
+        body: ChatBody = await self._read(request, ChatBody, admin=False)
+        texts = [text_of(m.content) for m in body.messages]
+        self._check_length(sum(map(len, texts)), "messages")
         users = [t for m, t in zip(body.messages, texts) if m.role == "user" and t.strip()]
         if not users and not any(t.strip() for t in texts):
             raise ApiError(400, "messages hold no text: give at least one message with content", code="invalid_value", param="messages")
-        return await self._dispatch("chat", body, users[-1] if users else "\n".join(texts))
+        return await self._dispatch(request, "chat", body, users[-1] if users else "\n".join(texts))
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", response_model=None, openapi_extra=body_spec(CompletionBody), responses=responses(400, 401, 404, 413, 415, 503, ok=Completion, stream=True))
     async def completions(self, request: Request) -> Response:
-        self._auth(request, admin=False)
-        body = await self._body(request, CompletionBody)
+        body: CompletionBody = await self._read(request, CompletionBody, admin=False)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        self._check_length(sum(map(len, prompts)))
+        self._check_length(sum(map(len, prompts)), "prompt")
         if not any(p.strip() for p in prompts):
             raise ApiError(400, "prompt is empty", code="invalid_value", param="prompt")
-        return await self._dispatch("completions", body, prompts[0])
+        return await self._dispatch(request, "completions", body, prompts[0])
 
-    @app.get("/v1/models")
+    def _card(self, model: str) -> dict:
+        return {"id": model, "object": "model", "created": 0, "owned_by": "icl-router"}
+
+    @app.get("/v1/models", response_model=None, responses=responses(401, 503, ok=ModelList))
     async def models(self, request: Request) -> dict:
-        self._auth(request, admin=False)
-        await self._refresh()
-        ready = [m for m, v in self.snap["models"].items() if v["state"] == "ready"]
-        return {"object": "list", "data": [{"id": m, "object": "model", "created": 0, "owned_by": "icl-router"} for m in [*ROUTED, *ready]]}
+        self.keys.check(request.headers.get("authorization"))
+        self._gate()
+        return {"object": "list", "data": [self._card(m) for m in [*ROUTED, *self.snap.ready]]}
 
-    # ---- /admin ---------------------------------------------------------------
+    @app.get("/v1/models/{model:path}", response_model=None, responses=responses(401, 404, 503, ok=ModelCard))
+    async def get_v1_model(self, request: Request, model: str) -> dict:
+        self.keys.check(request.headers.get("authorization"))
+        self._gate()
+        if model not in ROUTED and model not in self.snap.ready:
+            raise ApiError(404, f"The model `{model}` does not exist. Available: {', '.join([*ROUTED, *self.snap.ready])}.", code="model_not_found", param="model")
+        return self._card(model)
 
-    @app.get("/admin/models")
-    async def list_models(self, request: Request) -> dict:
-        self._auth(request, admin=True)
-        await self._refresh(force=True)
-        snap = self.snap
-        data = [{"id": m, **v, "routable": m in snap["routable"]} for m, v in snap["models"].items()]
-        return {"object": "list", "version": snap["version"], "k": snap["k"], "anchors": await self.registry.anchors.remote(), "data": data}
+    # ---- probes and the schema ------------------------------------------------------------------
 
-    @app.post("/admin/models")
-    async def register(self, request: Request) -> JSONResponse:
-        self._auth(request, admin=True)
-        body = await self._body(request, RegisterBody)
+    @app.get("/health", response_model=None, responses=responses(ok=Health))
+    async def health(self) -> dict:
+        """Live: the ingress answers (no key)."""
+        return {"status": "ok"}
+
+    @app.get("/ready", response_model=None, responses=responses(503, ok=Ready))
+    async def ready(self, request: Request) -> Response:
+        """Ready: the router answered once and a pool model answers now (no key). A router that fails
+        later does not make the service unready: requests then route by the priors."""
+        body = {"ready": self._ready(), "router": "down" if self.circuits.is_open(ROUTER) else "up",
+                "models_up": sum(not self.circuits.is_open(m) for m in self.snap.ready)}
+        if body["ready"]:
+            return JSONResponse(body)
+        request.state.error_code = "not_ready"
+        return JSONResponse(body, status_code=503, headers={"Retry-After": self.retry_after})
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(self, request: Request) -> dict:
+        self.keys.check(request.headers.get("authorization"), either=True)
+        if self.schema is None:
+            base = get_openapi(title="icl-router", version="1", routes=request.app.routes,
+                               description="OpenAI-compatible routing service: POST /v1/chat/completions with model icl-router.")
+            self.schema = add_body_schemas(base)
+        return self.schema
+
+    # ---- /admin -------------------------------------------------------------------------------
+
+    async def _registry(self, method: str, *args: Any, **kw: Any) -> Any:
         try:
-            out = await self.registry.register.remote(body.model, body.profile, dataset=body.dataset, cost=body.cost, serving=body.serving, replace=body.replace)
-        except (FileExistsError, KeyError, ValueError) as e:
-            cause = getattr(e, "cause", e)  # the registry's own exception inside Ray's RayTaskError
-            msg = cause.args[0] if isinstance(cause, KeyError) else str(cause)
-            if isinstance(cause, FileExistsError):
-                raise ApiError(409, msg, code="model_exists", param="model") from None
-            if isinstance(cause, KeyError):
-                raise ApiError(404, msg, code="model_not_found", param="model") from None
-            raise ApiError(400, msg, code="invalid_value", param="profile") from None
-        await self._refresh(force=True)
-        # warm the router replica this ingress talks to, so the next routed query pays no prefix forward
-        await self.router.score.remote("warm up", self.snap["version"])
+            out = await asyncio.wait_for(self._await(getattr(self.registry, method).remote(*args, **kw)), self.cfg.registry_timeout_s)
+        except Exception as e:
+            log.warning("registry.%s failed: %s: %s", method, type(e).__name__, str(e)[:200])
+            raise ApiError(503, "the pool registry is not answering (restarting?); retry", code="registry_unavailable", type_="server_error",
+                           headers={"Retry-After": self.retry_after}) from None
+        if isinstance(out, Refusal):
+            raise ApiError(out.status, out.message, code=out.code, param=out.param)
+        return out
+
+    async def _fresh(self) -> PoolSnapshot:
+        try:
+            return await self._refresh()
+        except Exception:
+            raise ApiError(503, "the pool registry is not answering (restarting?); retry", code="registry_unavailable", type_="server_error",
+                           headers={"Retry-After": self.retry_after}) from None
+
+    def _row(self, snap: PoolSnapshot, name: str) -> dict:
+        e = snap.models[name]
+        return {"id": name, "state": e.state, "cost": e.cost, "app": e.app, "deployment": e.deployment, "accuracy": e.accuracy,
+                "routable": name in snap.profiles, "circuit": self.circuits.state(name), "error": e.error}
+
+    @app.get("/admin/models", response_model=None, responses=responses(401, 503, ok=AdminModelList))
+    async def list_models(self, request: Request) -> dict:
+        self.keys.check(request.headers.get("authorization"), admin=True)
+        snap = await self._fresh()
+        return {"object": "list", "version": snap.version, "k": snap.k, "anchors": list(snap.anchors),
+                "router": self.circuits.state(ROUTER), "data": [self._row(snap, m) for m in snap.models]}
+
+    @app.get("/admin/models/{name:path}", response_model=None, responses=responses(401, 404, 503, ok=AdminModel))
+    async def get_model(self, request: Request, name: str) -> dict:
+        self.keys.check(request.headers.get("authorization"), admin=True)
+        snap = await self._fresh()
+        if name not in snap.models:
+            raise ApiError(404, f"model {name!r} is not in the pool; GET /admin/models lists it", code="model_not_found", param="name")
+        return self._row(snap, name)
+
+    @app.post("/admin/models", response_model=None, status_code=201, openapi_extra=body_spec(RegisterBody),
+              responses=responses(400, 401, 404, 409, 413, 415, 503, ok=Registered, ok_code=201, extra_ok={202: Registered}))
+    async def register(self, request: Request) -> JSONResponse:
+        body: RegisterBody = await self._read(request, RegisterBody, admin=True)
+        out = await self._registry("register", body.model, body.profile, dataset=body.dataset, cost=body.cost, serving=body.serving, replace=body.replace)
+        snap = await self._fresh()
+        if body.model in snap.profiles and not self.circuits.is_open(ROUTER):
+            # warm the router replica this ingress talks to, so the next routed query pays no prefix forward
+            try:
+                await asyncio.wait_for(self._await(self.router.score.remote("warm up", (snap.epoch, snap.version))), self.cfg.probe_timeout_s)
+            except Exception as e:
+                log.warning("warming the router after registering %s: %s", body.model, e)
         return JSONResponse(out, status_code=201 if out["state"] == "ready" else 202)
+
+    @app.delete("/admin/models/{name:path}", response_model=None, responses=responses(401, 404, 409, 503, ok=Deleted))
+    async def delete_model(self, request: Request, name: str) -> dict:
+        self.keys.check(request.headers.get("authorization"), admin=True)
+        out = await self._registry("delete", name)
+        if out["deleted"] == "model":
+            self.handles.pop(name, None)
+        await self._fresh()
+        return out

@@ -1,22 +1,35 @@
-"""Prometheus metrics through Ray (exported on each node's metrics port, scraped by Prometheus).
+"""Prometheus metrics through Ray (exported on each node's metrics port with the ``ray_`` prefix).
 
-Created inside replicas (ray.serve.metrics adds the deployment, replica and app tags).
+Created inside replicas (ray.serve.metrics adds the deployment, replica and app tags). A
+Ray Counter named ``x`` is exported as the counter ``ray_x_total``.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 MS_BOUNDS = [0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000]
+
+
+def requests_counter() -> object:
+    """Every response of the ingress, by HTTP status and OpenAI error code ("" for a success)."""
+    from ray.serve import metrics
+
+    return metrics.Counter("icl_router_requests", description="responses by HTTP status and error code", tag_keys=("code", "error"))
 
 
 def ingress_metrics() -> dict:
     from ray.serve import metrics
 
     return {
-        "requests": metrics.Counter(
-            "icl_router_requests", description="requests answered, by the model that answered", tag_keys=("model", "route", "status")
+        "answers": metrics.Counter(
+            "icl_router_answers", description="requests a pool model answered, by that model", tag_keys=("model", "route", "status")
         ),
-        "fallbacks": metrics.Counter("icl_router_fallbacks", description="failovers to the next model", tag_keys=("from_model", "to_model")),
-        "errors": metrics.Counter("icl_router_client_errors", description="4xx answers by error code", tag_keys=("code",)),
+        "fallbacks": metrics.Counter(
+            "icl_router_fallbacks", description="models skipped or failed, by reason", tag_keys=("from_model", "reason")
+        ),
+        "open_circuits": metrics.Gauge("icl_router_open_circuits", description="parts (pool models, the router) this ingress skips now"),
+        "ready": metrics.Gauge("icl_router_ready", description="1 once the router and a pool model answered, else 0"),
     }
 
 
@@ -31,3 +44,31 @@ def router_metrics() -> dict:
             "icl_router_batch_size", description="queries scored in one forward", boundaries=[1, 2, 4, 8, 16, 32, 64]
         ),
     }
+
+
+class CountResponses:
+    """Counts every response by HTTP status and error code (``icl_router_requests_total``).
+
+    It makes its own counter, in the replica, on the first request: Serve ships the app and the
+    deployment class to the replica separately, so a global they both wrote would not be shared."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.counter = inner, None
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.inner(scope, receive, send)
+        status = [500]
+
+        async def send_status(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.inner(scope, receive, send_status)
+        finally:
+            if self.counter is None:
+                self.counter = requests_counter()
+            error = scope.get("state", {}).get("error_code", "" if status[0] < 400 else "internal_error")
+            self.counter.inc(tags={"code": str(status[0]), "error": error})

@@ -1,0 +1,166 @@
+"""Routing one request and failing over down the order (pure: no Ray, no FastAPI).
+
+The ingress injects the two calls that reach Ray: ``score(text)`` (the router deployment)
+and ``call(model)`` (a pool model's first output). Both are bounded by timeouts, and both
+go through the circuit breakers (``circuits.Circuits``): a part known to be down is skipped
+at once and named in ``x-icl-router-fallback`` with its reason.
+
+- ``plan``: the router's p for the candidates (or, with the router down, each model's prior:
+  its profile accuracy), then the policy and the decision layer: the failover order.
+- ``failover``: the order, model by model, until one answers; a model that raises, sends a
+  5xx or is silent for ``timeout_s`` opens its circuit and the next one is tried, and every
+  request waiting on it at that moment moves on too.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from icl_router.routing.decision import DecisionParams
+from icl_router.routing.policy import Decision, Policy, choose
+from icl_router.serving.circuits import CircuitOpened, Circuits
+
+ROUTER = "router"  # the router deployment's name in the circuits and in x-icl-router-fallback
+
+
+@dataclass(frozen=True)
+class Scores:
+    """What the router deployment returns for one query."""
+
+    p: dict[str, float]  # raw p(correct) per model
+    mass: float | None = None  # evidence mass of the query (routing.decision); None: no decision layer
+    ms: dict[str, float] = field(default_factory=dict)  # where the router replica spent the time
+
+
+@dataclass(frozen=True)
+class Plan:
+    decision: Decision
+    scored_by: Literal["router", "prior"]
+    skipped: list[tuple[str, str]]  # (part, reason): the router, if it could not score
+    scoring_ms: float
+    timing: dict[str, float]
+
+
+class ModelRefused(Exception):
+    """The model answered with a 4xx: the request's fault, no other model would do better."""
+
+    def __init__(self, status: int, message: str, *, code: str | None = None, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+
+
+class Exhausted(Exception):
+    """No model of the order answered; ``skipped`` says why, model by model."""
+
+    def __init__(self, skipped: list[tuple[str, str]]) -> None:
+        super().__init__(", ".join(f"{m}:{r}" for m, r in skipped))
+        self.skipped = skipped
+
+
+@dataclass
+class Served:
+    model: str
+    first: Any  # the model's first output (the whole answer unless streaming)
+    rest: Any  # what ``call`` returned beside it (the stream's continuation)
+    skipped: list[tuple[str, str]]
+
+
+async def plan(
+    text: str,
+    *,
+    candidates: list[str],
+    priors: dict[str, float],
+    costs: dict[str, float],
+    policy: Policy,
+    params: DecisionParams | None,
+    score: Callable[[str], Awaitable[Scores]],
+    circuits: Circuits,
+    timeout_s: float,
+) -> Plan:
+    """The decision for one query among ``candidates`` (non-empty; each has a prior).
+
+    With the router down (its circuit open, or the call failing or slower than ``timeout_s``)
+    the p's are the priors, so the policy picks by profile accuracy, not by a coin."""
+    skipped: list[tuple[str, str]] = []
+    scores: Scores | None = None
+    t0 = time.perf_counter()
+    if circuits.is_open(ROUTER):
+        skipped.append((ROUTER, "open_circuit"))
+    else:
+        try:
+            scores = await circuits.call(ROUTER, score(text), timeout_s=timeout_s)
+        except CircuitOpened:  # another request found the router down meanwhile
+            skipped.append((ROUTER, "open_circuit"))
+        except TimeoutError:
+            circuits.trip(ROUTER, "timeout")
+            skipped.append((ROUTER, "timeout"))
+        except Exception:
+            circuits.trip(ROUTER, "error")
+            skipped.append((ROUTER, "error"))
+    scoring_ms = (time.perf_counter() - t0) * 1e3
+    if scores is not None:
+        p = {m: scores.p.get(m, priors[m]) for m in candidates}  # a model the replica has not loaded yet: its prior
+        mass = scores.mass
+    else:
+        p = {m: priors[m] for m in candidates}
+        mass = 0.0  # no evidence about the query: the decision layer keeps the priors
+    use = params if params is not None and mass is not None else None
+    prior = {m: priors[m] for m in candidates}
+    if use is not None and use.default_model is not None and use.default_model not in candidates:
+        use = use.replace(default_model=None)  # the configured default is not a candidate here: the best prior is
+    decision = choose(p, policy=policy, costs=costs, prior=prior if use else None, mass=mass if use else None, params=use)
+    return Plan(decision, "router" if scores is not None else "prior", skipped, scoring_ms, dict(scores.ms) if scores else {})
+
+
+async def failover(
+    order: list[str],
+    *,
+    call: Callable[[str], Awaitable[tuple[Any, Any]]],
+    circuits: Circuits,
+    timeout_s: float,
+    more: Callable[[], Awaitable[list[str]]] | None = None,
+    skipped: list[tuple[str, str]] | None = None,
+) -> Served:
+    """Try ``order`` until a model answers: ``call(model)`` returns (first output, rest) or raises.
+
+    Open circuits are skipped without a call. ``ModelRefused`` passes through (no failover).
+    When ``order`` runs out, ``more()`` (if given, once) supplies further models: a direct
+    request's opt-in fallback, routed only when the named model fails. Raises ``Exhausted``.
+    ``skipped`` (appended to in place, so ``more`` may add to it too) starts the record of skips."""
+    order = list(order)
+    skipped = skipped if skipped is not None else []
+    i, extended = 0, False
+    while True:
+        if i == len(order):
+            if more is not None and not extended:
+                extended = True
+                order += [m for m in await more() if m not in order]
+                continue
+            raise Exhausted(skipped)
+        model = order[i]
+        i += 1
+        if circuits.is_open(model):
+            skipped.append((model, "open_circuit"))
+            continue
+        try:
+            first, rest = await circuits.call(model, call(model), timeout_s=timeout_s)
+        except ModelRefused:
+            raise
+        except CircuitOpened:  # another request found it down while this one waited: move on at once
+            skipped.append((model, "open_circuit"))
+            continue
+        except TimeoutError:
+            reason = "timeout"
+        except Exception:
+            reason = "error"
+        else:
+            return Served(model, first, rest, skipped)
+        circuits.trip(model, reason)
+        skipped.append((model, reason))
+
+
+def fallback_header(skipped: list[tuple[str, str]]) -> str:
+    return ";".join(f"{m}:{r}" for m, r in skipped)
