@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
 
 # Queries of different shapes and lengths for model / scorer tests.
 SAMPLE_QUERIES = [
@@ -64,3 +68,56 @@ def make_tiny_causal_lm(path: str | Path, *, seed: int = 0, texts: Iterable[str]
     lm.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+# A self-contained routing service for tests and benchmarks: a tiny router directory with random
+# weights (the plumbing, not routing quality, is what it exercises) and two tiny vLLM pool models.
+TINY_POOL = {"tiny-a": 0.01, "tiny-b": 0.001}  # name -> cost
+TINY_TEXTS = ["What is the sum of 17 and 25?", "Write a Python function that reverses a list.", "Who wrote Hamlet?"]
+
+
+def tiny_profile(k: int) -> np.ndarray:
+    """The profile of tiny-a in a tiny router directory: a fixed draw, about half right."""
+    import numpy as np
+
+    return np.random.RandomState(0).rand(k) < 0.5
+
+
+def make_tiny_router_dir(path: str | Path, *, k: int = 8, decision: dict | None = None, texts: Iterable[str] = TINY_TEXTS) -> Path:
+    """A vector-query router directory (random weights, random anchor embeddings, anchor evidence) whose
+    pool holds tiny-a's profile; ``decision``: a DecisionParams.to_json() for icl_router.json."""
+    import torch
+
+    from icl_router.model.prompt import PromptLayout
+    from icl_router.model.router import ICLRouter
+    from icl_router.model.router_dir import RouterMeta, save_router_dir
+    from icl_router.model.tiny import build_tiny_router_lm
+
+    lm, tok = build_tiny_router_lm(list(texts), seed=0)
+    layout = PromptLayout(tok, query_input="vector", profile_layout="pairs")
+    torch.manual_seed(0)
+    router = ICLRouter(lm, layout, anchor_emb=torch.randn(k, 384), anchor_evidence=True)
+    meta = RouterMeta(
+        embedder="all-MiniLM-L6-v2", embedding_dim=384, query_input="vector", profile_layout="pairs",
+        placeholder_id=layout.placeholder_id, yes_id=layout.yes_id, no_id=layout.no_id,
+        anchor_query_ids=[f"anchor-{i}" for i in range(k)], anchor_evidence=True, decision=decision,
+    )
+    return save_router_dir(router, Path(path), meta=meta, pool={"tiny-a": tiny_profile(k)})
+
+
+def tiny_serve_config(root: str | Path, *, k: int = 8, decision: dict | None = None, **fields: object) -> object:
+    """A ServeConfig over a tiny router directory and the TINY_POOL models, all written under ``root``;
+    ``fields``: more ServeConfig fields (port, auth, timeouts, ...)."""
+    from icl_router.config import AutoscalingConfig, PoolModelConfig, ScorerServeConfig, ServeConfig
+
+    root = Path(root)
+    pool = [
+        PoolModelConfig(
+            name=name, path=str(make_tiny_causal_lm(root / name, seed=i, texts=TINY_TEXTS)), cost=cost,
+            engine_kwargs={"dtype": "float32", "enforce_eager": True, "max_model_len": 512},
+            autoscaling=AutoscalingConfig(min_replicas=1, max_replicas=1, target_ongoing_requests=8),
+        )
+        for i, (name, cost) in enumerate(TINY_POOL.items())
+    ]
+    router = fields.pop("router", None) or ScorerServeConfig(path=str(make_tiny_router_dir(root / "router", k=k, decision=decision)), num_cpus=1)
+    return ServeConfig(router=router, pool=pool, **fields)
