@@ -21,6 +21,7 @@ BENCHES = {
     "profile": "profile",
     "serve": "serve",
     "route": "route",
+    "chaos": "chaos",
 }
 
 
