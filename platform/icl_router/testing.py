@@ -83,9 +83,12 @@ def tiny_profile(k: int) -> np.ndarray:
     return np.random.RandomState(0).rand(k) < 0.5
 
 
-def make_tiny_router_dir(path: str | Path, *, k: int = 8, decision: dict | None = None, texts: Iterable[str] = TINY_TEXTS) -> Path:
+def make_tiny_router_dir(
+    path: str | Path, *, k: int = 8, decision: dict | None = None, texts: Iterable[str] = TINY_TEXTS, both: bool = False
+) -> Path:
     """A vector-query router directory (random weights, random anchor embeddings, anchor evidence) whose
-    pool holds tiny-a's profile; ``decision``: a DecisionParams.to_json() for icl_router.json."""
+    pool holds tiny-a's profile (``both``: tiny-b's too, half right); ``decision``: a DecisionParams.to_json()."""
+    import numpy as np
     import torch
 
     from icl_router.model.prompt import PromptLayout
@@ -102,12 +105,13 @@ def make_tiny_router_dir(path: str | Path, *, k: int = 8, decision: dict | None 
         placeholder_id=layout.placeholder_id, yes_id=layout.yes_id, no_id=layout.no_id,
         anchor_query_ids=[f"anchor-{i}" for i in range(k)], anchor_evidence=True, decision=decision,
     )
-    return save_router_dir(router, Path(path), meta=meta, pool={"tiny-a": tiny_profile(k)})
+    pool = {"tiny-a": tiny_profile(k), **({"tiny-b": np.arange(k) % 2 == 0} if both else {})}
+    return save_router_dir(router, Path(path), meta=meta, pool=pool)
 
 
-def tiny_serve_config(root: str | Path, *, k: int = 8, decision: dict | None = None, **fields: object) -> object:
-    """A ServeConfig over a tiny router directory and the TINY_POOL models, all written under ``root``;
-    ``fields``: more ServeConfig fields (port, auth, timeouts, ...)."""
+def tiny_serve_config(root: str | Path, *, k: int = 8, decision: dict | None = None, both: bool = False, **fields: object) -> object:
+    """A ServeConfig over a tiny router directory and the TINY_POOL models, all written under ``root``
+    (``both``: both models routable from the start); ``fields``: more ServeConfig fields (port, auth, ...)."""
     from icl_router.config import AutoscalingConfig, PoolModelConfig, ScorerServeConfig, ServeConfig
 
     root = Path(root)
@@ -119,5 +123,5 @@ def tiny_serve_config(root: str | Path, *, k: int = 8, decision: dict | None = N
         )
         for i, (name, cost) in enumerate(TINY_POOL.items())
     ]
-    router = fields.pop("router", None) or ScorerServeConfig(path=str(make_tiny_router_dir(root / "router", k=k, decision=decision)), num_cpus=1)
+    router = fields.pop("router", None) or ScorerServeConfig(path=str(make_tiny_router_dir(root / "router", k=k, decision=decision, both=both)), num_cpus=1)
     return ServeConfig(router=router, pool=pool, **fields)

@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> dict:
         from icl_router.testing import tiny_serve_config
 
         root = Path(tempfile.mkdtemp(prefix="chaos-", dir="/tmp"))
-        cfg = tiny_serve_config(root, auth=AuthConfig(api_keys=["sk-chaos"], admin_keys=["sk-chaos-admin"]), port=0,
+        cfg = tiny_serve_config(root, both=True, auth=AuthConfig(api_keys=["sk-chaos"], admin_keys=["sk-chaos-admin"]), port=0,
                                 first_output_timeout_s=10, ray=RayConfig(num_cpus=8))
     else:
         cfg = load_config(ServeConfig, args.config, args.overrides)
