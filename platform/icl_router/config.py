@@ -172,7 +172,7 @@ class SplitConfig(Config):
     """A named split (see ``icl_router.data.splits``).
 
     ``standard``: ID tasks split ``train_fraction`` / rest per seed, OOD tasks
-    whole (the protocol of shared/data/README.md). ``given``: the dataset's
+    whole (the protocol of docs/design.md §8). ``given``: the dataset's
     own ``split`` column.
     """
 

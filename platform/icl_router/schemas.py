@@ -1,4 +1,4 @@
-"""Column names and Parquet schemas: the data contracts of DESIGN.md section 3.
+"""Column names and Parquet schemas: the data contracts of docs/design.md §5.
 
 Every module names columns through these constants, so a column is spelled
 the same in Parquet, code, configs and logs.

@@ -1,4 +1,4 @@
-"""Read and write a dataset directory (DESIGN.md section 3) with pyarrow.
+"""Read and write a dataset directory (docs/design.md §5) with pyarrow.
 
 Writes never leave half a file behind: each file is written under a dotted
 temporary name (ignored by readers) and renamed into place. Outcomes and

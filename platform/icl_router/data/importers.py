@@ -1,6 +1,6 @@
-"""Importers: public routing data -> a dataset directory (DESIGN.md section 3).
+"""Importers: public routing data -> a dataset directory (docs/design.md §5).
 
-Formats (shared/data/README.md):
+Formats:
 - ``llmrouter``: JSONL ``{"id", "task", "question", "gold", "metric", "labels": {model: score}}``.
 - ``zeroeval``: JSONL ``{"id", "task", "question", "gold", "labels": {model: 0|1}}``.
 - ``routerbench``: JSONL ``{"id", "task", "prompt", "labels", "cost"}``; ``prompt`` is a

@@ -39,7 +39,7 @@ PROMPTS: dict[str, str] = {
     "code": "{question}\n\nWrite the complete Python function in one ```python code block.",
 }
 
-# vLLM on CPU (shared/ENVIRONMENT.md): without a KV cache cap vLLM claims 92% of RAM;
+# vLLM on CPU: without a KV cache cap vLLM claims 92% of RAM;
 # one OpenMP thread and no core binding suit small models on shared cores.
 CPU_ENV = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",

@@ -1,6 +1,6 @@
 """Named splits: which queries train the router and which judge it.
 
-``standard`` is the protocol of shared/data/README.md: queries in dataset order;
+``standard`` is the protocol of docs/design.md §8: queries in dataset order;
 the ID tasks' queries, by their positions in that order, are permuted with
 ``numpy.random.RandomState(seed)``; the first ``int(train_fraction * n)`` train,
 the rest are ID test; every query of an OOD task is OOD test. ``given`` uses
@@ -17,7 +17,7 @@ import pyarrow as pa
 from icl_router import schemas as S
 from icl_router.config import SplitConfig
 
-# Task lists of the public datasets (shared/data/README.md).
+# Task lists of the public datasets (their in- and out-of-distribution tasks).
 PRESETS: dict[str, tuple[list[str], list[str]]] = {
     "llmrouter": (
         ["mmlu", "gsm8k", "math", "mbpp", "arc_challenge", "commonsense_qa", "openbook_qa", "natural_qa", "agentverse-logicgrid"],

@@ -1,4 +1,4 @@
-"""The simple routers every ICL-Router figure is put beside (shared/data/README.md).
+"""The simple routers every ICL-Router figure is put beside (docs/design.md §8).
 
 Each returns a score matrix [n_test, M] (higher = route there); argmax with ties
 going to the first model in name order gives the routed model.

@@ -1,6 +1,6 @@
 """The ICL-Router prompt, token for token, cut at the point where queries differ.
 
-Stage 2 (DESIGN.md section 1, the authors' released prompt, Qwen chat format)::
+Stage 2 (docs/design.md §1, the authors' released prompt, Qwen chat format)::
 
     <|im_start|>system\\n{SYSTEM}<|im_end|>\\n
     <|im_start|>user\\nModel's Performance:\\n<ph>Yes<ph>No...<ph>Yes      <- PREFIX (one per model)

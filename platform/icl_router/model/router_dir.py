@@ -1,4 +1,4 @@
-"""The trained router directory (DESIGN.md section 3), saved and loaded without training code.
+"""The trained router directory (docs/design.md §5), saved and loaded without training code.
 
     config.json, model.safetensors, ...   the router LM (save_pretrained)
     tokenizer.json, tokenizer_config.json  its tokenizer (with the chat template)

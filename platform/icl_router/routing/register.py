@@ -1,4 +1,4 @@
-"""Adding models to a trained router without retraining (DESIGN.md section 2).
+"""Adding models to a trained router without retraining (docs/design.md §2).
 
 A model's profile is its right/wrong record on the router's K anchors (the
 ``anchor_query_ids`` of ``icl_router.json``, in order), read from a dataset's

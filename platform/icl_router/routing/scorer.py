@@ -1,4 +1,4 @@
-"""The profile cache and batched scorer (DESIGN.md section 2, inference).
+"""The profile cache and batched scorer (docs/design.md §2, inference).
 
 Each registered model's prefix (system prompt + its K-anchor profile) is run
 once, when the model is added; its key/value cache is kept, stacked with the

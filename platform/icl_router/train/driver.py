@@ -55,7 +55,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     from icl_router.train.loop import build_router, make_optimizer, train_steps
 
     # The shm-comm op only serves inference all-reduce and needs LOCAL_SIZE, which Ray
-    # never sets; turning it off here skips a 30-190 s gcc build (ENVIRONMENT.md).
+    # never sets; turning it off here skips compiling the op with gcc.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     cfg = TrainConfig.model_validate(loop_config["cfg"])
     data = ray.get(loop_config["data_ref"])
