@@ -423,7 +423,7 @@ class GenerateConfig(Config):
 class EvalRouterConfig(Config):
     """One ICL-Router variant of an evaluation, trained in-process per seed (the Ray Train job's steps).
 
-    The defaults are the best configuration measured on the standard protocol (README, evaluate):
+    The defaults are the best configuration measured on the standard protocol (docs/results.md, "The standard protocol"):
     the tiny router reading the query as a vector, the authors' pairs layout, anchor evidence, K=500.
     """
 

@@ -29,7 +29,7 @@ log = logging.getLogger("ray.serve")
 ROUTED = ("icl-router", "auto")  # model names that ask for routing
 H = "x-icl-router-"  # prefix of the routing headers
 
-# Limits of one request (README, "Limits"). The body size and the prompt length are configurable.
+# Limits of one request (docs/service.md, "Limits and errors"). The body size and the prompt length are configurable.
 MAX_JSON_DEPTH = 32  # nesting of arrays/objects; a chat body needs 5
 MAX_MESSAGES = 1024
 MAX_PROMPTS = 128  # prompts in one completions request (routed on the first)
