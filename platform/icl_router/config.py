@@ -571,7 +571,7 @@ class ScorerServeConfig(Config):
     """The router deployment: a trained router directory, batched and autoscaled."""
 
     path: str  # the router directory (icl-router train output)
-    embedder: str | None = None  # override icl_router.json's embedder (a local path); vector routers only
+    embedder: str | None = None  # override icl_router.json's embedder: a local path, or a variant giving the same vectors (model@onnx)
     max_batch_size: int = 16  # queries scored in one forward (@serve.batch)
     batch_wait_timeout_s: float = 0.0  # 0: batch what queued during the previous batch, never wait
     num_cpus: float = 1.0
@@ -580,6 +580,9 @@ class ScorerServeConfig(Config):
     embed_cache: int = Field(default=4096, ge=0)  # query embeddings kept per replica, keyed by exact text (LRU); 0: none
     embed_dtype: Literal["float32", "bfloat16"] = "float32"  # bfloat16: faster query embedding on CPUs with bf16, slightly moved vectors
     scoring: Scoring = "auto"  # routing.online: full (router LM + evidence), evidence (the head alone), auto (evidence if the LM is silent)
+    # where the router runs: its own autoscaled deployment (a handle hop per query, batched), or inside
+    # every ingress replica (no hop; the ingress then autoscales by ``autoscaling`` and takes ``num_cpus``)
+    placement: Literal["deployment", "ingress"] = "deployment"
     max_ongoing_requests: int = 32
     autoscaling: AutoscalingConfig = AutoscalingConfig(max_replicas=2)
 

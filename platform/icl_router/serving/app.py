@@ -27,7 +27,8 @@ def serve_config(args: dict[str, Any]) -> ServeConfig:
 
 
 def compose(cfg: ServeConfig) -> Any:
-    """Ingress -> (Router, Registry, one LLMServer per pool model), bound by deployment handles."""
+    """Ingress -> (Router, Registry, one LLMServer per pool model), bound by deployment handles
+    (``router.placement: ingress``: the router inside the ingress replicas, no Router deployment)."""
     from ray.serve.llm import build_llm_deployment
 
     from icl_router.model.router_dir import read_meta
@@ -44,13 +45,21 @@ def compose(cfg: ServeConfig) -> Any:
     pools = {m.name: build_llm_deployment(llm_config(m)) for m in pool}
     registry = Registry.bind(router_dir, costs={m.name: m.cost for m in pool}, persist=cfg.persist_profiles, deploy_timeout_s=cfg.deploy_timeout_s)
     r = cfg.router
+    threads = r.threads or max(1, int(r.num_cpus))
+    if r.placement == "ingress":  # the router lives in each ingress replica, which scales as the router would
+        local = dict(router_dir=router_dir, embedder=embedder, threads=threads, embed_cache=r.embed_cache, embed_dtype=r.embed_dtype, scoring=r.scoring)
+        return Ingress.options(
+            autoscaling_config=r.autoscaling.model_dump(),
+            max_ongoing_requests=r.max_ongoing_requests,
+            ray_actor_options={"num_cpus": r.num_cpus, "num_gpus": r.num_gpus},
+        ).bind(None, registry, pools, cfg=cfg, local=local)
     router = Router.options(
         autoscaling_config=r.autoscaling.model_dump(),
         max_ongoing_requests=r.max_ongoing_requests,
         ray_actor_options={"num_cpus": r.num_cpus, "num_gpus": r.num_gpus},
     ).bind(
         router_dir, registry=registry, embedder=embedder, max_batch_size=r.max_batch_size, batch_wait_timeout_s=r.batch_wait_timeout_s,
-        threads=r.threads or max(1, int(r.num_cpus)), embed_cache=r.embed_cache, embed_dtype=r.embed_dtype, scoring=r.scoring,
+        threads=threads, embed_cache=r.embed_cache, embed_dtype=r.embed_dtype, scoring=r.scoring,
     )
     return Ingress.options(num_replicas=cfg.ingress_replicas, max_ongoing_requests=cfg.ingress_max_ongoing_requests).bind(
         router, registry, pools, cfg=cfg

@@ -117,3 +117,65 @@ class Router:
             Scores(dict(zip(models, row.tolist())), None if mass is None else float(mass[i]), {"queue": round((t0 - tq) * 1e3, 2), **stages})
             for i, (row, (_, tq)) in enumerate(zip(p, items))
         ]
+
+
+class _Call:
+    """``.remote(...)`` of a local coroutine: the shape of a deployment handle's method, no hop."""
+
+    def __init__(self, fn: Any) -> None:
+        self.remote = fn
+
+
+class InProcessRouter:
+    """The router inside the ingress replica (``router.placement: ingress``): the same
+    ``OnlineRouter`` as a ``Router`` replica, called without a hop, so it scales with the ingress.
+
+    It offers the ``score`` and ``health`` calls of a Router handle (``.remote(...)`` returns an
+    awaitable). A query is scored on the replica's event loop, alone: concurrent queries wait their
+    turn there, and the ingress's autoscaling answers a longer queue with another replica.
+    """
+
+    def __init__(self, online: Any, registry: Any) -> None:
+        from icl_router.serving.metrics import router_metrics
+
+        self.online, self.registry = online, registry
+        self.pool, self.lock = ("", -1), asyncio.Lock()
+        self.metrics = router_metrics()
+        self.score, self.health = _Call(self._score), _Call(self._health)
+
+    @classmethod
+    async def create(cls, router_dir: str, *, registry: Any, embedder: str | None, threads: int = 1, embed_cache: int = 4096,
+                     embed_dtype: str = "float32", scoring: str = "auto") -> InProcessRouter:
+        from icl_router.routing.online import OnlineRouter
+
+        online = await asyncio.to_thread(
+            OnlineRouter, router_dir, embedder=embedder, scoring=scoring, threads=threads, embed_cache=embed_cache, embed_dtype=embed_dtype
+        )
+        log.info("router in the ingress replica: scoring %s, embedder %s", online.scoring, online.embedder_name)
+        self = cls(online, registry)
+        await self._sync(None)
+        online.score(["warm up the embedder and the router"])
+        return self
+
+    async def _sync(self, pool: tuple[str, int] | None) -> None:
+        async with self.lock:
+            if pool is not None and pool[0] == self.pool[0] and pool[1] <= self.pool[1]:
+                return
+            snap = await self.registry.snapshot.remote()
+            await asyncio.to_thread(self.online.sync, {m: list(p) for m, p in snap.profiles.items()})
+            self.pool = (snap.epoch, snap.version)
+
+    async def _health(self) -> dict:
+        return {"models": len(self.online.models), "epoch": self.pool[0], "version": self.pool[1]}
+
+    async def _score(self, text: str, pool: tuple[str, int]) -> Scores:
+        if pool[0] != self.pool[0] or pool[1] > self.pool[1]:
+            await self._sync(pool)
+        t0 = time.perf_counter()
+        models, p, mass, ms = self.online.score([text[:MAX_ROUTE_CHARS]])
+        if not models:
+            return Scores({})
+        self.metrics["scoring_ms"].observe((time.perf_counter() - t0) * 1e3)
+        self.metrics["batch_size"].observe(1)
+        return Scores(dict(zip(models, p[0].tolist())), None if mass is None else float(mass[0]),
+                      {"queue": 0.0, "embed": ms["embed"], "score": ms["score"], "batch": 1, "cached": ms["cached"]})

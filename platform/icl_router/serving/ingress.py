@@ -90,10 +90,16 @@ def _policy_header(d: Plan, params: DecisionParams | None) -> str:
 @serve.deployment(ray_actor_options={"num_cpus": 0.5})
 @serve.ingress(app)
 class Ingress:
-    async def __init__(self, router: Any, registry: Any, pools: dict[str, Any], *, cfg: ServeConfig) -> None:
+    async def __init__(self, router: Any, registry: Any, pools: dict[str, Any], *, cfg: ServeConfig, local: dict | None = None) -> None:
+        """``router``: the Router deployment's handle, or None with ``local``: InProcessRouter's
+        arguments (``router.placement: ingress``), the router in this replica, called without a hop."""
         from icl_router.serving.metrics import ingress_metrics
 
         self.cfg = cfg
+        if router is None:
+            from icl_router.serving.deployments import InProcessRouter
+
+            router = await InProcessRouter.create(registry=registry, **(local or {}))
         self.router, self.registry, self.handles = router, registry, dict(pools)
         self.keys = Keys.from_config(cfg.auth)
         self.default_policy = Policy(**cfg.policy.model_dump())
