@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -39,6 +41,21 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--requests", type=int, default=200, help="requests per side")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--max-tokens", type=int, default=1)
+
+
+def _until_up(fn: Callable[[], Any], bound_s: float = 300.0, *, sleep: Callable[[float], None] = time.sleep) -> Any:
+    """``fn()``, again while the service answers 503 (for at most ``bound_s``): /ready means the router
+    and one pool model answered, and a model whose probe has not closed its circuit yet is refused until it does."""
+    import openai
+
+    t0 = time.monotonic()
+    while True:
+        try:
+            return fn()
+        except openai.APIStatusError as e:
+            if e.status_code != 503 or time.monotonic() - t0 > bound_s:
+                raise
+            sleep(float(e.response.headers.get("retry-after", 1)))
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -68,10 +85,11 @@ def run(args: argparse.Namespace) -> dict:
 
     model = args.model
     if model is None:
-        headers = client.chat.completions.with_raw_response.create(model="icl-router", messages=[{"role": "user", "content": PROMPTS[0]}], max_tokens=1).headers
+        headers = _until_up(lambda: client.chat.completions.with_raw_response.create(
+            model="icl-router", messages=[{"role": "user", "content": PROMPTS[0]}], max_tokens=1).headers)
         model = headers["x-icl-router-order"].split(",")[0]
     for i in range(args.warmup):
-        call(-1 - i, i % 2 == 0)  # negative numbers: no text the measured requests send
+        _until_up(lambda i=i: call(-1 - i, i % 2 == 0))  # negative numbers: no text the measured requests send
     direct, routed, scoring, errors, cache_hits = [], [], [], 0, 0
     stages: dict[str, list[float]] = {"queue": [], "embed": [], "score": [], "hop": []}
     for i in range(args.requests):
