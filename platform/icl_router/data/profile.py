@@ -53,10 +53,13 @@ def _log(msg: str) -> None:
     print(f"profile: {msg}", file=sys.stderr, flush=True)
 
 
-def select_queries(ds: Dataset, cfg: ProfileConfig) -> pa.Table:
-    """The queries to profile (dataset order; anchors in anchor order), checked to be gradable."""
+def select_queries(ds: Dataset, cfg: ProfileConfig, *, query_ids: list[str] | None = None) -> pa.Table:
+    """The queries to profile (dataset order; anchors in anchor order), checked to be gradable.
+    ``query_ids`` (e.g. a router's anchors, which need not be the dataset's) replaces ``cfg.queries``."""
     queries = ds.read_queries()
-    if cfg.queries == "all":
+    if query_ids is not None:
+        ids = list(query_ids)
+    elif cfg.queries == "all":
         ids = queries.column(S.QUERY_ID).to_pylist()
     elif cfg.queries == "anchors":
         ids = ds.read_anchors().column(S.QUERY_ID).to_pylist()
@@ -154,9 +157,10 @@ def generate_outcomes(todo: pa.Table, m: CandidateModelConfig, *, batch_size: in
     yield from processor(ray.data.from_arrow(blocks)).iter_batches(batch_size=shard_size, batch_format="pyarrow")
 
 
-def run_profile(cfg: ProfileConfig) -> dict:
+def run_profile(cfg: ProfileConfig, *, query_ids: list[str] | None = None) -> dict:
+    """Profile ``cfg.models`` on the selected queries (``query_ids``: these instead of ``cfg.queries``)."""
     ds = Dataset(cfg.dataset)
-    selected = select_queries(ds, cfg).select([S.QUERY_ID, S.TEXT, S.TASK, S.GRADER, S.GOLD])
+    selected = select_queries(ds, cfg, query_ids=query_ids).select([S.QUERY_ID, S.TEXT, S.TASK, S.GRADER, S.GOLD])
     summary: dict[str, Any] = {"dataset": str(ds.root), "queries": len(selected), "ran": 0, "models": {}}
     for i, m in enumerate(cfg.models, 1):
         done = pa.array(list(set(ds.read_outcomes([m.name]).column(S.QUERY_ID).to_pylist())), pa.string())
