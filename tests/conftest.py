@@ -98,6 +98,39 @@ def small_dataset(tmp_path) -> Dataset:
     return ds
 
 
+@pytest.fixture
+def value_setup(tmp_path, small_dataset):
+    """(dataset, router dir, base ValueConfig dict): small_dataset with 16-d embeddings (one cluster
+    per task) and a tiny vector router with anchor evidence over its first 12 queries; pool: m-weak,
+    m-mid (m-strong, m-best: candidates)."""
+    import torch
+
+    from icl_router.model.prompt import PromptLayout
+    from icl_router.model.router import ICLRouter
+    from icl_router.model.router_dir import RouterMeta, save_router_dir
+    from icl_router.model.tiny import build_tiny_router_lm
+
+    K, E, EMBEDDER = 12, 16, "test-embedder"
+    ds = small_dataset
+    q = ds.read_queries()
+    ids, tasks = q.column(S.QUERY_ID).to_pylist(), q.column(S.TASK).to_pylist()
+    rng = np.random.default_rng(0)
+    centers = {t: rng.normal(size=E) * 2 for t in sorted(set(tasks))}
+    emb = np.stack([centers[t] + rng.normal(size=E) for t in tasks]).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    ds.append_embeddings(pa.table({S.QUERY_ID: ids, S.EMBEDDING: pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), E), S.EMBEDDER: [EMBEDDER] * len(ids)}))
+    lm, tok = build_tiny_router_lm(q.column(S.TEXT).to_pylist(), vocab_size=600, hidden=64, heads=2, kv_heads=1, layers=1, intermediate=64)
+    layout = PromptLayout(tok, query_input="vector", profile_layout="fused")
+    torch.manual_seed(0)
+    router = ICLRouter(lm, layout, anchor_emb=torch.from_numpy(emb[:K]), anchor_evidence=True)
+    anchors = ids[:K]
+    meta = RouterMeta(EMBEDDER, E, "vector", "fused", layout.placeholder_id, layout.yes_id, layout.no_id, anchors, anchor_evidence=True)
+    prof = ds.correctness(anchors, ["m-weak", "m-mid"]) >= 0.5
+    path = save_router_dir(router, tmp_path / "router", meta=meta, pool={"m-weak": prof[:, 0], "m-mid": prof[:, 1]})
+    base = {"router": str(path), "dataset": str(ds.root), "evaluation": {"split": None}, "output": str(tmp_path / "out")}
+    return ds, path, base
+
+
 @pytest.fixture(scope="session")
 def tiny_router_lm():
     """(tiny Qwen2 LM in eval mode, its tokenizer): random weights, a byte-level BPE trained on

@@ -22,6 +22,7 @@ BENCHES = {
     "serve": "serve",
     "route": "route",
     "chaos": "chaos",
+    "value": "value",
 }
 
 
@@ -108,11 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
         "train": ("icl_router.train.driver", "run_train", "TrainConfig", "train the router (stage 1 or 2) with Ray Train + DeepSpeed"),
         "demo": ("icl_router.demo", "run_demo", "DemoConfig", "the whole platform end to end on the synthetic default"),
         "evaluate": ("icl_router.evaluation.run", "run_evaluate", "EvaluateConfig", "the standard protocol beside every baseline: report.json, report.md, plots"),
+        "value": ("icl_router.value", "run_value", "ValueConfig", "estimate each candidate model's marginal routed gain from its profile: value.json, value.md, value.png"),
     }
     for name, (module, func, cls, help_) in jobs.items():
         p = sub.add_parser(name, help=help_)
         _config_args(p, required=name != "demo")  # the demo runs on its defaults
-        if name in ("evaluate", "demo"):  # --output DIR is the override output=DIR
+        if name in ("evaluate", "demo", "value"):  # --output DIR is the override output=DIR
             p.add_argument("--output", help="report directory (the override output=DIR)")
         p.set_defaults(run=_job(module, func, cls))
 

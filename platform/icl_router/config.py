@@ -385,6 +385,90 @@ class ProfileConfig(Config):
 
 
 # ---------------------------------------------------------------------------
+# Valuing candidate models (icl-router value)
+
+
+class ValueCandidateConfig(Config):
+    """One candidate model. Its profile (outcomes on the router's K anchors) comes from, in order:
+    ``profile`` given here; the router directory's registered profiles; ``ValueConfig.dataset``'s
+    outcomes; else it is profiled first with ``serving`` (vLLM on Ray Data, missing pairs only)."""
+
+    name: str
+    profile: list[bool] | None = None  # outcomes on the router's K anchors, in anchor order
+    serving: CandidateModelConfig | None = None  # how to run it (the profile job's model config; name defaults to ``name``)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _serving_name(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("serving"), dict) and "name" in data:
+            serving = dict(data["serving"])
+            if serving.setdefault("name", data["name"]) != data["name"]:
+                raise ValueError(f"candidate {data['name']!r}: serving.name {serving['name']!r} differs; leave it out (it defaults to the candidate's name)")
+            data = {**data, "serving": serving}
+        return data
+
+
+class ValueEvalConfig(Config):
+    """The evaluation queries: a dataset's queries with embeddings from the router's embedder
+    (the router's anchors are always left out: their outcomes are in the profiles)."""
+
+    dataset: str | None = None  # default: ValueConfig.dataset
+    split: SplitConfig | None = None  # null: every query; else only ``part`` of this split
+    part: Literal["train", "test", "ood"] = "test"
+    max_queries: int | None = Field(default=2000, ge=1)  # a seeded sample bounds the time (null: all)
+    seed: int = 0
+
+
+class ValuePolicyConfig(Config):
+    """The policy the service routes with (routing.policy.Policy); the router directory's decision layer applies."""
+
+    kind: Literal["highest", "threshold", "margin", "budget", "cost"] = "highest"
+    threshold: float | None = None
+    margin: float | None = None
+    budget: float | None = None  # dollars per query
+    cost_weight: float | None = None  # points of p one dollar per query is worth (kind: cost)
+
+
+class ValueConfig(Config):
+    """``icl-router value``: the marginal routed gain of each candidate model, and the loss from removing each pool model."""
+
+    router: str  # the router directory (icl_router.json, profiles.parquet, ...)
+    dataset: str | None = None  # outcomes of candidates on the router's anchors; profiling appends here; the default evaluation set
+    pool: list[str] | None = None  # the current pool: these registered models (null: every registered model)
+    candidates: list[ValueCandidateConfig] = []
+    evaluation: ValueEvalConfig = ValueEvalConfig()
+    policy: ValuePolicyConfig = ValuePolicyConfig()
+    costs: dict[str, float] = {}  # dollars per query by model; default: the mean ``cost`` of its outcomes in ``dataset``
+    estimator: Literal["eb", "naive", "eb-pair", "crossfit"] = "eb"  # routing/marginal.py: eb beat the others in bench value
+    noise_scale: float = Field(default=0.5, gt=0)  # eb / eb-pair: noise variance = noise_scale * p (1 - p) / n_eff
+    folds: int = Field(default=2, ge=2)  # crossfit: anchor folds ...
+    repeats: int = Field(default=4, ge=1)  # ... and random fold draws averaged
+    greedy_max: int | None = Field(default=None, ge=1)  # the greedy best pool for sizes 1..N (null: every model)
+    output: str = "runs/value"  # value.json, value.md, value.png
+    threads: int | None = Field(default=None, ge=1)  # torch threads for scoring (null: torch's default)
+    batch_size: int = 32  # profiling: rows per vLLM engine call
+    shard_size: int = 256  # profiling: outcome rows per file
+    ray: RayConfig = RayConfig(num_cpus=8)  # profiling only (Ray Data LLM needs >= 8 logical CPUs locally)
+
+    @model_validator(mode="after")
+    def _check(self) -> ValueConfig:
+        names = [c.name for c in self.candidates]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"candidates: {dup} appear more than once")
+        if self.pool is not None:
+            if not self.pool:
+                raise ValueError("pool must list at least one model (or be null: every registered model)")
+            both = sorted(set(self.pool) & set(names))
+            if both:
+                raise ValueError(f"{both} are in the pool and among the candidates; a pool model's value is in `removals`")
+        bad = {m: c for m, c in self.costs.items() if not c >= 0}
+        if bad:
+            raise ValueError(f"costs must be >= 0 dollars per query, got {bad}")
+        return self
+
+
+# ---------------------------------------------------------------------------
 # Evaluation
 
 

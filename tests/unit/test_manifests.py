@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "cluster"
 CRDS = REPO.parent / "shared" / "kuberay"
 KINDS = {"RayCluster": "rayclusters", "RayJob": "rayjobs", "RayService": "rayservices"}
-JOBS = ["embed", "anchors", "profile", "train-stage1", "train-stage2", "evaluate"]
+JOBS = ["embed", "anchors", "profile", "train-stage1", "train-stage2", "evaluate", "value"]
 IMAGE_REPO = "/home/ray/icl-router"  # where cluster/Dockerfile puts the repo
 
 
