@@ -13,6 +13,7 @@ LIGHT = [
     "icl_router.model.tiny",
     "icl_router.train.steps",
     "icl_router.routing.policy",
+    "icl_router.routing.marginal",
     "icl_router.graders",
     "icl_router.cli",
 ]
