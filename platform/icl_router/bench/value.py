@@ -2,11 +2,11 @@
 
 Per dataset: the standard split (seed ``--seed``), K anchors on its train part, and a router
 directory built here: a tiny LM at its random initial weights plus the anchor-evidence head
-at its initial weights (kNN on the profile, softmax over cosine at tau 0.1), with the
-decision layer fitted on held-out train rows as training does. So the router's p the
-estimators read is, in effect, its anchor-evidence part (the untrained LM adds a near-constant
-logit); no trained LM is needed. p of every model on the ID test rows comes from that
-directory's ``Scorer`` once; every pool is a subset of its columns.
+at its initial weights (kNN on the profile, softmax over cosine at tau 0.1; its LM weight
+starts at 0), with the decision layer fitted on the non-anchor train rows the way the train
+job fits it (``routing.decision_fit``). So the router's p the estimators read is exactly its
+anchor-evidence part, and no trained LM is needed. p of every model on the ID test rows comes
+from that directory's ``Scorer`` once; every pool is a subset of its columns.
 
 Then ``--draws`` seeded random base pools per size; the candidates are the other models. A
 candidate's true gain is the routed accuracy on the test rows with the real outcomes,
@@ -51,7 +51,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decisions", default="fitted,none", help="fitted: the router directory's decision layer; none: the policy on p as is")
     p.add_argument("--estimators", default="eb,naive,eb-pair,crossfit")
     p.add_argument("--noise-scale", type=float, default=0.5)
-    p.add_argument("--fit-rows", type=int, default=800, help="held-out train rows the decision layer is fitted on")
+    p.add_argument("--fit-rows", type=int, default=None, help="non-anchor train rows the decision layer is fitted on (default: all)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--plot", default=None, help="write a PNG of estimated vs true gain (base size 3) here")
 
@@ -80,16 +80,16 @@ def routing_set(args: argparse.Namespace, name: str) -> Any:
     return dataclasses.replace(rs, anchor_ids=table.column("query_id").to_pylist())
 
 
-def build_router(rs: Any, path: Path, *, seed: int, fit_rows: int) -> Any:
+def build_router(rs: Any, path: Path, *, seed: int, fit_rows: int | None) -> Any:
     """A router directory (tiny LM at init + anchor evidence at init) over every model, its
-    decision layer fitted on held-out train rows; returns its Scorer."""
+    decision layer fitted on non-anchor train rows as the train job fits it; returns its Scorer."""
     import torch
 
     from icl_router.model.prompt import PromptLayout
     from icl_router.model.router import ICLRouter
     from icl_router.model.router_dir import RouterMeta, save_router_dir, write_decision
     from icl_router.model.tiny import build_tiny_router_lm
-    from icl_router.routing import decision as D
+    from icl_router.routing.decision_fit import fit_router_decision
     from icl_router.routing.scorer import Scorer
 
     rng = np.random.default_rng(seed)
@@ -114,13 +114,9 @@ def build_router(rs: Any, path: Path, *, seed: int, fit_rows: int) -> Any:
     scorer = Scorer.from_dir(path)
     held = rs.rows("train")
     held = held[~np.isin(held, rs.anchor_rows)]
-    held = np.sort(rng.choice(held, min(fit_rows, len(held)), replace=False))
-    p = scorer.score(["" for _ in held], query_emb=rs.embeddings[held]).astype(np.float64)
-    ae = rs.embeddings[rs.anchor_rows]
-    sim = D.cosine(rs.embeddings[held], ae)
-    groups = D.cluster_groups(np.concatenate([rs.embeddings[held], ae]), seed=seed)
-    views = [D.View(p, sim), D.View(p, D.hide_own_cluster(sim, groups[: len(held)], groups[len(held) :]))]
-    params = D.fit_decision(views, rs.labels[held], rs.profiles().mean(1))
+    if fit_rows is not None and fit_rows < len(held):
+        held = np.sort(rng.choice(held, fit_rows, replace=False))
+    params = fit_router_decision(scorer.router, texts=[""] * len(held), query_emb=rs.embeddings[held], labels=rs.labels[held], profiles=rs.profiles(), seed=seed)
     write_decision(path, params.to_json())
     return Scorer.from_dir(path)
 
