@@ -439,7 +439,7 @@ class ValueConfig(Config):
     evaluation: ValueEvalConfig = ValueEvalConfig()
     policy: ValuePolicyConfig = ValuePolicyConfig()
     costs: dict[str, float] = {}  # dollars per query by model; default: the mean ``cost`` of its outcomes in ``dataset``
-    estimator: Literal["eb", "naive", "eb-pair", "crossfit"] = "eb"  # routing/marginal.py: eb beat the others in bench value
+    estimator: Literal["eb", "naive", "eb-pair", "eb-mix", "crossfit"] = "eb"  # routing/marginal.py; bench value measures each
     noise_scale: float = Field(default=0.5, gt=0)  # eb / eb-pair: noise variance = noise_scale * p (1 - p) / n_eff
     folds: int = Field(default=2, ge=2)  # crossfit: anchor folds ...
     repeats: int = Field(default=4, ge=1)  # ... and random fold draws averaged

@@ -280,8 +280,8 @@ def render_png(result: dict) -> bytes:
     xs = [r["cost_change"] if with_cost else 100 * r["traffic_share"] for r in cands]
     ys = [r["gain"] for r in cands]
     a.scatter(xs, ys, color="tab:blue")
-    for x, y, r in zip(xs, ys, cands):
-        a.annotate(r["model"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    for i, (x, y, r) in enumerate(zip(xs, ys, cands)):  # offsets alternate so labels of near points stay apart
+        a.annotate(r["model"], (x, y), fontsize=7, xytext=(4, 4 - 10 * (i % 3)), textcoords="offset points")
     a.axhline(0, color="grey", lw=0.8)
     a.set_xlabel("cost change ($/query)" if with_cost else "traffic share (%) (no costs given)")
     a.set_ylabel("estimated gain (accuracy points)")
@@ -290,10 +290,12 @@ def render_png(result: dict) -> bytes:
     acc = [g["accuracy"] for g in result["greedy"]]
     b.plot(sizes, acc, marker="o", color="tab:green", label="greedy best pool")
     b.scatter([len(result["pool"])], [result["pool_accuracy"]], color="tab:red", zorder=3, label="current pool")
-    for s, g in zip(sizes, result["greedy"]):
-        added = g["models"][-1] if s == 1 else sorted(set(g["models"]) - set(result["greedy"][s - 2]["models"]))[0]
-        b.annotate(added, (s, g["accuracy"]), fontsize=6, rotation=30, xytext=(2, -10), textcoords="offset points")
-    b.set_xlabel("pool size")
+    added, prev = [], set()
+    for g in result["greedy"]:
+        added.append(sorted(set(g["models"]) - prev)[0])
+        prev = set(g["models"])
+    b.set_xticks(sizes, [f"{s}: + {m}" for s, m in zip(sizes, added)], rotation=35, ha="right", fontsize=7)
+    b.set_xlabel("pool size: the model added")
     b.set_ylabel("estimated routed accuracy (%)")
     b.set_title("Greedy best pool of each size")
     b.legend(loc="lower right", fontsize=8)

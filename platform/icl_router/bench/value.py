@@ -36,7 +36,6 @@ import numpy as np
 
 DEFAULT_DATA = Path(__file__).resolve().parents[3].parent / "shared" / "data"
 DATASETS = {"llmrouter": ("routing/llmrouter", "llmrouter"), "zeroeval": ("routing/zeroeval", "zeroeval")}
-CHOSEN = "eb"
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -49,8 +48,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="split and anchor seed")
     p.add_argument("--k", type=int, default=500, help="anchors")
     p.add_argument("--decisions", default="fitted,none", help="fitted: the router directory's decision layer; none: the policy on p as is")
-    p.add_argument("--estimators", default="eb,naive,eb-pair,crossfit")
-    p.add_argument("--noise-scale", type=float, default=0.5)
+    p.add_argument("--estimator", default=None, help="the estimator reported as spearman / top3_hit (default: ValueConfig's)")
+    p.add_argument("--estimators", default="eb,naive,eb-pair,eb-mix,crossfit", help="every variant measured beside it")
+    p.add_argument("--noise-scale", type=float, default=None, help="eb / eb-pair noise scale (default: ValueConfig's)")
     p.add_argument("--fit-rows", type=int, default=None, help="non-anchor train rows the decision layer is fitted on (default: all)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--plot", default=None, help="write a PNG of estimated vs true gain (base size 3) here")
@@ -165,7 +165,8 @@ def run_dataset(args: argparse.Namespace, name: str, tmp: Path, plot_points: dic
     M = len(rs.models)
     sizes = [int(s) for s in args.sizes.split(",")]
     estimators = [e.strip() for e in args.estimators.split(",")]
-    for must in (CHOSEN, "naive"):
+    chosen = args.estimator
+    for must in (chosen, "naive"):
         if must not in estimators:
             estimators.append(must)
     out = []
@@ -192,7 +193,7 @@ def run_dataset(args: argparse.Namespace, name: str, tmp: Path, plot_points: dic
                     est = np.array([v.gain(base, sorted([*base, c])) for c in cands])
                     stats[e]["spearman"].append(spearman(est, true))
                     stats[e]["top3_hit"].append(top3(est, true))
-                    if b == 3 and decision == "fitted" and e in (CHOSEN, "naive"):
+                    if b == 3 and decision == "fitted" and e in (chosen, "naive"):
                         plot_points.setdefault((name, e), []).append((true, est))
             mean = {e: {k: round(float(np.nanmean(v)), 3) for k, v in s.items()} for e, s in stats.items()}
             r = float(np.nanmean(rel))
@@ -200,15 +201,15 @@ def run_dataset(args: argparse.Namespace, name: str, tmp: Path, plot_points: dic
                 "dataset": name,
                 "base_size": b,
                 "decision": decision,
-                "estimator": CHOSEN,
-                "spearman": mean[CHOSEN]["spearman"],
-                "top3_hit": mean[CHOSEN]["top3_hit"],
+                "estimator": chosen,
+                "spearman": mean[chosen]["spearman"],
+                "top3_hit": mean[chosen]["top3_hit"],
                 "naive_spearman": mean["naive"]["spearman"],
                 "naive_top3_hit": mean["naive"]["top3_hit"],
                 "variants": mean,
                 "truth_ceiling": round(float(np.sqrt(max(2 * r / (1 + r), 0.0))), 3) if np.isfinite(r) else None,
                 "draws": args.draws,
-                "draws_with_spearman": int(np.sum(np.isfinite(stats[CHOSEN]["spearman"]))),
+                "draws_with_spearman": int(np.sum(np.isfinite(stats[chosen]["spearman"]))),
                 "test_rows": int(len(te)),
                 "models": M,
             }
@@ -218,7 +219,7 @@ def run_dataset(args: argparse.Namespace, name: str, tmp: Path, plot_points: dic
     return out
 
 
-def plot(points: dict, path: str) -> None:
+def plot(points: dict, path: str, *, chosen: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -227,7 +228,7 @@ def plot(points: dict, path: str) -> None:
     names = sorted({n for n, _ in points})
     fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 5), squeeze=False)
     for ax, name in zip(axes[0], names):
-        for e, color in ((CHOSEN, "tab:blue"), ("naive", "tab:orange")):
+        for e, color in ((chosen, "tab:blue"), ("naive", "tab:orange")):
             pts = points.get((name, e), [])
             if not pts:
                 continue
@@ -248,7 +249,12 @@ def plot(points: dict, path: str) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
+    from icl_router.config import ValueConfig
+
     t0 = time.time()
+    args.estimator = args.estimator or ValueConfig.model_fields["estimator"].default
+    if args.noise_scale is None:
+        args.noise_scale = ValueConfig.model_fields["noise_scale"].default
     if args.threads:
         import torch
 
@@ -261,7 +267,7 @@ def run(args: argparse.Namespace) -> dict:
                 raise SystemExit(f"--datasets: {name!r} is unknown; use {', '.join(DATASETS)}")
             rows += run_dataset(args, name, Path(tmp), points)
     if args.plot:
-        plot(points, args.plot)
+        plot(points, args.plot, chosen=args.estimator)
     target = {"base_size": 3, "spearman": 0.7, "top3_hit": 0.8}
     met = {
         f"{r['dataset']}/{r['decision']}": r["spearman"] >= target["spearman"] and r["top3_hit"] >= target["top3_hit"]
@@ -269,7 +275,7 @@ def run(args: argparse.Namespace) -> dict:
         if r["base_size"] == target["base_size"]
     }
     return {
-        "estimator": CHOSEN,
+        "estimator": args.estimator,
         "noise_scale": args.noise_scale,
         "target": target,
         "target_met": met,

@@ -27,6 +27,7 @@ How the picked model is scored is the estimator:
 - ``eb-pair``: the same on the difference between the picked model and the model the
   pool would pick without the change, with the two models' joint outcomes on the
   anchors (correlated models have a less noisy difference).
+- ``eb-mix``: the mean of the ``eb`` and ``eb-pair`` gains.
 - ``crossfit``: pick with p computed on all anchors but one fold, score with p from that
   fold, averaged over folds and repeats. Needs the router's p on anchor subsets: with
   the anchor-evidence head, its part of the logit is recomputed on the subset
@@ -47,7 +48,7 @@ from icl_router.errors import UserError
 from icl_router.routing.decision import EPS, DecisionParams, adjusted, evidence_mass, logit
 from icl_router.routing.policy import Policy, route_batch
 
-ESTIMATORS = ("eb", "naive", "eb-pair", "crossfit")
+ESTIMATORS = ("eb", "naive", "eb-pair", "eb-mix", "crossfit")
 KERNEL_TAU = 0.1  # the anchor evidence's initial temperature (model/evidence.py TAUS[1])
 EVIDENCE_CLIP = 0.02  # model/evidence.py CLIP
 
@@ -139,13 +140,13 @@ class Valuer:
         n_eff = 1.0 / np.sum(w**2, axis=1)  # [Q]
         if estimator == "naive":
             self.score = self._adjust(self.full, inputs.p)
-        elif estimator in ("eb", "eb-pair"):
+        elif estimator in ("eb", "eb-pair", "eb-mix"):
             p = inputs.p
             noise = noise_scale * p * (1 - p) / n_eff[:, None]  # [Q, T]
             mu = p.mean(axis=0)
             v = np.maximum(p.var(axis=0) - noise.mean(axis=0), EPS)  # [T] between-query variance of the signal
             self.score = self._adjust(self.full, (v * p + noise * mu) / (v + noise))
-            if estimator == "eb-pair":
+            if estimator != "eb":
                 self.pair = self._pair_scores(w, n_eff, noise_scale)
         else:
             if inputs.p_on_anchors is None:
@@ -229,10 +230,12 @@ class Valuer:
 
     def gain(self, old: Sequence[int], new: Sequence[int]) -> float:
         """Estimated routed accuracy of pool ``new`` minus pool ``old``, in points."""
-        if self.estimator == "eb-pair" and old and new:
+        each = self.accuracy(new) - self.accuracy(old)
+        if self.estimator in ("eb-pair", "eb-mix") and old and new:
             rows = np.arange(self.n)
-            return float(100 * self.pair[rows, self.choice(new), self.choice(old)].mean())
-        return self.accuracy(new) - self.accuracy(old)
+            pair = float(100 * self.pair[rows, self.choice(new), self.choice(old)].mean())
+            return pair if self.estimator == "eb-pair" else 0.5 * (pair + each)
+        return each
 
     def share(self, cols: Sequence[int], model: int) -> float:
         """Fraction of the queries the service sends to ``model`` in pool ``cols``."""
