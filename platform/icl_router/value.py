@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.compute as pc
 
 from icl_router import schemas as S
 from icl_router.config import ConfigError, ProfileConfig, ValueConfig
@@ -79,18 +80,22 @@ def eval_queries(cfg: ValueConfig, meta: RouterMeta) -> tuple[Dataset, list[str]
         ids = [ids[i] for i in keep]
     if not ids:
         raise ConfigError(f"evaluation: no query of {ds.root} is left (split {e.split and e.split.name!r}, part {e.part!r}, anchors excluded)")
-    table = ds.read_embeddings(meta.embedder)
-    have = set(table.column(S.QUERY_ID).to_pylist())
+    field = "evaluation.dataset" if e.dataset else "dataset (the evaluation set)"
+    fix = f"embed them first: icl-router embed --config jobs/embed/config.yaml dataset={ds.root} embedder={meta.embedder}"
+    table = ds.read_embeddings()
+    mine = table.filter(pc.equal(table.column(S.EMBEDDER), meta.embedder))
+    have = set(mine.column(S.QUERY_ID).to_pylist())
     missing = [i for i in ids if i not in have]
     if missing:
+        others = sorted(set(table.column(S.EMBEDDER).to_pylist()) - {meta.embedder})
+        found = f"it holds embeddings from {others} only" if others and not have else "it holds no embeddings" if not have else f"{len(have)} queries have one"
         raise DatasetError(
-            f"evaluation set {ds.root}: {len(missing)} of its {len(ids)} queries have no embedding from the router's embedder "
-            f"{meta.embedder!r} (e.g. {missing[:3]}); the router reads queries as that model's vectors. "
-            f"Embed them first: icl-router embed --config jobs/embed/config.yaml dataset={ds.root} embedder={meta.embedder}"
+            f"{field} {ds.root}: {len(missing)} of its {len(ids)} evaluation queries have no embedding from the router's embedder "
+            f"{meta.embedder!r} (e.g. {missing[:3]}; {found}); the router reads queries as that model's vectors: {fix}"
         )
     emb = ds.embedding_matrix(ids, embedder=meta.embedder)
     if emb.shape[1] != meta.embedding_dim:
-        raise DatasetError(f"evaluation set {ds.root}: {meta.embedder!r} embeddings are {emb.shape[1]}-d, the router reads {meta.embedding_dim}-d")
+        raise DatasetError(f"{field} {ds.root}: its {meta.embedder!r} embeddings are {emb.shape[1]}-d, the router reads {meta.embedding_dim}-d: {fix}")
     return ds, ids, [texts[i] for i in ids], emb
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 import yaml
 
+from icl_router import schemas as S
 from icl_router.cli import main
 from icl_router.config import ConfigError, ValueConfig, load_config
 from icl_router.data.dataset import Dataset, DatasetError
@@ -77,7 +79,14 @@ BAD = {
     "evaluation set without the router's embeddings": (
         {"candidates": [{"name": "m-best"}], "evaluation": {"dataset": "<noemb>", "split": None}},
         DatasetError,
-        r"evaluation set .*noemb: 48 of its 48 queries have no embedding from the router's embedder 'test-embedder'.*icl-router embed .* embedder=test-embedder",
+        r"^evaluation\.dataset .*noemb: 48 of its 48 evaluation queries have no embedding from the router's embedder 'test-embedder' "
+        r"\(e\.g\. .*; it holds no embeddings\).*: embed them first: icl-router embed .* embedder=test-embedder$",
+    ),
+    "evaluation set embedded by another model": (
+        {"candidates": [{"name": "m-best"}], "evaluation": {"dataset": "<otheremb>", "split": None}},
+        DatasetError,
+        r"^evaluation\.dataset .*otheremb: 48 of its 48 evaluation queries have no embedding from the router's embedder 'test-embedder' "
+        r"\(e\.g\. .*; it holds embeddings from \['other-embedder'\] only\).*: embed them first: icl-router embed .* embedder=test-embedder$",
     ),
     "a cost policy without costs": (
         {"candidates": [{"name": "m-best"}], "policy": {"kind": "cost", "cost_weight": 10.0}},
@@ -92,14 +101,30 @@ def test_bad_input_is_refused_and_changes_nothing(value_setup, tmp_path, case):
     ds, router, base = value_setup
     noemb = Dataset(tmp_path / "noemb")
     noemb.write_queries(ds.read_queries())
+    otheremb = Dataset(tmp_path / "otheremb")
+    otheremb.write_queries(ds.read_queries())
+    emb = ds.read_embeddings("test-embedder")
+    otheremb.append_embeddings(emb.set_column(emb.schema.get_field_index(S.EMBEDDER), S.EMBEDDER, pa.array(["other-embedder"] * len(emb))))
     extra, error, pattern = BAD[case]
-    extra = json.loads(json.dumps(extra).replace("<noemb>", str(noemb.root)))
+    extra = json.loads(json.dumps(extra).replace("<noemb>", str(noemb.root)).replace("<otheremb>", str(otheremb.root)))
     before, router_before = _outcome_files(ds), {p.name: p.read_bytes() for p in router.iterdir()}
-    with pytest.raises(error, match=pattern):
+    with pytest.raises(error, match=pattern) as raised:
         run_value(_cfg(base, **extra))
+    assert "\n" not in str(raised.value)  # one line: the CLI prints it as is
     assert _outcome_files(ds) == before
     assert {p.name: p.read_bytes() for p in router.iterdir()} == router_before
     assert not Path(base["output"]).exists()
+
+
+def test_bad_input_leaves_earlier_outputs_as_they_were(value_setup):
+    ds, router, base = value_setup
+    run_value(_cfg(base, candidates=[{"name": "m-best"}]))
+    out = Path(base["output"])
+    written = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert sorted(written) == ["value.json", "value.md", "value.png"]
+    with pytest.raises(ConfigError, match=r"candidates\[1\] \('m-x'\)\.profile has 2 outcomes"):
+        run_value(_cfg(base, candidates=[{"name": "m-best"}, {"name": "m-x", "profile": [True, False]}]))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == written
 
 
 def test_config_errors_name_the_key():
