@@ -47,8 +47,6 @@ class Router:
 
     def __init__(self, online: Any, *, costs: dict[str, float] | None = None) -> None:
         self.online = online
-        meta = online.meta
-        self.decision = None if meta.decision is None else DecisionParams.from_json(meta.decision)
         self.costs: dict[str, float] = dict(costs or {})
 
     @classmethod
@@ -67,6 +65,12 @@ class Router:
             raise RouterError(str(e)) from None
         online.sync({m: p.tolist() for m, p in read_profiles(Path(router_dir) / PROFILES_FILE, anchors).items()})
         return cls(online, costs=costs)
+
+    @property
+    def decision(self) -> DecisionParams | None:
+        """The decision layer for the current pool (its guard refitted on the anchors when the pool
+        is not the one it was fitted on); None if the router directory has none."""
+        return self.online.decision
 
     @property
     def models(self) -> list[str]:

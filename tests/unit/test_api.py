@@ -43,6 +43,10 @@ def test_load_route_score_and_register(router_dir):
     assert r.route(texts, min_gain=1.0, default_model="weak")[0].model == "weak"  # per-call overrides of the decision layer
     r.register("new", np.ones(K, bool), cost=0.5)
     assert r.models == ["strong", "weak", "new"] and r.route(texts)[0].default == "new"  # the default follows the profiles
+    assert r.decision.fitted["guard"]["models"] == 3  # ... and the guard's margin was refitted for this pool
+    r.remove("new")
+    assert r.decision.min_gain == pytest.approx(0.05) and "guard" not in r.decision.fitted  # back to the pool it was fitted on
+    r.register("new", np.ones(K, bool), cost=0.5)
     assert r.route(texts, models=["weak"])[0].model == "weak"
     with pytest.raises(RouterError, match="no cost for models"):
         r.route(texts, policy="cost", cost_weight=1.0)

@@ -127,3 +127,41 @@ def test_platt_keeps_the_order_and_improves_the_level():
     assert (np.argsort(cal[:, 0]) == np.argsort(squashed[:, 0])).all()
     brier = lambda p: float(np.mean((p - labels) ** 2))  # noqa: E731
     assert brier(cal) < brier(squashed) - 0.01
+
+
+def test_a_registered_model_gets_the_guard_refitted_on_the_anchors():
+    """A margin fitted on a pool where leaving the default never paid keeps a registered niche
+    model out; refitted on the anchors (every registered model has outcomes there) it lets the
+    niche model take its topic, with the shrinkage and calibration as they were fitted."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    import torch
+
+    from icl_router.model.evidence import AnchorEvidence
+    from icl_router.routing.decision_fit import refit_guard
+
+    anchors, profiles, emb, labels, _ = _pool(0)  # profiles [K, T]
+    router = SimpleNamespace(evidence=AnchorEvidence().eval(), anchor_emb=torch.as_tensor(anchors, dtype=torch.float32))
+
+    def p_of(q):  # the evidence head's p [Q, T]
+        with torch.no_grad():
+            return torch.sigmoid(router.evidence(torch.as_tensor(q, dtype=torch.float32), router.anchor_emb, torch.as_tensor(profiles.T))).T.double().numpy()
+
+    prior = profiles.mean(0)
+    sim = D.cosine(emb, anchors)
+    fitted = D.fit_decision([D.View(p_of(emb), sim)], labels, prior)
+    stale = replace(fitted, min_gain=0.2, fitted={"models": ["strong", "mid"]})  # as fitted without the niche model
+
+    refit = refit_guard(router, stale, profiles=profiles.T)
+    assert (refit.tau, refit.prior_weight, refit.calibration) == (stale.tau, stale.prior_weight, stale.calibration)
+    assert refit.min_gain < stale.min_gain and refit.fitted["guard"]["on"] == "anchors"
+
+    _, _, emb2, labels2, topic2 = _pool(1)  # fresh queries
+    p = D.adjusted(p_of(emb2), D.evidence_mass(D.cosine(emb2, anchors), refit.tau), prior, refit)
+
+    def routed(params):
+        return D.guarded_choice(p, D.default_index(MODELS, prior, params), params.min_gain)
+
+    assert D.routed_accuracy(routed(refit), labels2) > D.routed_accuracy(routed(stale), labels2) + 3
+    assert (routed(refit)[topic2 == 0] == 2).mean() > 0.8

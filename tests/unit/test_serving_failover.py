@@ -34,11 +34,11 @@ def closed(*names: str) -> Circuits:
     return c
 
 
-def scorer(p: dict[str, float], mass: float | None = None, calls: list | None = None):
+def scorer(p: dict[str, float], mass: float | None = None, calls: list | None = None, min_gain: float | None = None):
     async def score(text: str) -> Scores:
         if calls is not None:
             calls.append(text)
-        return Scores(p, mass, {"embed": 1.0})
+        return Scores(p, mass, {"embed": 1.0}, min_gain)
 
     return score
 
@@ -50,9 +50,9 @@ async def boom(_: str):
 HIGHEST = Policy()
 
 
-def _plan(score, circuits, *, policy=HIGHEST, params=None, candidates=("a", "b", "c"), priors=PRIORS, timeout_s=1.0):
+def _plan(score, circuits, *, policy=HIGHEST, params=None, candidates=("a", "b", "c"), priors=PRIORS, timeout_s=1.0, pinned=False):
     return run(plan("q", candidates=list(candidates), priors=priors, costs=COSTS, policy=policy, params=params, score=score,
-                    circuits=circuits, timeout_s=timeout_s))
+                    circuits=circuits, timeout_s=timeout_s, pinned=pinned))
 
 
 # ---- plan ------------------------------------------------------------------------------------
@@ -87,6 +87,11 @@ def test_the_decision_layer_guards_the_default_and_reports_the_adjusted_p():
     assert guarded.decision.p["a"] == pytest.approx(0.75 * 0.76 + 0.25 * 0.6, abs=1e-9)
     bold = _plan(scorer(raw, mass=3.0), closed(ROUTER), params=params.replace(min_gain=0.0))
     assert bold.decision.model == "a" and bold.decision.default == "b"
+    # the router replica's margin for its pool (refitted when the pool changed) wins, unless the request set one
+    pool = _plan(scorer(raw, mass=3.0, min_gain=0.0), closed(ROUTER), params=params)
+    assert pool.decision.model == "a" and pool.params.min_gain == 0.0
+    pinned = _plan(scorer(raw, mass=3.0, min_gain=0.0), closed(ROUTER), params=params, pinned=True)
+    assert pinned.decision.model == "b" and pinned.params.min_gain == pytest.approx(0.05)
     # the router down: no evidence (mass 0) -> every p is its prior, the default stands
     down = _plan(boom, closed(ROUTER), params=params)
     assert down.decision.model == "b" and down.decision.p == pytest.approx(PRIORS, abs=1e-9)

@@ -116,7 +116,7 @@ def build_router(rs: Any, path: Path, *, seed: int, fit_rows: int | None) -> Any
     held = held[~np.isin(held, rs.anchor_rows)]
     if fit_rows is not None and fit_rows < len(held):
         held = np.sort(rng.choice(held, fit_rows, replace=False))
-    params = fit_router_decision(scorer.router, texts=[""] * len(held), query_emb=rs.embeddings[held], labels=rs.labels[held], profiles=rs.profiles(), seed=seed)
+    params = fit_router_decision(scorer.router, texts=[""] * len(held), query_emb=rs.embeddings[held], labels=rs.labels[held], profiles=rs.profiles(), models=rs.models, seed=seed)
     write_decision(path, params.to_json())
     return Scorer.from_dir(path)
 

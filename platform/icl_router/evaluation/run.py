@@ -36,7 +36,7 @@ from icl_router.data.routing_set import RoutingSet, load_routing_set
 from icl_router.evaluation import baselines as B
 from icl_router.evaluation import fit as F
 from icl_router.routing.decision import DecisionParams, cosine, evidence_mass
-from icl_router.routing.decision_fit import fit_router_decision
+from icl_router.routing.decision_fit import fit_router_decision, refit_guard
 from icl_router.routing.policy import Policy, route_batch
 from icl_router.train.data import build_train_data
 
@@ -206,7 +206,8 @@ def get_router(rc: EvalRouterConfig, rs: RoutingSet, *, seed: int, seed_i: int, 
         held = held_out_rows(rs, val=val, best_step=info.get("best_step"))
         texts = query_texts(router, rs, held, max_text_tokens=rc.max_text_tokens)
         decision = fit_router_decision(
-            router, texts=texts, query_emb=rs.embeddings[held], labels=rs.labels[held][:, cols], profiles=profiles, clusters=rc.decision.clusters, seed=seed
+            router, texts=texts, query_emb=rs.embeddings[held], labels=rs.labels[held][:, cols], profiles=profiles,
+            models=[rs.models[c] for c in cols], clusters=rc.decision.clusters, seed=seed,
         )
         info["decision_rows"] = int(len(held))
     return Routed(router, info, cols, profiles, decision)
@@ -304,8 +305,9 @@ def auc(score: np.ndarray, y: np.ndarray) -> float | None:
 def add_model_section(cfg: EvaluateConfig, rs: RoutingSet, full: Routed, *, seed: int, cache: Path) -> list[dict]:
     """Per model: trained without it, added by its profile only vs the router trained with it (ID test).
 
-    The added model joins with its profile: its prior is its profile accuracy and the guard's default
-    follows the profiles; the decision layer's parameters are those fitted without it."""
+    The added model joins with its profile: its prior is its profile accuracy, the guard's default
+    follows the profiles and its margin is refitted on the anchors (``decision_fit.refit_guard``);
+    the rest of the decision layer is what was fitted without it."""
     te = rs.rows("test")
     lab = rs.labels[te]
     rc = cfg.icl_router
@@ -315,7 +317,8 @@ def add_model_section(cfg: EvaluateConfig, rs: RoutingSet, full: Routed, *, seed
     for j, name in enumerate(rs.models):
         others = [m for m in range(len(rs.models)) if m != j]
         without = get_router(rc, rs, seed=seed, seed_i=0, cache=cache, label=f"add-model -{name}", models=others, max_steps=cfg.sweep_max_steps)
-        added = Routed(without.router, without.info, list(range(len(rs.models))), rs.profiles(), without.decision)
+        guard = None if without.decision is None else refit_guard(without.router, without.decision, profiles=rs.profiles(), seed=seed)
+        added = Routed(without.router, without.info, list(range(len(rs.models))), rs.profiles(), guard)
         p = raw_p(added, rs, te, rc)  # all models; j's profile was never trained on
         choice, _, _ = decide(added, rs, te, p)
         choice_wo, _, _ = decide(without, rs, te, p[:, others])

@@ -20,6 +20,11 @@ router is trained and stored in its directory (``icl_router.json``, ``decision``
 accuracy, on two views of the held-out queries: as they are, and with the anchors of
 their own cluster hidden (queries unlike the anchors, which in-distribution validation
 never shows). Ties go to the more cautious setting.
+
+The guard's margin depends on the pool: one fitted on a pool without its strongest model
+keeps a strong newcomer from being used. When the pool is not the one the layer was
+fitted on (``fitted["models"]``), the margin is refitted on the anchors, whose outcomes
+every registered model has (``decision_fit.refit_guard``).
 """
 
 from __future__ import annotations

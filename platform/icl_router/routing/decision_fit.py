@@ -4,24 +4,35 @@ The router's p for the held-out queries is computed twice: as the router sees th
 and with the anchors of each query's own k-means cluster hidden from the evidence head
 (the LM's logit is kept as it is: it reads the whole profile in context). The second
 view stands for queries unlike the anchors; ``decision.fit_decision`` fits on both.
+
+``refit_guard`` refits the guard's margin for another pool (a model registered or removed) on the
+anchors themselves: every routable model has outcomes there, so no held-out labels are
+needed and nothing is retrained.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 import torch
 
 from icl_router.routing.decision import (
     EPS,
+    MIN_GAINS,
     DecisionParams,
     View,
+    calibrate,
     cluster_groups,
     cosine,
+    evidence_mass,
     fit_decision,
+    guarded_choice,
     hide_own_cluster,
     logit,
+    routed_accuracy,
+    shrink,
 )
 
 
@@ -70,10 +81,47 @@ def fit_router_decision(
     query_emb: np.ndarray,
     labels: np.ndarray,
     profiles: np.ndarray,
+    models: Sequence[str],
     clusters: int = 8,
     seed: int = 0,
 ) -> DecisionParams:
-    """The decision layer of ``router`` fitted on held-out queries (labels [V, T] of the T profiled models)."""
+    """The decision layer of ``router`` fitted on held-out queries (labels [V, T] of the T profiled
+    ``models``); ``fitted["models"]`` records the pool, so another pool refits the guard
+    (``refit_guard``, ``routing.online.OnlineRouter.sync``)."""
     views = router_views(router, texts=texts, query_emb=query_emb, profiles=profiles, clusters=clusters, seed=seed)
     prior = np.asarray(profiles, dtype=bool).mean(axis=1)  # [T] each model's accuracy on the anchors
-    return fit_decision(views, labels, prior)
+    params = fit_decision(views, labels, prior)
+    return replace(params, fitted={**params.fitted, "models": list(models)})
+
+
+def refit_guard(router: object, params: DecisionParams, *, profiles: np.ndarray, folds: int = 10, seed: int = 0) -> DecisionParams:
+    """``params`` with ``min_gain`` refitted for the pool of T ``profiles`` (bool [T, K]) on the K anchors.
+
+    Each fold of anchors is scored by the router's evidence head from the other folds (its own
+    outcomes hidden), shrunk and calibrated with the stored parameters; the margin is then picked
+    by routed accuracy with the profiles as labels, as ``fit_decision`` picks it on held-out
+    queries. The shrinkage and the calibration stay as fitted. A router without the evidence
+    head keeps ``params``. With an LM that is not silent only the evidence head's share of the
+    logit is used: the LM reads each anchor's own outcome in its context.
+    """
+    ev = getattr(router, "evidence", None)
+    profiles = np.asarray(profiles, dtype=bool)
+    if ev is None or len(profiles) < 2:
+        return params
+    anchor_emb = router.anchor_emb.detach().float()  # [K, E]
+    k = len(anchor_emb)
+    fold = np.random.default_rng(seed).permutation(k) % min(folds, k)
+    prof = torch.as_tensor(profiles)
+    p = np.zeros((k, len(profiles)))  # [K, T]
+    with torch.no_grad():
+        for f in np.unique(fold):
+            rows, keep = np.flatnonzero(fold == f), np.flatnonzero(fold != f)
+            p[rows] = torch.sigmoid(ev(anchor_emb[rows], router.anchor_emb[keep], prof[:, keep])).T.double().numpy()
+    a = anchor_emb.numpy()
+    sim = np.where(fold[:, None] == fold[None, :], np.nan, cosine(a, a))  # [K, K]: an anchor's own fold hidden
+    prior = profiles.mean(axis=1)
+    q = calibrate(shrink(np.clip(p, EPS, 1 - EPS), evidence_mass(sim, params.tau), prior, params.prior_weight), params.calibration)
+    labels = profiles.T.astype(np.float64)
+    acc = {g: routed_accuracy(guarded_choice(q, int(np.argmax(prior)), g), labels) for g in MIN_GAINS}
+    g = max(MIN_GAINS, key=lambda x: (round(acc[x], 9), x))  # the best, then the more cautious
+    return replace(params, min_gain=g, fitted={**params.fitted, "guard": {"on": "anchors", "models": len(profiles), "accuracy": round(acc[g], 3)}})

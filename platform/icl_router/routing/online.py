@@ -19,6 +19,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Literal
 
 import numpy as np
@@ -55,7 +56,12 @@ class OnlineRouter:
         else:
             raise ValueError(f"scoring must be 'auto', 'full' or 'evidence', got {scoring!r}")
         # the decision layer reads the query's evidence mass: its cosine to every anchor embedding
-        self.tau = DecisionParams.from_json(loaded.meta.decision).tau if loaded.meta.decision is not None else None
+        self.stored = DecisionParams.from_json(loaded.meta.decision) if loaded.meta.decision is not None else None
+        self.decision = self.stored  # the layer for the current pool: its guard refitted when the pool is another
+        # the pool the layer was fitted on; a layer that does not say is taken as fitted for the pool it is first loaded with
+        self.fitted_pool = None if self.stored is None else self.stored.fitted.get("models")
+        self.tau = self.stored.tau if self.stored is not None else None
+        self.evidence = SimpleNamespace(evidence=loaded.router.evidence, anchor_emb=loaded.router.anchor_emb)  # what refit_guard reads
         self.anchor_emb = loaded.router.anchor_emb.detach().float().cpu().numpy()  # [K, E]
         self.query_emb = loaded.meta.query_input == "vector"  # the scorer reads the embedding (a text router reads the text)
         if scoring == "evidence" and not self.query_emb:
@@ -77,14 +83,26 @@ class OnlineRouter:
         return self.scorer.models
 
     def sync(self, routable: dict[str, list[bool]]) -> None:
-        """Make the scorer's pool ``routable`` (model -> outcomes on the anchors): adds, replaces, removes."""
+        """Make the scorer's pool ``routable`` (model -> outcomes on the anchors): adds, replaces, removes;
+        then the decision layer's guard for that pool (``decision_fit.refit_guard``)."""
+        changed = False
         for m in [m for m in self.profiles if m not in routable]:
             self.scorer.remove(m)
             del self.profiles[m]
+            changed = True
         for m, prof in routable.items():
             if self.profiles.get(m) != prof:
                 self.scorer.add(m, np.array(prof, dtype=bool))  # full: one prefix forward
                 self.profiles[m] = list(prof)
+                changed = True
+        if changed and self.stored is not None:
+            from icl_router.routing.decision_fit import refit_guard
+
+            pool = list(self.profiles)
+            if self.fitted_pool is None:
+                self.fitted_pool = pool
+            fitted_here = sorted(self.fitted_pool) == sorted(pool) or len(pool) < 2
+            self.decision = self.stored if fitted_here else refit_guard(self.evidence, self.stored, profiles=np.array([self.profiles[m] for m in pool], dtype=bool))
 
     # ---- queries ------------------------------------------------------------
 

@@ -113,10 +113,16 @@ class Router:
         self.metrics["scoring_ms"].observe((time.perf_counter() - t0) * 1e3)
         self.metrics["batch_size"].observe(len(items))
         stages = {"embed": ms["embed"], "score": ms["score"], "batch": len(items), "cached": ms["cached"]}
+        guard = _guard(self.online)
         return [
-            Scores(dict(zip(models, row.tolist())), None if mass is None else float(mass[i]), {"queue": round((t0 - tq) * 1e3, 2), **stages})
+            Scores(dict(zip(models, row.tolist())), None if mass is None else float(mass[i]), {"queue": round((t0 - tq) * 1e3, 2), **stages}, guard)
             for i, (row, (_, tq)) in enumerate(zip(p, items))
         ]
+
+
+def _guard(online: Any) -> float | None:
+    """The guard's margin for the pool ``online`` holds (routing.online.OnlineRouter.decision)."""
+    return None if online.decision is None else online.decision.min_gain
 
 
 class _Call:
@@ -178,4 +184,4 @@ class InProcessRouter:
         self.metrics["scoring_ms"].observe((time.perf_counter() - t0) * 1e3)
         self.metrics["batch_size"].observe(1)
         return Scores(dict(zip(models, p[0].tolist())), None if mass is None else float(mass[0]),
-                      {"queue": 0.0, "embed": ms["embed"], "score": ms["score"], "batch": 1, "cached": ms["cached"]})
+                      {"queue": 0.0, "embed": ms["embed"], "score": ms["score"], "batch": 1, "cached": ms["cached"]}, _guard(self.online))

@@ -33,6 +33,7 @@ class Scores:
     p: dict[str, float]  # raw p(correct) per model
     mass: float | None = None  # evidence mass of the query (routing.decision); None: no decision layer
     ms: dict[str, float] = field(default_factory=dict)  # where the router replica spent the time
+    min_gain: float | None = None  # the guard's margin for the replica's pool (refitted when the pool changed)
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class Plan:
     skipped: list[tuple[str, str]]  # (part, reason): the router, if it could not score
     scoring_ms: float
     timing: dict[str, float]
+    params: DecisionParams | None = None  # the decision layer as used (the pool's guard, the request's overrides)
 
 
 class ModelRefused(Exception):
@@ -79,8 +81,12 @@ async def plan(
     score: Callable[[str], Awaitable[Scores]],
     circuits: Circuits,
     timeout_s: float,
+    pinned: bool = False,
 ) -> Plan:
     """The decision for one query among ``candidates`` (non-empty; each has a prior).
+
+    The guard's margin is the router replica's for its pool (``Scores.min_gain``) unless the
+    request set it (``pinned``).
 
     With the router down (its circuit open, or the call failing or slower than ``timeout_s``)
     the p's are the priors, so the policy picks by profile accuracy, not by a coin."""
@@ -108,11 +114,13 @@ async def plan(
         p = {m: priors[m] for m in candidates}
         mass = 0.0  # no evidence about the query: the decision layer keeps the priors
     use = params if params is not None and mass is not None else None
+    if use is not None and not pinned and scores is not None and scores.min_gain is not None:
+        use = use.replace(min_gain=scores.min_gain)
     prior = {m: priors[m] for m in candidates}
     if use is not None and use.default_model is not None and use.default_model not in candidates:
         use = use.replace(default_model=None)  # the configured default is not a candidate here: the best prior is
     decision = choose(p, policy=policy, costs=costs, prior=prior if use else None, mass=mass if use else None, params=use)
-    return Plan(decision, "router" if scores is not None else "prior", skipped, scoring_ms, dict(scores.ms) if scores else {})
+    return Plan(decision, "router" if scores is not None else "prior", skipped, scoring_ms, dict(scores.ms) if scores else {}, use)
 
 
 async def failover(

@@ -26,7 +26,6 @@ from pydantic import ValidationError
 from ray import serve
 
 from icl_router.config import ServeConfig
-from icl_router.routing.decision import DecisionParams
 from icl_router.routing.policy import Policy
 from icl_router.serving.auth import Keys
 from icl_router.serving.circuits import Circuits, probe_open
@@ -79,8 +78,8 @@ def _error_of(first: Any) -> Any:
     return next((x for x in items if hasattr(x, "error") and not hasattr(x, "choices")), None)
 
 
-def _policy_header(d: Plan, params: DecisionParams | None) -> str:
-    pol = d.decision.policy
+def _policy_header(d: Plan) -> str:
+    pol, params = d.decision.policy, d.params
     out = pol.kind + "".join(f";{k}={getattr(pol, k)}" for k in POLICY_FIELDS if getattr(pol, k) is not None)
     if params is not None and d.decision.default is not None:
         out += f";min_gain={params.min_gain};prior_weight={params.prior_weight}"
@@ -206,14 +205,14 @@ class Ingress:
             return await self.router.score.remote(t, pool)
 
         p = await plan(text, candidates=cands, priors=snap.priors(), costs=snap.costs(), policy=policy, params=params, score=score,
-                       circuits=self.circuits, timeout_s=self.cfg.router_timeout_s)
+                       circuits=self.circuits, timeout_s=self.cfg.router_timeout_s, pinned="min_gain" in r.decision_overrides())
         d = p.decision
         headers = {
             HDR + "route": "routed",
             HDR + "chosen": d.model,
             HDR + "order": ",".join(d.order),
             HDR + "p": ",".join(f"{m}={v:.4f}" for m, v in d.p.items()),
-            HDR + "policy": _policy_header(p, params),
+            HDR + "policy": _policy_header(p),
             HDR + "scoring-ms": f"{p.scoring_ms:.2f}",
         }
         if d.default is not None:
