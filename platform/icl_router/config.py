@@ -440,7 +440,7 @@ class ValueConfig(Config):
     policy: ValuePolicyConfig = ValuePolicyConfig()
     costs: dict[str, float] = {}  # dollars per query by model; default: the mean ``cost`` of its outcomes in ``dataset``
     estimator: Literal["eb", "naive", "eb-pair", "eb-mix", "crossfit"] = "eb"  # routing/marginal.py; bench value measures each
-    noise_scale: float = Field(default=0.5, gt=0)  # eb / eb-pair: noise variance = noise_scale * p (1 - p) / n_eff
+    noise_scale: float = Field(default=1.0, gt=0)  # eb / eb-pair: noise variance = noise_scale * p (1 - p) / n_eff (1: a kernel average's own)
     folds: int = Field(default=2, ge=2)  # crossfit: anchor folds ...
     repeats: int = Field(default=4, ge=1)  # ... and random fold draws averaged
     greedy_max: int | None = Field(default=None, ge=1)  # the greedy best pool for sizes 1..N (null: every model)

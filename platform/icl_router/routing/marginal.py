@@ -17,7 +17,8 @@ How the picked model is scored is the estimator:
   a kernel average of the model's outcomes on the anchors near the query, the way the
   anchor evidence computes it (softmax of cosine / ``kernel_tau`` over the K anchors),
   so its noise variance is about ``noise_scale * p (1 - p) / n_eff(q)``, ``n_eff = 1 /
-  sum_k w_k^2`` the effective number of anchors behind it. Each model's p is shrunk
+  sum_k w_k^2`` the effective number of anchors behind it (``noise_scale`` 1, the default,
+  is the variance of a weighted average of Bernoulli outcomes itself). Each model's p is shrunk
   toward its mean over the queries by ``v / (v + noise)``, ``v`` the between-query
   variance of that model's p less the mean noise (method of moments); the decision
   layer's shrinkage and calibration are applied after. The pick is still made on the
@@ -126,7 +127,7 @@ class View:
 class Valuer:
     """Estimated routed accuracy of any pool (a list of model columns), and gains between pools."""
 
-    def __init__(self, inputs: Inputs, *, estimator: str = "eb", noise_scale: float = 0.5, kernel_tau: float = KERNEL_TAU, folds: int = 2, repeats: int = 4, seed: int = 0) -> None:
+    def __init__(self, inputs: Inputs, *, estimator: str = "eb", noise_scale: float = 1.0, kernel_tau: float = KERNEL_TAU, folds: int = 2, repeats: int = 4, seed: int = 0) -> None:
         if estimator not in ESTIMATORS:
             raise ValuationError(f"estimator {estimator!r} is unknown; use one of {list(ESTIMATORS)}")
         if inputs.policy.needs_costs and inputs.costs is None:
