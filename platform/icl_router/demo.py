@@ -3,8 +3,10 @@
 On local Ray: generate the synthetic dataset, embed it (Ray Data), pick anchors,
 train both stages (Ray Train + DeepSpeed, with the settings of
 jobs/train-stage{1,2}/config.yaml) without one model, evaluate beside the
-baselines, register the held-out model from its anchor outcomes alone (no
-retraining), evaluate again, and write a report with a plot.
+baselines, value the held-out model beside the pool from its profile alone
+(``icl-router value``), register it from its anchor outcomes (no retraining),
+evaluate again, and write a report with a plot: the estimated gain beside the
+gain measured after registration.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from icl_router.config import (
     read_config_file,
 )
 
-STEPS = 7
+STEPS = 8
 SERVED = ["synth-math-7b", "synth-tiny-1b"]  # the pool of serve/demo.yaml
 
 
@@ -96,7 +98,41 @@ def evaluate_router(router_dir: Path, data_dir: Path, *, embedder: str) -> dict[
         out["icl-router"][key] = float(100 * np.nanmean(lab[np.arange(len(rows)), chosen]))
         out["icl-router-raw"][key] = B.routed_accuracy(router.scores_and_mass(texts).p, lab)
         out["away"][key] = float(100 * np.mean([d.default is not None and d.model != d.default for d in decisions]))
+        out.setdefault("traffic", {})[key] = {m: float(np.mean(chosen == i)) for i, m in enumerate(router.models)}
     return out
+
+
+def value_held_out(router_dir: Path, data_dir: Path, *, held_out: str, output: Path) -> dict[str, Any]:
+    """``icl-router value`` before the held-out model is registered: its estimated gain and traffic
+    share on the ID test queries, and what each pool model is worth (the loss from removing it)."""
+    from icl_router.config import ValueConfig
+    from icl_router.value import run_value
+
+    cfg = ValueConfig(
+        router=str(router_dir),
+        dataset=str(data_dir),
+        candidates=[{"name": held_out}],
+        evaluation={"split": {"name": "given"}, "part": "test", "max_queries": None},
+        output=str(output),
+    )
+    run_value(cfg)
+    return json.loads((output / "value.json").read_text())
+
+
+def _value_table(value: dict, before: dict, after: dict, *, held_out: str) -> str:
+    """Every model's estimated worth (the candidate's gain from adding it, a pool model's from removing
+    it, negated), best first, beside what registering the candidate measured (ID test)."""
+    rows = [(r["gain"], r["model"], "candidate", r["traffic_share"]) for r in value["candidates"]]
+    rows += [(-r["gain"], r["model"], "pool", r["traffic_share"]) for r in value["removals"]]
+    measured = after["icl-router"]["id"] - before["icl-router"]["id"]
+    lines = [
+        "| rank | model | estimated worth (points) | estimated traffic share | measured gain after registration (points) | measured traffic share |",
+        "|---:|---|---:|---:|---:|---:|",
+    ]
+    for i, (worth, m, kind, share) in enumerate(sorted(rows, key=lambda r: -r[0]), 1):
+        got = f"{measured:+.2f} | {100 * after['traffic']['id'].get(m, 0.0):.1f}%" if m == held_out else "— | —"
+        lines.append(f"| {i} | `{m}` ({kind}) | {worth:+.2f} | {100 * share:.1f}% | {got} |")
+    return "\n".join(lines)
 
 
 def _table(before: dict, after: dict, *, held_out: str) -> str:
@@ -158,9 +194,20 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     _say(6, "evaluate the router beside the baselines")
     router_dir = out / "router"
     before = evaluate_router(router_dir, data, embedder=emb["embedder"])
-    _say(7, f"register {cfg.held_out} from its anchor outcomes (no retraining) and evaluate again")
+    _say(7, f"value {cfg.held_out} beside the pool from its profile alone (icl-router value), before registering it")
+    value = value_held_out(router_dir, data, held_out=cfg.held_out, output=out / "value")
+    _say(8, f"register {cfg.held_out} from its anchor outcomes (no retraining) and evaluate again")
     reg = register_model(router_dir, data, cfg.held_out)
     after = evaluate_router(router_dir, data, embedder=emb["embedder"])
+    held = value["candidates"][0]
+    value_summary = {
+        "estimated_gain": held["gain"],
+        "estimated_traffic_share": held["traffic_share"],
+        "measured_gain": round(after["icl-router"]["id"] - before["icl-router"]["id"], 3),
+        "measured_traffic_share": after["traffic"]["id"].get(cfg.held_out, 0.0),
+        "estimator": value["estimator"],
+        "report": str(out / "value" / "value.json"),
+    }
     report = {
         "dataset": gen,
         "trained_on": trained_on,
@@ -169,11 +216,16 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         "train": {"stage1": s1, "stage2": s2},
         "before": before,
         "after": after,
+        "value": value_summary,
         "seconds": round(time.time() - t0, 1),
     }
     (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
     table = _table(before, after, held_out=cfg.held_out)
-    (out / "report.md").write_text(f"# Demo report\n\nSynthetic pool, seed {cfg.seed}; accuracy of the routed model in percent.\n\n{table}\n")
+    vtable = _value_table(value, before, after, held_out=cfg.held_out)
+    (out / "report.md").write_text(
+        f"# Demo report\n\nSynthetic pool, seed {cfg.seed}; accuracy of the routed model in percent.\n\n{table}\n\n"
+        f"## What {cfg.held_out} was estimated to add before it was registered (icl-router value, ID test)\n\n{vtable}\n"
+    )
     _plot(before, after, out / "demo.png")
     # Stand-ins for two pool models, so `icl-router serve --config serve/demo.yaml` runs next:
     # tiny random LMs served by real vLLM (no real model can be downloaded here).
@@ -181,7 +233,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
     for i, name in enumerate(SERVED):
         make_tiny_causal_lm(out / "pool" / name, seed=i)
-    print(f"\n{table}\n")
+    print(f"\n{table}\n\n{vtable}\n")
     print(f"Done in {report['seconds']:.0f} s. Report: {out / 'report.md'}, plot: {out / 'demo.png'}, router: {router_dir}")
     print("Serve it: icl-router serve --config serve/demo.yaml   (see README: The routing service)")
     return {"report": str(out / "report.json"), "seconds": report["seconds"], "icl_router": after["icl-router"]}

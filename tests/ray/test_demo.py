@@ -21,10 +21,18 @@ def test_demo_runs_end_to_end_and_registers_the_held_out_model(ray_local, tmp_pa
     pool = read_profiles(out / "router" / "profiles.parquet", meta.anchor_query_ids)
     assert sorted(pool) == sorted([*report["trained_on"], "synth-logic-8b"])
     for part in ("id", "ood"):
-        methods = {**{m: v[part] for m, v in report["after"].items() if m != "away"}, "before": report["before"]["icl-router"][part]}
+        methods = {**{m: v[part] for m, v in report["after"].items() if m not in ("away", "traffic")}, "before": report["before"]["icl-router"][part]}
         assert 0 <= report["after"]["away"][part] <= 100
         assert all(0 <= v <= methods["oracle"] + 1e-9 for v in methods.values()), methods
         assert methods["random"] < methods["oracle"]
+    # valued from its profile before it was registered, beside the gain measured after
+    value = report["value"]
+    assert set(value) >= {"estimated_gain", "estimated_traffic_share", "measured_gain", "measured_traffic_share"}
+    assert 0 <= value["estimated_traffic_share"] <= 1 and 0 <= value["measured_traffic_share"] <= 1
+    assert abs(value["measured_gain"] - (report["after"]["icl-router"]["id"] - report["before"]["icl-router"]["id"])) < 1e-2
+    held = json.loads((out / "value" / "value.json").read_text())
+    assert [r["model"] for r in held["candidates"]] == ["synth-logic-8b"] and sorted(r["model"] for r in held["removals"]) == sorted(report["trained_on"])
+    assert "estimated worth" in (out / "report.md").read_text()
     assert (out / "demo.png").stat().st_size > 10_000 and (out / "report.md").is_file()
     assert all((out / "pool" / name / "config.json").is_file() for name in SERVED)
     # the README's Python API example, on the demo's router directory
