@@ -23,7 +23,7 @@ def router_dir(tmp_path, tiny_router_lm):
     anchors = [f"a{i}" for i in range(K)]
     router = ICLRouter(lm, layout, anchor_emb=torch.randn(K, 384), anchor_evidence=True).eval()
     meta = RouterMeta(BUNDLED, 384, "vector", "pairs", layout.placeholder_id, layout.yes_id, layout.no_id, anchors, anchor_evidence=True,
-                      decision=DecisionParams(tau=0.1, prior_weight=1.0, min_gain=0.05).to_json())
+                      decision=DecisionParams(tau=0.1, prior_weight=1.0, min_gain=0.05, fitted={"models": ["strong", "weak"]}).to_json())
     pool = {"strong": np.array([1, 1, 1, 1, 0, 1], bool), "weak": np.array([0, 0, 1, 0, 0, 0], bool)}
     return save_router_dir(router, tmp_path / "router", meta=meta, pool=pool)
 
