@@ -86,6 +86,19 @@ ANCHORS_SCHEMA = pa.schema(
     ]
 )
 
+# A router directory's anchors.parquet: the anchor queries with what grading an answer needs, so a
+# service can profile a new model on them (serving/onboarding.py) without the training dataset.
+ROUTER_ANCHORS_SCHEMA = pa.schema(
+    [
+        pa.field(QUERY_ID, pa.string(), nullable=False),
+        pa.field(POSITION, pa.int32(), nullable=False),
+        pa.field(TEXT, pa.string(), nullable=False),
+        pa.field(TASK, pa.string(), nullable=False),
+        pa.field(GOLD, pa.string()),
+        pa.field(GRADER, pa.string()),
+    ]
+)
+
 PROFILES_SCHEMA = pa.schema(
     [
         pa.field(MODEL_ID, pa.string(), nullable=False),

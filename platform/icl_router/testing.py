@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import numpy as np
+    import pyarrow as pa
 
 # Queries of different shapes and lengths for model / scorer tests.
 SAMPLE_QUERIES = [
@@ -83,17 +84,34 @@ def tiny_profile(k: int) -> np.ndarray:
     return np.random.RandomState(0).rand(k) < 0.5
 
 
+def tiny_anchors(k: int, *, golds: list[str] | None = None, grader: str | None = "exact_match") -> pa.Table:
+    """The rows of a tiny router directory's anchors.parquet: ``anchor-<i>``, a short arithmetic question,
+    ``golds`` (default: the right sums) graded by ``grader`` (None: ungradable anchors)."""
+    import pyarrow as pa
+
+    from icl_router import schemas as S
+
+    golds = golds if golds is not None else [str(2 * i + 1) for i in range(k)]
+    return pa.table({
+        S.QUERY_ID: [f"anchor-{i}" for i in range(k)], S.POSITION: pa.array(range(k), pa.int32()),
+        S.TEXT: [f"What is {i} plus {i + 1}?" for i in range(k)], S.TASK: ["arithmetic"] * k,
+        S.GOLD: golds, S.GRADER: [grader] * k,
+    }, schema=S.ROUTER_ANCHORS_SCHEMA)
+
+
 def make_tiny_router_dir(
-    path: str | Path, *, k: int = 8, decision: dict | None = None, texts: Iterable[str] = TINY_TEXTS, both: bool = False
+    path: str | Path, *, k: int = 8, decision: dict | None = None, texts: Iterable[str] = TINY_TEXTS, both: bool = False,
+    anchors: pa.Table | None = None,
 ) -> Path:
     """A vector-query router directory (random weights, random anchor embeddings, anchor evidence) whose
-    pool holds tiny-a's profile (``both``: tiny-b's too, half right); ``decision``: a DecisionParams.to_json()."""
+    pool holds tiny-a's profile (``both``: tiny-b's too, half right); ``decision``: a DecisionParams.to_json();
+    ``anchors``: its anchors.parquet (default ``tiny_anchors(k)``)."""
     import numpy as np
     import torch
 
     from icl_router.model.prompt import PromptLayout
     from icl_router.model.router import ICLRouter
-    from icl_router.model.router_dir import RouterMeta, save_router_dir
+    from icl_router.model.router_dir import RouterMeta, save_router_dir, write_anchor_queries
     from icl_router.model.tiny import build_tiny_router_lm
 
     lm, tok = build_tiny_router_lm(list(texts), seed=0)
@@ -106,7 +124,9 @@ def make_tiny_router_dir(
         anchor_query_ids=[f"anchor-{i}" for i in range(k)], anchor_evidence=True, decision=decision,
     )
     pool = {"tiny-a": tiny_profile(k), **({"tiny-b": np.arange(k) % 2 == 0} if both else {})}
-    return save_router_dir(router, Path(path), meta=meta, pool=pool)
+    path = save_router_dir(router, Path(path), meta=meta, pool=pool)
+    write_anchor_queries(path, anchors if anchors is not None else tiny_anchors(k))
+    return path
 
 
 def tiny_serve_config(root: str | Path, *, k: int = 8, decision: dict | None = None, both: bool = False, **fields: object) -> object:

@@ -6,17 +6,25 @@ import json
 import shutil
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from icl_router import schemas as S
+from icl_router.data.dataset import Dataset
 from icl_router.model.prompt import PromptLayout
 from icl_router.model.router import ICLRouter
 from icl_router.model.router_dir import (
+    ANCHORS_FILE,
     RouterDirError,
     RouterMeta,
+    anchor_queries,
     load_router_dir,
+    read_anchor_queries,
     save_router_dir,
+    write_anchor_queries,
     write_profiles,
 )
 from icl_router.routing.scorer import Scorer
@@ -145,3 +153,30 @@ def test_query_embedder_of_another_variant_is_refused(saved, tmp_path):
     check_embedder(meta.embedder_name, "emb@onnx", where="r")  # same vectors as the reference
     with pytest.raises(EmbedderError, match=r"anchors were embedded with 'emb' \(sentence-transformers\) but the queries would be embedded with 'emb@static'"):
         check_embedder(meta.embedder_name, "emb@static", where=f"router {saved[2]}")
+
+
+def test_anchor_queries_with_gold_and_grader_in_anchor_order(saved, tmp_path):
+    """anchors.parquet: the anchors' rows of the dataset (gold, grader), in anchor order; an older directory
+    without it loads; one that names other anchors or another order is refused at load, with the fix."""
+    path = copy(saved, tmp_path)
+    assert read_anchor_queries(path) is None and load_router_dir(path).pool  # written before the file existed
+    ds = Dataset(tmp_path / "ds")
+    ids = [f"a{i}" for i in reversed(range(K + 2))]  # the dataset's order is not the anchors'
+    ds.write_queries(pa.table({
+        S.QUERY_ID: ids, S.TEXT: [f"text of {q}" for q in ids], S.TASK: ["t"] * len(ids), S.SPLIT: ["train"] * len(ids),
+        S.GOLD: [f"gold of {q}" for q in ids], S.GRADER: ["exact_match"] * len(ids),
+    }))
+    anchors = [f"a{i}" for i in range(K)]
+    write_anchor_queries(path, anchor_queries(ds.root, anchors))
+    got = read_anchor_queries(path)
+    assert got.column(S.QUERY_ID).to_pylist() == anchors and got.column(S.POSITION).to_pylist() == list(range(K))
+    assert got.column(S.GOLD).to_pylist() == [f"gold of {q}" for q in anchors] and set(got.column(S.GRADER).to_pylist()) == {"exact_match"}
+    load_router_dir(path)
+    with pytest.raises(RouterDirError, match="not queries of"):
+        anchor_queries(ds.root, [*anchors, "elsewhere"])
+    with pytest.raises(RouterDirError, match="differ"):
+        write_anchor_queries(path, got.slice(1))  # K-1 rows
+    swapped = got.take(pa.array([1, 0, *range(2, K)])).set_column(1, S.POSITION, pa.array(range(K), pa.int32()))
+    pq.write_table(swapped, path / ANCHORS_FILE)  # written by hand, around the check
+    with pytest.raises(RouterDirError, match="first difference at position 0.*router-anchors"):
+        load_router_dir(path)

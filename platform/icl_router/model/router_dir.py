@@ -7,9 +7,13 @@
     icl_router.json                        format version, embedder, layout, label token ids, anchor ids,
                                            the decision layer's fitted parameters (``decision``)
     profiles.parquet                       model_id, query_id, correct: the registered pool
+    anchors.parquet                        the anchor queries in order: query_id, position, text, task, gold,
+                                           grader (optional: directories written before it lack it)
 
 The anchor embeddings sit beside the projector because they are its inputs for
-every profile: a router directory scores queries with no dataset at hand.
+every profile: a router directory scores queries with no dataset at hand. The anchor
+queries with their gold answers and graders sit here for the same reason: a service
+profiles a new model on them (serving/onboarding.py) with no dataset at hand.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import pyarrow.parquet as pq
 import torch
 
 from icl_router import schemas as S
-from icl_router.data.dataset import swap_into_place
+from icl_router.data.dataset import Dataset, DatasetError, conform, swap_into_place
 from icl_router.errors import UserError
 from icl_router.model.prompt import PromptLayout
 from icl_router.model.router import ICLRouter
@@ -36,6 +40,7 @@ FORMAT_VERSION = 1
 META_FILE = "icl_router.json"
 PROJECTOR_FILE = "projector.safetensors"
 PROFILES_FILE = "profiles.parquet"
+ANCHORS_FILE = "anchors.parquet"
 LM_FILES = ("config.json", "model.safetensors")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
@@ -119,6 +124,51 @@ def read_profiles(path: Path, anchor_ids: list[str]) -> dict[str, np.ndarray]:
             missing = [anchor_ids[i] for i in np.flatnonzero(prof < 0)]
             raise RouterDirError(f"{path}: model {m!r} lacks {len(missing)} anchors, e.g. {missing[:5]}")
     return {m: prof.astype(bool) for m, prof in pool.items()}
+
+
+def anchor_queries(dataset: str | Path, anchor_ids: list[str]) -> pa.Table:
+    """The router's anchors as rows of ``anchors.parquet``, read from the dataset's queries (in anchor order)."""
+    queries = Dataset(dataset).read_queries()
+    index = {q: i for i, q in enumerate(queries.column(S.QUERY_ID).to_pylist())}
+    missing = [q for q in anchor_ids if q not in index]
+    if missing:
+        raise RouterDirError(f"{len(missing)} of the router's anchors are not queries of {dataset} (e.g. {missing[:3]}); "
+                             "give the dataset the router was trained on")
+    rows = queries.take(pa.array([index[q] for q in anchor_ids], pa.int64()))
+    rows = rows.append_column(S.POSITION, pa.array(range(len(anchor_ids)), pa.int32()))
+    return conform(rows, S.ROUTER_ANCHORS_SCHEMA, what="anchors")
+
+
+def write_anchor_queries(path: str | Path, table: pa.Table) -> Path:
+    """Write ``anchors.parquet`` into a router directory (atomic), checked against its anchor ids."""
+    path = Path(path)
+    table = conform(table, S.ROUTER_ANCHORS_SCHEMA, what="anchors")
+    _check_anchor_queries(table, read_meta(path).anchor_query_ids, where=path / ANCHORS_FILE)
+    tmp = path / f".tmp-{uuid.uuid4().hex[:8]}-{ANCHORS_FILE}"
+    pq.write_table(table, tmp)
+    os.replace(tmp, path / ANCHORS_FILE)
+    return path / ANCHORS_FILE
+
+
+def _check_anchor_queries(table: pa.Table, anchor_ids: list[str], *, where: Path) -> None:
+    got = table.column(S.QUERY_ID).to_pylist()
+    if got != list(anchor_ids) or table.column(S.POSITION).to_pylist() != list(range(len(anchor_ids))):
+        first = next((i for i, (a, b) in enumerate(zip(got, anchor_ids)) if a != b), min(len(got), len(anchor_ids)))
+        raise RouterDirError(f"{where}: {len(got)} anchor queries that differ from {META_FILE}'s {len(anchor_ids)} anchor ids "
+                             f"(first difference at position {first}); write it again with `icl-router router-anchors`")
+
+
+def read_anchor_queries(path: str | Path) -> pa.Table | None:
+    """The router directory's anchor queries (``anchors.parquet``) in anchor order, or None if it has none."""
+    path = Path(path)
+    if not (path / ANCHORS_FILE).is_file():
+        return None
+    try:
+        table = conform(pq.read_table(path / ANCHORS_FILE), S.ROUTER_ANCHORS_SCHEMA, what=str(path / ANCHORS_FILE)).sort_by(S.POSITION)
+    except DatasetError as e:
+        raise RouterDirError(str(e)) from None
+    _check_anchor_queries(table, read_meta(path).anchor_query_ids, where=path / ANCHORS_FILE)
+    return table
 
 
 def save_router_dir(router: ICLRouter, path: str | Path, *, meta: RouterMeta, pool: dict[str, np.ndarray]) -> Path:
@@ -220,4 +270,5 @@ def load_router_dir(path: str | Path, *, dtype: torch.dtype = torch.float32, dev
     except RuntimeError as e:
         raise RouterDirError(f"{path / PROJECTOR_FILE} does not fit this router LM: {str(e).splitlines()[0]}") from None
     pool = read_profiles(path / PROFILES_FILE, meta.anchor_query_ids)
+    read_anchor_queries(path)  # cross-checked when present
     return LoadedRouter(router.to(device=device, dtype=dtype).eval(), meta, pool)

@@ -219,6 +219,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     from ray.train.torch import TorchTrainer
 
     from icl_router.model.prompt import PromptLayout
+    from icl_router.model.router_dir import anchor_queries, write_anchor_queries
     from icl_router.raycluster import ensure_ray
 
     t0 = time.time()
@@ -265,6 +266,9 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         try:
             if cfg.stage == 2 and len(val):
                 kept = keep_and_fit_decision(cfg, staging, rs=rs, val=val, data=data, init_dir=init_dir)
+            # the anchor queries with gold and grader: a service profiles new models on them (after the
+            # decision step, which may rewrite the directory whole)
+            write_anchor_queries(staging, anchor_queries(cfg.dataset, meta["anchor_query_ids"]))
             swap_into_place(staging, output)  # output always holds a whole router, the old or the new
         finally:
             if staging.exists():
