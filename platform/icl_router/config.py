@@ -700,6 +700,20 @@ class AuthConfig(Config):
     admin_keys_env: str | None = None
 
 
+class OnboardingConfig(Config):
+    """``POST /admin/models`` with ``serving`` and no profile (serving/onboarding.py): the registry deploys
+    the model, runs the router's anchors through its replica, grades the answers and registers the profile."""
+
+    # a dataset directory: queries.parquet (the router's anchors), outcomes/ (append-only, by model_id) and
+    # registrations/ (the registry's record of what it deploys); null: <router>/onboarding
+    dir: str | None = None
+    sampling: SamplingConfig = SamplingConfig()  # as `icl-router profile`: greedy, so a profile is reproducible
+    concurrency: int = Field(default=8, ge=1)  # anchor requests in flight to the model's replica (vLLM batches them)
+    shard_size: int = Field(default=16, ge=1)  # graded outcomes per appended file: a restart loses at most the unwritten ones
+    request_timeout_s: float = Field(default=300.0, gt=0)  # one anchor's answer; slower is an error ...
+    retries: int = Field(default=2, ge=0)  # ... retried this many times, then the onboarding fails with the reason
+
+
 class ServeConfig(Config):
     """``icl-router serve``: the OpenAI-compatible routing service on Ray Serve."""
 
@@ -719,6 +733,7 @@ class ServeConfig(Config):
     max_prompt_chars: int = 32000  # longer prompts get 400 context_length_exceeded
     max_body_bytes: int = 1_048_576  # larger request bodies get 413 request_too_large
     persist_profiles: bool = False  # onboarded profiles written back to <router>/profiles.parquet
+    onboarding: OnboardingConfig = OnboardingConfig()
     ingress_replicas: int = 1
     ingress_max_ongoing_requests: int = 256
     ray: RayConfig = RayConfig(num_cpus=8)  # ray.serve.llm: a model replica takes {CPU: 2}

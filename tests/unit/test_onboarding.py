@@ -1,0 +1,126 @@
+"""One-call onboarding without a cluster: the onboarding directory (its dataset and the registry's
+records) and the anchor run (concurrency, retries, grading, shards, resuming). The deployment and
+the model replica themselves are real only in tests/vllm/test_onboard.py."""
+
+import asyncio
+
+import pytest
+
+from icl_router import schemas as S
+from icl_router.graders import grade
+from icl_router.serving.onboarding import (
+    Answer,
+    OnboardingError,
+    OnboardingStore,
+    RefusedByModel,
+    messages,
+    run_anchors,
+    ungradable,
+)
+from icl_router.testing import tiny_anchors
+
+K = 8
+
+
+def test_ungradable_names_the_anchors_and_the_fix():
+    assert ungradable(tiny_anchors(K)) is None
+    assert "router-anchors" in ungradable(None)
+    no_gold = tiny_anchors(K, golds=[None, *["1"] * (K - 1)])
+    assert "1 of the router's 8 anchors cannot be graded" in ungradable(no_gold) and "anchor-0" in ungradable(no_gold)
+    assert "8 of the router's 8" in ungradable(tiny_anchors(K, grader="astrology"))
+
+
+def test_the_onboarding_dataset_holds_the_anchors_and_refuses_another_routers(tmp_path):
+    store = OnboardingStore(tmp_path / "onb", tiny_anchors(K))
+    store.prepare()
+    q = store.ds.read_queries()
+    assert q.column(S.QUERY_ID).to_pylist() == store.ids and set(q.column(S.SPLIT).to_pylist()) == {"anchor"}
+    store.prepare()  # again: nothing to add
+    other = OnboardingStore(tmp_path / "onb", tiny_anchors(K, golds=["0"] * K))
+    with pytest.raises(OnboardingError, match="another router"):
+        other.prepare()
+
+
+def _ask_echoing(right: set[str], calls: list[str], fail_first: set[str] = frozenset()):
+    """A model that answers the gold (``"1"``, ``"3"``...) on the anchors of ``right`` and "no" elsewhere;
+    it raises on its first call for the anchors of ``fail_first``."""
+    failed: set[str] = set()
+
+    async def ask(msgs):
+        text = msgs[0]["content"]
+        i = int(text.split("What is ")[1].split(" ")[0])
+        calls.append(f"anchor-{i}")
+        if f"anchor-{i}" in fail_first and f"anchor-{i}" not in failed:
+            failed.add(f"anchor-{i}")
+            raise ConnectionError("replica restarting")
+        await asyncio.sleep(0)
+        return Answer(str(2 * i + 1) if f"anchor-{i}" in right else "no", 40, 2, 0.01)
+
+    return ask
+
+
+def _run(store, todo, ask, **kw):
+    written = []
+    args = dict(model_id="m", cost=0.5, store=store, concurrency=3, shard_size=3, timeout_s=30, retries=1, on_written=written.append)
+    asyncio.run(run_anchors(todo, ask=ask, **{**args, **kw}))
+    return written
+
+
+def test_run_anchors_grades_every_anchor_once_in_shards_and_retries(tmp_path):
+    anchors = tiny_anchors(K)
+    store = OnboardingStore(tmp_path / "onb", anchors)
+    right, calls = {"anchor-1", "anchor-4", "anchor-6"}, []
+    written = _run(store, anchors.to_pylist(), _ask_echoing(right, calls, fail_first={"anchor-2"}))
+    assert sorted(written) == [2, 3, 3] and len(list((store.ds.outcomes_dir / "model_id=m").glob("part-*.parquet"))) == 3
+    assert sorted(calls) == sorted([*store.ids, "anchor-2"])  # anchor-2 failed once and was asked again
+    assert store.profile("m").tolist() == [q in right for q in store.ids]
+    rows = store.ds.read_outcomes(["m"]).to_pylist()
+    assert len(rows) == K and all(r[S.COST] == pytest.approx(0.5) and r[S.PROMPT_TOKENS] == 40 for r in rows)
+    gold = dict(zip(store.ids, anchors.column(S.GOLD).to_pylist()))
+    # graded by the project's grader, the verdict a float: compared as a value
+    assert all(r[S.SCORE] == pytest.approx(grade("exact_match", r[S.RESPONSE], gold[r[S.QUERY_ID]]), abs=1e-12) for r in rows)
+
+
+def test_a_run_resumed_from_written_outcomes_ends_with_the_uninterrupted_profile(tmp_path):
+    anchors = tiny_anchors(K)
+    right = {"anchor-0", "anchor-3", "anchor-7"}
+    whole = OnboardingStore(tmp_path / "whole", anchors)
+    _run(whole, anchors.to_pylist(), _ask_echoing(right, []))
+    resumed = OnboardingStore(tmp_path / "resumed", anchors)
+    _run(resumed, anchors.to_pylist()[:3], _ask_echoing(right, []))  # a first run stopped after 3 anchors
+    assert resumed.profile("m") is None and len(resumed.outcomes("m")) == 3
+    calls = []
+    todo = [r for r in anchors.to_pylist() if r[S.QUERY_ID] not in resumed.outcomes("m")]
+    _run(resumed, todo, _ask_echoing(right, calls))
+    assert sorted(calls) == store_ids_after(3) and resumed.profile("m").tolist() == whole.profile("m").tolist()
+    assert len(resumed.ds.read_outcomes(["m"])) == K  # each anchor once
+
+
+def store_ids_after(n: int) -> list[str]:
+    return sorted(f"anchor-{i}" for i in range(n, K))
+
+
+def test_a_failing_anchor_stops_the_run_and_keeps_what_was_graded(tmp_path):
+    anchors = tiny_anchors(K)
+    store = OnboardingStore(tmp_path / "onb", anchors)
+    calls = []
+    ask = _ask_echoing(set(), calls, fail_first=set(store.ids))
+    with pytest.raises(OnboardingError, match="no answer after 1 tries"):
+        _run(store, anchors.to_pylist(), ask, retries=0, concurrency=1)
+    assert len(store.ds.read_outcomes(["m"])) < K
+
+    async def refuses(msgs):
+        calls.append("refused")
+        raise RefusedByModel("m refused an anchor with 400: prompt over the context")
+
+    calls.clear()
+    with pytest.raises(RefusedByModel):
+        _run(OnboardingStore(tmp_path / "onb2", anchors), anchors.to_pylist()[:1], refuses, retries=3)
+    assert calls == ["refused"]  # a 4xx is not retried
+
+
+def test_prompts_are_the_profile_jobs():
+    from icl_router.data.profile import build_prompt
+
+    row = tiny_anchors(K).to_pylist()[2]
+    assert messages(row) == [{"role": "user", "content": build_prompt("exact_match", "What is 2 plus 3?")}]
