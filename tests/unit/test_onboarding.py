@@ -1,13 +1,25 @@
 """One-call onboarding without a cluster: the onboarding directory (its dataset and the registry's
-records) and the anchor run (concurrency, retries, grading, shards, resuming). The deployment and
-the model replica themselves are real only in tests/vllm/test_onboard.py."""
+records), the anchor run (concurrency, retries, grading, shards, resuming), and what the registry
+refuses before anything is deployed. The deployment and the model replica themselves are real only
+in tests/vllm/test_onboard.py."""
 
 import asyncio
+import json
+from dataclasses import asdict
 
+import numpy as np
+import pyarrow as pa
 import pytest
 
 from icl_router import schemas as S
 from icl_router.graders import grade
+from icl_router.model.router_dir import (
+    META_FILE,
+    PROFILES_FILE,
+    RouterMeta,
+    write_anchor_queries,
+    write_profiles,
+)
 from icl_router.serving.onboarding import (
     Answer,
     OnboardingError,
@@ -20,6 +32,17 @@ from icl_router.serving.onboarding import (
 from icl_router.testing import tiny_anchors
 
 K = 8
+
+
+def _router_dir(path, anchors: pa.Table | None = None):
+    ids = [f"anchor-{i}" for i in range(K)]
+    meta = RouterMeta("all-MiniLM-L6-v2", 384, "vector", "pairs", 3, 4, 5, ids)
+    path.mkdir(exist_ok=True)
+    (path / META_FILE).write_text(json.dumps(asdict(meta)))
+    write_profiles(path / PROFILES_FILE, {"m-old": np.zeros(K, bool)}, ids)
+    if anchors is not None:
+        write_anchor_queries(path, anchors)
+    return path
 
 
 def test_ungradable_names_the_anchors_and_the_fix():
@@ -124,3 +147,60 @@ def test_prompts_are_the_profile_jobs():
 
     row = tiny_anchors(K).to_pylist()[2]
     assert messages(row) == [{"role": "user", "content": build_prompt("exact_match", "What is 2 plus 3?")}]
+
+
+# ---- the registry: what it refuses, and what it takes back after a restart ---------------------
+
+
+def _registry(tmp_path, anchors: pa.Table | None):
+    from icl_router.serving.registry import Registry
+
+    r = _router_dir(tmp_path / "router", anchors)
+    return Registry.func_or_class(str(r), costs={"m-old": 1.0}, persist=True, onboarding={"dir": str(tmp_path / "onb")})
+
+
+def _model_dir(tmp_path):
+    d = tmp_path / "models" / "m-new"
+    d.mkdir(parents=True)
+    return str(d)
+
+
+@pytest.mark.parametrize(
+    "anchors, body, code, param, text",
+    [
+        (tiny_anchors(K), {}, "invalid_value", "serving", "neither a profile nor a serving path"),
+        (None, {"serving": "model"}, "cannot_grade", "profile", "no anchors.parquet"),
+        (tiny_anchors(K, golds=[None] * K), {"serving": "model"}, "cannot_grade", "profile", "cannot be graded"),
+        (tiny_anchors(K, grader="astrology"), {"serving": "model"}, "cannot_grade", "profile", "graders are"),
+        (tiny_anchors(K), {"serving": "model", "profile": [True] * (K + 1)}, "invalid_value", "profile", "K=8"),
+    ],
+)
+def test_refused_onboardings_change_nothing(tmp_path, anchors, body, code, param, text):
+    from icl_router.serving.registry import Refusal
+
+    reg = _registry(tmp_path, anchors)
+    before = reg.snapshot()
+    serving = {"path": _model_dir(tmp_path)} if body.get("serving") else None
+    out = asyncio.run(reg.register("m-new", body.get("profile"), dataset=None, cost=0.1, serving=serving, replace=False))
+    assert isinstance(out, Refusal) and (out.status, out.code, out.param) == (400, code, param), out
+    assert text in out.message, out.message
+    assert reg.snapshot() == before
+    assert not (tmp_path / "onb" / "registrations").exists() and not (tmp_path / "onb" / "outcomes").exists()
+
+
+def test_a_restarted_registry_takes_back_its_records(tmp_path):
+    """Failed stays failed with its reason; an onboarding in flight is not routable until it is ready,
+    even with a profile from before in profiles.parquet; a record of a config pool model is ignored."""
+    anchors = tiny_anchors(K)
+    store = OnboardingStore(tmp_path / "onb", anchors)
+    serving = {"path": _model_dir(tmp_path), "engine_kwargs": {"max_model_len": 512}}
+    for i, (model, extra) in enumerate((("m-failed", {"error": "deploying: no such model"}), ("m-half", {}), ("m-old", {}))):
+        store.write_record({"model": model, "serving": serving, "cost": 0.25, "app": f"pool-{model}", "profile": None, "created": i, **extra})
+    reg = _registry(tmp_path, anchors)
+    write_profiles(reg.router_dir / PROFILES_FILE, {"m-old": np.zeros(K, bool), "m-half": np.ones(K, bool)}, store.ids)
+    reg = _registry(tmp_path, anchors)  # built again: it reads the profiles written above
+    snap = reg.snapshot()
+    assert snap.models["m-failed"].state == "failed" and snap.models["m-failed"].error == "deploying: no such model"
+    assert snap.models["m-half"].state == "deploying" and snap.models["m-half"].cost == pytest.approx(0.25)
+    assert snap.routable == ["m-old"] and snap.models["m-old"].app is None
+    assert [m for m, *_ in reg._resuming] == ["m-half"]

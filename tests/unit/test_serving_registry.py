@@ -69,8 +69,8 @@ def test_a_profile_read_from_a_datasets_anchor_outcomes(registry):
     [
         ("m-best", {"profile": [True] * (K - 1)}, 400, "invalid_value", "profile", "K=8"),
         ("m-best", {"profile": {"q000": True}}, 400, "invalid_value", "profile", "7 anchors missing"),
-        ("m-best", {"profile": [True] * K, "dataset": "/x"}, 400, "invalid_value", "profile", "exactly one"),
-        ("m-best", {}, 400, "invalid_value", "profile", "exactly one"),
+        ("m-best", {"profile": [True] * K, "dataset": "/x"}, 400, "invalid_value", "profile", "not both"),
+        ("m-best", {}, 400, "invalid_value", "serving", "neither a profile nor a serving path"),
         ("m-best", {"dataset": "/nonexistent/dataset"}, 400, "invalid_value", "dataset", "dataset"),
         ("m-mid", {"profile": [True] * K}, 404, "model_not_found", "model", "not deployed"),
         ("m-weak", {"profile": [True] * K}, 409, "model_exists", "model", "replace: true"),

@@ -31,19 +31,22 @@ def compose(cfg: ServeConfig) -> Any:
     (``router.placement: ingress``: the router inside the ingress replicas, no Router deployment)."""
     from ray.serve.llm import build_llm_deployment
 
-    from icl_router.model.router_dir import read_meta
+    from icl_router.model.router_dir import read_anchor_queries, read_meta
     from icl_router.serving.deployments import Router, llm_config
     from icl_router.serving.ingress import Ingress
     from icl_router.serving.registry import Registry
 
     router_dir = str(Path(cfg.router.path).resolve())  # replicas run elsewhere: no relative paths
     read_meta(router_dir)  # fail here, not in a replica that Serve retries forever
+    read_anchor_queries(router_dir)  # likewise: anchors.parquet, when present, must match the anchor ids
+    onboarding = cfg.onboarding.model_copy(update={"dir": str(Path(cfg.onboarding.dir).resolve())} if cfg.onboarding.dir else {})
     embedder = cfg.router.embedder
     if embedder and Path(embedder).exists():
         embedder = str(Path(embedder).resolve())
     pool = [m.model_copy(update={"path": str(Path(m.path).resolve())}) if Path(m.path).exists() else m for m in cfg.pool]
     pools = {m.name: build_llm_deployment(llm_config(m)) for m in pool}
-    registry = Registry.bind(router_dir, costs={m.name: m.cost for m in pool}, persist=cfg.persist_profiles, deploy_timeout_s=cfg.deploy_timeout_s)
+    registry = Registry.bind(router_dir, costs={m.name: m.cost for m in pool}, persist=cfg.persist_profiles, deploy_timeout_s=cfg.deploy_timeout_s,
+                             onboarding=onboarding.model_dump(mode="json"))
     r = cfg.router
     threads = r.threads or max(1, int(r.num_cpus))
     if r.placement == "ingress":  # the router lives in each ingress replica, which scales as the router would

@@ -391,8 +391,9 @@ class Ingress:
 
     def _row(self, snap: PoolSnapshot, name: str) -> dict:
         e = snap.models[name]
+        progress = None if e.graded is None else {"graded": e.graded, "k": snap.k, "resumed": e.resumed}
         return {"id": name, "state": e.state, "cost": e.cost, "app": e.app, "deployment": e.deployment, "accuracy": e.accuracy,
-                "routable": name in snap.profiles, "circuit": self.circuits.state(name), "error": e.error}
+                "routable": name in snap.profiles, "circuit": self.circuits.state(name), "error": e.error, "progress": progress}
 
     @app.get("/admin/models", response_model=None, responses=responses(401, 503, ok=AdminModelList))
     async def list_models(self, request: Request) -> dict:

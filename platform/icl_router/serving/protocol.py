@@ -151,11 +151,17 @@ class CompletionBody(_Generation):
 
 
 class RegisterBody(_Strict):
+    """A model's profile (given, or a dataset's anchor outcomes); or ``serving`` alone: the service deploys
+    the model, profiles it on the router's anchors and registers it (``GET /admin/models/{model}`` follows it)."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"model": "m-new", "serving": {"path": "/models/m-new", "engine_kwargs": {"max_model_len": 2048}}, "cost": 0.001},
+    ]})
     model: str = Field(pattern=MODEL_NAME)
     profile: list[StrictBool] | dict[str, StrictBool] | None = None  # outcomes on the K anchors (list: in anchor order)
     dataset: str | None = Field(default=None, min_length=1)  # or: a dataset directory holding the model's anchor outcomes
     cost: float | None = Field(default=None, ge=0)
-    serving: dict[str, Any] | None = None  # a pool-model config (path, engine_kwargs, ...): deploy the model too
+    serving: dict[str, Any] | None = None  # a pool-model config (path, engine_kwargs, ...): deploy the model (and profile it)
     replace: StrictBool = False
 
 
@@ -185,9 +191,18 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class Progress(BaseModel):
+    graded: int  # anchors whose graded outcome is written
+    k: int  # of the router's K anchors
+    resumed: int  # of the graded, those found written when this profiling run started (a restarted registry)
+
+
+ModelState = Literal["deploying", "profiling", "ready", "failed"]
+
+
 class AdminModel(BaseModel):
     id: str
-    state: Literal["ready", "deploying", "failed"]
+    state: ModelState
     cost: float
     app: str | None  # the Serve app the registry deployed it in; None: the serve config's pool
     deployment: str
@@ -195,6 +210,7 @@ class AdminModel(BaseModel):
     routable: bool
     circuit: Literal["closed", "open"]  # as this ingress replica sees it
     error: str | None = None
+    progress: Progress | None = None  # profiling on the anchors (models the service profiled); None: not profiled here
 
 
 class AdminModelList(BaseModel):
@@ -208,9 +224,9 @@ class AdminModelList(BaseModel):
 
 class Registered(BaseModel):
     model: str
-    state: Literal["ready", "deploying", "failed"]
+    state: ModelState
     version: int
-    accuracy: float
+    accuracy: float | None  # the given profile's; None: profiled on the anchors once deployed
 
 
 class Deleted(BaseModel):
