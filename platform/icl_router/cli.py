@@ -73,6 +73,24 @@ def _cmd_route(a: argparse.Namespace) -> Any:
     return [{"text": t, "model": d.model, "default": d.default, "order": d.order, "p": {m: round(v, 4) for m, v in d.p.items()}} for t, d in zip(a.text, decisions)]
 
 
+def _cmd_onboard(a: argparse.Namespace) -> Any:
+    from icl_router.config import ServeConfig, load_config
+    from icl_router.serving.admin import onboard, serving_block
+
+    cfg = load_config(ServeConfig, a.config, a.overrides)
+    serving = serving_block(cfg, like=a.like, serving=a.serving, path=a.path)
+    return onboard(cfg, model=a.model, serving=serving, cost=a.cost, url=a.url, timeout_s=a.timeout)
+
+
+def _cmd_router_anchors(a: argparse.Namespace) -> Any:
+    from icl_router.model.router_dir import anchor_queries, read_meta, write_anchor_queries
+    from icl_router.serving.onboarding import ungradable
+
+    table = anchor_queries(a.dataset, read_meta(a.router).anchor_query_ids)
+    path = write_anchor_queries(a.router, table)
+    return {"written": str(path), "anchors": len(table), "cannot_grade": ungradable(table)}
+
+
 def _cmd_bench(a: argparse.Namespace) -> Any:
     return a.bench_run(a)
 
@@ -123,6 +141,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="HTTP port, overriding the config's (0: any free port)")
     serve_job = _job("icl_router.serving.app", "run_serve", "ServeConfig")
     p.set_defaults(run=lambda a: serve_job(argparse.Namespace(**{**vars(a), "overrides": [*a.overrides, *([f"port={a.port}"] if a.port is not None else [])]})))
+
+    p = sub.add_parser("onboard", help="one call: a running service deploys a model, profiles it on the router's anchors and routes to it")
+    _config_args(p)
+    p.add_argument("--model", required=True, help="the new model's name")
+    p.add_argument("--path", help="the model: a local directory or a hub id (default: --like's)")
+    p.add_argument("--like", metavar="POOL_MODEL", help="serve it as this pool model of the config is served (engine_kwargs, autoscaling, ...)")
+    p.add_argument("--serving", metavar="YAML", help="pool-model fields over --like's, e.g. '{engine_kwargs: {max_model_len: 2048}}'")
+    p.add_argument("--cost", type=float, help="expected dollars per query")
+    p.add_argument("--url", help="the service (default: http://<host>:<port> of the config)")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds to follow the onboarding before giving up (it goes on in the service)")
+    p.set_defaults(run=_cmd_onboard)
+
+    p = sub.add_parser("router-anchors", help="write a router directory's anchors.parquet (anchor texts, gold, graders) from its dataset")
+    p.add_argument("--router", required=True, help="router directory")
+    p.add_argument("--dataset", required=True, help="the dataset the router was trained on (its queries.parquet holds the anchors)")
+    p.set_defaults(run=_cmd_router_anchors)
 
     p = sub.add_parser("register", help="add models to a trained router's pool from their anchor outcomes (no training)")
     p.add_argument("--router", required=True, help="router directory (icl_router.json, profiles.parquet, ...)")
