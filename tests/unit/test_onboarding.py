@@ -204,3 +204,70 @@ def test_a_restarted_registry_takes_back_its_records(tmp_path):
     assert snap.models["m-half"].state == "deploying" and snap.models["m-half"].cost == pytest.approx(0.25)
     assert snap.routable == ["m-old"] and snap.models["m-old"].app is None
     assert [m for m, *_ in reg._resuming] == ["m-half"]
+
+
+def test_a_registry_restarted_mid_profiling_resumes_and_ends_with_the_same_profile(tmp_path, monkeypatch):
+    """The registry's own path with the deployment and the replica stood in for: the first replica grades 3
+    anchors and stops (killed: never answers again); a new replica built from the same directories resumes
+    on its own, asks only the other anchors, and registers the profile an uninterrupted run gives. Until
+    then the model is not routable."""
+    from icl_router.model.router_dir import read_profiles
+    from icl_router.serving import registry as R
+
+    anchors, right = tiny_anchors(K), {"anchor-1", "anchor-2", "anchor-5"}
+    want = [f"anchor-{i}" in right for i in range(K)]
+    asked: list[list[str]] = [[], []]
+    killed = asyncio.Event()  # never set: the first replica's later calls hang, as a dead replica's would
+
+    async def deploy(self, model_id, entry, cfg, *, adopt):
+        assert adopt == (self is not first)  # the restarted replica adopts the app
+        assert model_id not in self.snapshot().routable
+
+    async def teardown(self, app):
+        raise AssertionError("nothing fails here: nothing is torn down")
+
+    async def ask(handle, msgs, *, model_id, sampling):
+        i = int(msgs[0]["content"].split("What is ")[1].split(" ")[0])
+        life = asked[handle]
+        if handle == 0 and len(life) == 3:
+            await killed.wait()
+        life.append(f"anchor-{i}")
+        return Answer(str(2 * i + 1) if f"anchor-{i}" in right else "no", 30, 2, 0.01)
+
+    lives = iter([0, 1])
+    monkeypatch.setattr(R.Registry.func_or_class, "_deploy", deploy)
+    monkeypatch.setattr(R.Registry.func_or_class, "_teardown", teardown)
+    monkeypatch.setattr(R, "ask_replica", ask)
+    monkeypatch.setattr(R.serve, "get_deployment_handle", lambda *a, **kw: next(lives))  # the handle says which life asks
+    onboarding = {"dir": str(tmp_path / "onb"), "concurrency": 1, "shard_size": 1}
+    router = _router_dir(tmp_path / "router", anchors)
+
+    async def until(cond, what):
+        for _ in range(2000):  # bounded by steps of the event loop, not by the clock
+            if cond():
+                return
+            await asyncio.sleep(0.005)
+        raise AssertionError(f"never: {what}")
+
+    async def scenario():
+        nonlocal first
+        first = R.Registry.func_or_class(str(router), costs={"m-old": 1.0}, persist=True, onboarding=onboarding)
+        out = await first.register("m-new", None, dataset=None, cost=0.1, serving={"path": _model_dir(tmp_path)}, replace=False)
+        assert out["state"] == "deploying" and out["accuracy"] is None
+        await until(lambda: first.models["m-new"].graded == 3 and len(asked[0]) == 3, "3 anchors graded")
+        snap = first.snapshot()
+        assert snap.models["m-new"].state == "profiling" and "m-new" not in snap.routable
+        first.models["m-new"].task.cancel()  # the replica dies; its Ray actor would take the task with it
+        second = R.Registry.func_or_class(str(router), costs={"m-old": 1.0}, persist=True, onboarding=onboarding)
+        assert second.snapshot().models["m-new"].state == "deploying" and "m-new" not in second.snapshot().routable
+        await until(lambda: second.models["m-new"].task is None, "the resumed onboarding ends")
+        return second.snapshot()
+
+    first = None
+    snap = asyncio.run(scenario())
+    e = snap.models["m-new"]
+    assert (e.state, e.graded, e.resumed, e.error) == ("ready", K, 3, None) and "m-new" in snap.routable
+    assert list(snap.profiles["m-new"]) == want and e.cost == pytest.approx(0.1)
+    assert len(asked[0]) == 3 and sorted(asked[1]) == sorted({f"anchor-{i}" for i in range(K)} - set(asked[0]))  # each asked once
+    assert read_profiles(router / PROFILES_FILE, [f"anchor-{i}" for i in range(K)])["m-new"].tolist() == want  # persisted
+    assert len(OnboardingStore(tmp_path / "onb", anchors).ds.read_outcomes(["m-new"])) == K  # each anchor once
