@@ -100,11 +100,13 @@ def _request(row: dict[str, Any], *, sampling: dict[str, Any]) -> dict[str, Any]
     }
 
 
-def _outcome(row: dict[str, Any], *, model_id: str, cost_in: float, cost_out: float) -> dict[str, Any]:
-    """Ray Data postprocess: grade one response into an outcome row."""
-    response = row["generated_text"]
+def graded_outcome(
+    row: dict[str, Any], response: str, *, model_id: str, cost: float | None, latency_s: float | None,
+    prompt_tokens: int | None, completion_tokens: int | None,
+) -> dict[str, Any]:
+    """One query's outcome row: ``response`` graded against the row's grader and gold (the profile job
+    and the service's onboarding both write these; code answers run in the sandbox)."""
     score = float(grade(row[S.GRADER], response, row[S.GOLD]))
-    n_in, n_out = int(row["num_input_tokens"]), int(row["num_generated_tokens"])
     return {
         S.QUERY_ID: row[S.QUERY_ID],
         S.MODEL_ID: model_id,
@@ -112,13 +114,20 @@ def _outcome(row: dict[str, Any], *, model_id: str, cost_in: float, cost_out: fl
         S.SCORE: score,
         S.CORRECT: score >= S.CORRECT_THRESHOLD,
         S.RESPONSE: response,
-        S.COST: n_in * cost_in + n_out * cost_out,
-        # Per row: the engine's time from submitting this request to its last token (other
-        # requests of the batch run alongside, so the sum over rows exceeds the wall time).
-        S.LATENCY_S: float(row["time_taken_llm"]),
-        S.PROMPT_TOKENS: n_in,
-        S.COMPLETION_TOKENS: n_out,
+        S.COST: cost,
+        S.LATENCY_S: latency_s,
+        S.PROMPT_TOKENS: prompt_tokens,
+        S.COMPLETION_TOKENS: completion_tokens,
     }
+
+
+def _outcome(row: dict[str, Any], *, model_id: str, cost_in: float, cost_out: float) -> dict[str, Any]:
+    """Ray Data postprocess: grade one response into an outcome row."""
+    n_in, n_out = int(row["num_input_tokens"]), int(row["num_generated_tokens"])
+    # latency per row: the engine's time from submitting this request to its last token (other
+    # requests of the batch run alongside, so the sum over rows exceeds the wall time)
+    return graded_outcome(row, row["generated_text"], model_id=model_id, cost=n_in * cost_in + n_out * cost_out,
+                          latency_s=float(row["time_taken_llm"]), prompt_tokens=n_in, completion_tokens=n_out)
 
 
 def engine_config(m: CandidateModelConfig, *, batch_size: int) -> Any:

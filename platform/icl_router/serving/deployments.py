@@ -80,17 +80,10 @@ class Router:
         self._score_now([("warm up the embedder and the router", time.perf_counter())])
 
     async def _sync(self, pool: tuple[str, int] | None) -> None:
-        """Load the registry's routable pool unless this replica already has ``pool`` (epoch, version)."""
-        async with self.lock:
-            if pool is not None and pool[0] == self.pool[0] and pool[1] <= self.pool[1]:
-                return
-            snap = await self.registry.snapshot.remote()
-            # adds (one prefix forward each), replaces and removes (deleted, or no longer ready)
-            await asyncio.to_thread(self.online.sync, {m: list(p) for m, p in snap.profiles.items()})
-            self.pool = (snap.epoch, snap.version)
+        await sync_pool(self, pool)
 
     async def health(self) -> dict:
-        return {"models": len(self.online.models), "epoch": self.pool[0], "version": self.pool[1]}
+        return pool_health(self)
 
     async def score(self, text: str, pool: tuple[str, int]) -> Scores:
         """The raw p of every routable model for one query (batched with concurrent calls)."""
@@ -118,6 +111,22 @@ class Router:
             Scores(dict(zip(models, row.tolist())), None if mass is None else float(mass[i]), {"queue": round((t0 - tq) * 1e3, 2), **stages}, guard)
             for i, (row, (_, tq)) in enumerate(zip(p, items))
         ]
+
+
+async def sync_pool(holder: Any, pool: tuple[str, int] | None) -> None:
+    """Load the registry's routable pool into ``holder.online`` (a Router replica or an InProcessRouter)
+    unless it already has ``pool`` (epoch, version): adds (one prefix forward each), replaces and
+    removes (deleted, or no longer ready)."""
+    async with holder.lock:
+        if pool is not None and pool[0] == holder.pool[0] and pool[1] <= holder.pool[1]:
+            return
+        snap = await holder.registry.snapshot.remote()
+        await asyncio.to_thread(holder.online.sync, {m: list(p) for m, p in snap.profiles.items()})
+        holder.pool = (snap.epoch, snap.version)
+
+
+def pool_health(holder: Any) -> dict:
+    return {"models": len(holder.online.models), "epoch": holder.pool[0], "version": holder.pool[1]}
 
 
 def _guard(online: Any) -> float | None:
@@ -164,15 +173,10 @@ class InProcessRouter:
         return self
 
     async def _sync(self, pool: tuple[str, int] | None) -> None:
-        async with self.lock:
-            if pool is not None and pool[0] == self.pool[0] and pool[1] <= self.pool[1]:
-                return
-            snap = await self.registry.snapshot.remote()
-            await asyncio.to_thread(self.online.sync, {m: list(p) for m, p in snap.profiles.items()})
-            self.pool = (snap.epoch, snap.version)
+        await sync_pool(self, pool)
 
     async def _health(self) -> dict:
-        return {"models": len(self.online.models), "epoch": self.pool[0], "version": self.pool[1]}
+        return pool_health(self)
 
     async def _score(self, text: str, pool: tuple[str, int]) -> Scores:
         if pool[0] != self.pool[0] or pool[1] > self.pool[1]:

@@ -169,22 +169,12 @@ class OnboardingStore:
 
 
 def outcome_row(row: dict[str, Any], answer: Answer, *, model_id: str, cost: float | None) -> dict[str, Any]:
-    """Grade one answer into an outcome row (the graders are pure; code answers run in the sandbox)."""
-    from icl_router.graders import grade
+    """Grade one answer into an outcome row, as the profile job grades (``cost``: the pool's expected
+    dollars per query; the service prices queries, not tokens)."""
+    from icl_router.data.profile import graded_outcome
 
-    score = float(grade(row[S.GRADER], answer.text, row[S.GOLD]))
-    return {
-        S.QUERY_ID: row[S.QUERY_ID],
-        S.MODEL_ID: model_id,
-        S.SAMPLE: 0,
-        S.SCORE: score,
-        S.CORRECT: score >= S.CORRECT_THRESHOLD,
-        S.RESPONSE: answer.text,
-        S.COST: cost,  # the pool's expected dollars per query (the service prices queries, not tokens)
-        S.LATENCY_S: answer.latency_s,
-        S.PROMPT_TOKENS: answer.prompt_tokens,
-        S.COMPLETION_TOKENS: answer.completion_tokens,
-    }
+    return graded_outcome(row, answer.text, model_id=model_id, cost=cost, latency_s=answer.latency_s,
+                          prompt_tokens=answer.prompt_tokens, completion_tokens=answer.completion_tokens)
 
 
 async def run_anchors(
