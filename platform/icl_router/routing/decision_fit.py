@@ -104,10 +104,19 @@ def refit_guard(router: object, params: DecisionParams, *, profiles: np.ndarray,
     head keeps ``params``. With an LM that is not silent only the evidence head's share of the
     logit is used: the LM reads each anchor's own outcome in its context.
     """
-    ev = getattr(router, "evidence", None)
     profiles = np.asarray(profiles, dtype=bool)
-    if ev is None or len(profiles) < 2:
+    if getattr(router, "evidence", None) is None or len(profiles) < 2:
         return params
+    p, sim = anchor_guard_p(router, profiles=profiles, folds=folds, seed=seed)
+    return guard_on_anchors(params, p=p, sim=sim, profiles=profiles)
+
+
+def anchor_guard_p(router: object, *, profiles: np.ndarray, folds: int = 10, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The evidence head's k-fold p [K, T] on the anchors for T ``profiles`` and the anchors' cosine
+    [K, K] with each anchor's own fold hidden. Each model's column depends on its profile only, so a
+    caller valuing many pools computes it once for every model (``PoolDecisions``)."""
+    ev = router.evidence
+    profiles = np.asarray(profiles, dtype=bool)
     anchor_emb = router.anchor_emb.detach().float()  # [K, E]
     k = len(anchor_emb)
     fold = np.random.default_rng(seed).permutation(k) % min(folds, k)
@@ -119,9 +128,45 @@ def refit_guard(router: object, params: DecisionParams, *, profiles: np.ndarray,
             p[rows] = torch.sigmoid(ev(anchor_emb[rows], router.anchor_emb[keep], prof[:, keep])).T.double().numpy()
     a = anchor_emb.numpy()
     sim = np.where(fold[:, None] == fold[None, :], np.nan, cosine(a, a))  # [K, K]: an anchor's own fold hidden
+    return p, sim
+
+
+def guard_on_anchors(params: DecisionParams, *, p: np.ndarray, sim: np.ndarray, profiles: np.ndarray) -> DecisionParams:
+    """``params`` with the margin picked on the anchors from ``anchor_guard_p``'s p [K, T] and sim [K, K]."""
+    profiles = np.asarray(profiles, dtype=bool)
     prior = profiles.mean(axis=1)
     q = calibrate(shrink(np.clip(p, EPS, 1 - EPS), evidence_mass(sim, params.tau), prior, params.prior_weight), params.calibration)
     labels = profiles.T.astype(np.float64)
     acc = {g: routed_accuracy(guarded_choice(q, int(np.argmax(prior)), g), labels) for g in MIN_GAINS}
     g = max(MIN_GAINS, key=lambda x: (round(acc[x], 9), x))  # the best, then the more cautious
     return replace(params, min_gain=g, fitted={**params.fitted, "guard": {"on": "anchors", "models": len(profiles), "accuracy": round(acc[g], 3)}})
+
+
+def fitted_here(params: DecisionParams, pool: Sequence[str]) -> bool:
+    """True when the service routes ``pool`` with ``params`` as stored: the pool it was fitted on
+    (``fitted["models"]``), fewer than two models, or a layer that records no pool (used as written)."""
+    fitted = params.fitted.get("models")
+    return fitted is None or len(pool) < 2 or sorted(fitted) == sorted(pool)
+
+
+class PoolDecisions:
+    """The decision layer the service routes each pool with (``routing.online.OnlineRouter.sync``):
+    the stored one for the pool it was fitted on, else its guard refitted on the anchors. For T
+    ``models`` with ``profiles`` bool [T, K]; called with a pool's columns, cached per pool."""
+
+    def __init__(self, router: object, params: DecisionParams, *, models: Sequence[str], profiles: np.ndarray) -> None:
+        self.params, self.models = params, list(models)
+        self.profiles = np.asarray(profiles, dtype=bool)
+        self.anchors = None if getattr(router, "evidence", None) is None else anchor_guard_p(router, profiles=self.profiles)
+        self._cache: dict[tuple[int, ...], DecisionParams] = {}
+
+    def __call__(self, cols: Sequence[int]) -> DecisionParams:
+        key = tuple(sorted(cols))
+        if key not in self._cache:
+            idx = list(key)
+            if self.anchors is None or fitted_here(self.params, [self.models[i] for i in idx]):
+                self._cache[key] = self.params
+            else:
+                p, sim = self.anchors
+                self._cache[key] = guard_on_anchors(self.params, p=p[:, idx], sim=sim, profiles=self.profiles[idx])
+        return self._cache[key]

@@ -97,11 +97,11 @@ class OnlineRouter:
                 self.profiles[m] = list(prof)
                 changed = True
         if changed and self.fitted_pool is not None:
-            from icl_router.routing.decision_fit import refit_guard
+            from icl_router.routing.decision_fit import fitted_here, refit_guard
 
             pool = list(self.profiles)
-            fitted_here = sorted(self.fitted_pool) == sorted(pool) or len(pool) < 2
-            self.decision = self.stored if fitted_here else refit_guard(self.evidence, self.stored, profiles=np.array([self.profiles[m] for m in pool], dtype=bool))
+            here = fitted_here(self.stored, pool)
+            self.decision = self.stored if here else refit_guard(self.evidence, self.stored, profiles=np.array([self.profiles[m] for m in pool], dtype=bool))
 
     # ---- queries ------------------------------------------------------------
 
