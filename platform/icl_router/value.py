@@ -347,7 +347,12 @@ def run_value(cfg: ValueConfig) -> dict[str, Any]:
     prof = np.stack([profiles[m] for m in models])  # [T, K]
     sim = cosine(emb, rt.anchor_emb.detach().float().numpy())
     params = DecisionParams.from_json(meta.decision) if meta.decision is not None else None
-    inputs = Inputs(models, p, prof, sim, params=params, policy=policy, costs=costs, p_on_anchors=anchor_subset_p(rt, p, sim, prof))
+    # each pool valued (pool, pool + candidate, pool - model, the greedy pools) is routed as the service
+    # would after registering or removing: the guard's margin refitted for it unless it is the fitted pool
+    from icl_router.routing.decision_fit import PoolDecisions
+
+    pools = None if params is None else PoolDecisions(rt, params, models=models, profiles=prof, fitted_pool=list(registered))
+    inputs = Inputs(models, p, prof, sim, params=params, policy=policy, costs=costs, p_on_anchors=anchor_subset_p(rt, p, sim, prof), decision_for=pools)
     valuer = Valuer(inputs, estimator=cfg.estimator, noise_scale=cfg.noise_scale, folds=cfg.folds, repeats=cfg.repeats, seed=cfg.evaluation.seed)
     pool_cols = list(range(len(pool)))
     cand_cols = list(range(len(pool), len(models)))
@@ -362,6 +367,7 @@ def run_value(cfg: ValueConfig) -> dict[str, Any]:
         "estimator": cfg.estimator,
         "policy": cfg.policy.model_dump(),
         "decision": None if params is None else params.to_json(),
+        "pool_min_gain": None if params is None else valuer.params_for(pool_cols).min_gain,
         "queries": len(ids),
         "evaluation_dataset": str(ds_eval.root),
         "embedder": meta.embedder,

@@ -24,6 +24,10 @@ W0 = np.array([0.0, 1.0, 0.0, 0.0])  # the evidence head at its initial weights:
 
 
 def planted(seed: int = 0):
+    return planted_with_anchors(seed)[:4]
+
+
+def planted_with_anchors(seed: int = 0):
     """Twelve clusters of queries; pool: two all-round models (~60%); candidates: a niche expert
     (right ~95% on the first four clusters, ~15% elsewhere), a weaker coin-flip model (~55%),
     and a duplicate of pool model 0. p is the anchor evidence at its initial weights."""
@@ -45,7 +49,7 @@ def planted(seed: int = 0):
     models = ["pool-a", "pool-b", "niche", "coin", "dup-a"]
     sim = cosine(queries, anchors)
     p = 1 / (1 + np.exp(-evidence_logit(sim, prof, W0, 0.0, TAUS)))  # [Q, T]
-    return models, p, prof, sim
+    return models, p, prof, sim, anchors
 
 
 def subset_p(sim, prof):
@@ -93,6 +97,32 @@ def test_removals_costs_and_greedy_pools():
     assert all(len(g["models"]) == g["size"] for g in greedy)
     assert all(set(a["models"]) < set(b["models"]) for a, b in zip(greedy, greedy[1:]))
     assert greedy[1]["accuracy"] > greedy[0]["accuracy"]
+
+
+def test_each_pool_is_routed_with_the_guard_the_service_refits_for_it():
+    """A margin that never leaves the default (as fitted on the two all-round models) would keep the
+    niche expert from any query; the service refits the margin for pool + expert on the anchors,
+    so the valuer routes each pool with that pool's refitted layer and the expert's gain shows."""
+    from types import SimpleNamespace
+
+    from icl_router.routing.decision_fit import PoolDecisions, refit_guard
+
+    models, p, prof, sim, anchors = planted_with_anchors()
+    router = SimpleNamespace(evidence=AnchorEvidence().eval(), anchor_emb=torch.as_tensor(anchors, dtype=torch.float32))
+    stale = DecisionParams(tau=0.1, prior_weight=1.0, min_gain=1.0, fitted={"models": ["pool-b", "pool-a"]})
+    pools = PoolDecisions(router, stale, models=models, profiles=prof)
+    assert pools([1, 0]) is stale  # the pool it was fitted on keeps the stored layer
+    grown = pools([0, 1, 2])
+    assert grown is pools([2, 1, 0])  # cached per pool
+    ref = refit_guard(router, stale, profiles=prof[[0, 1, 2]])
+    assert grown.min_gain == ref.min_gain < stale.min_gain and grown.fitted["guard"] == ref.fitted["guard"]
+
+    gains = {}
+    for name, decision_for in (("stored", None), ("refitted", pools)):
+        valuer = Valuer(Inputs(models, p, prof, sim, params=stale, decision_for=decision_for), estimator="eb")
+        gains[name] = {r["model"]: r for r in candidate_gains(valuer, [0, 1], [2, 3, 4])}
+    assert gains["stored"]["niche"]["traffic_share"] == 0.0 and abs(gains["stored"]["niche"]["gain"]) < 1e-9
+    assert gains["refitted"]["niche"]["gain"] > 5.0 and gains["refitted"]["niche"]["traffic_share"] > 0.2
 
 
 def test_evidence_logit_matches_the_evidence_head():

@@ -5,6 +5,10 @@ never on the rest of the pool, so p is computed once for every model (pool and
 candidates) on the evaluation queries and any pool is a set of its columns. The model
 the service would pick for a query is found exactly as the service finds it
 (``routing.policy.route_batch``: the router directory's decision layer, then the policy).
+When the pool is not the one the layer was fitted on, the service routes with the guard's
+margin refitted for that pool on the anchors (``decision_fit.refit_guard``); with
+``Inputs.decision_for`` every pool (base, base + candidate, base - model) is chosen with the
+layer the service would use for it.
 A pool's routed accuracy is estimated as the mean, over the queries, of a *score* of the
 picked model; a candidate's gain is that estimate for pool + candidate minus the pool's.
 
@@ -96,6 +100,9 @@ class Inputs:
     costs: np.ndarray | None = None  # [T] dollars per query (None: unknown)
     # crossfit: the router's p with the profile restricted to anchors ``keep`` bool [K] -> [Q, T]
     p_on_anchors: Callable[[np.ndarray], np.ndarray] | None = None
+    # the decision layer the service routes a pool (its model columns) with: ``params`` with the
+    # guard refitted for that pool (``decision_fit.PoolDecisions``); None: ``params`` for every pool
+    decision_for: Callable[[Sequence[int]], DecisionParams] | None = None
 
     def __post_init__(self) -> None:
         self.p = np.asarray(self.p, dtype=np.float64)
@@ -213,10 +220,16 @@ class Valuer:
                 costs=costs,
                 prior=v.prior[idx],
                 mass=v.mass,
-                params=self.x.params,
+                params=self.params_for(cols),
             )
             self._choices[key] = np.asarray(idx)[pick]
         return self._choices[key]
+
+    def params_for(self, cols: Sequence[int]) -> DecisionParams | None:
+        """The decision layer pool ``cols`` is routed with (the shrinkage and calibration are the same for every pool)."""
+        if self.x.params is None or self.x.decision_for is None:
+            return self.x.params
+        return self.x.decision_for(cols)
 
     # -- what callers use ---------------------------------------------------------
 
