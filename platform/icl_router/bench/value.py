@@ -11,7 +11,9 @@ from that directory's ``Scorer`` once; every pool is a subset of its columns.
 Then ``--draws`` seeded random base pools per size; the candidates are the other models. A
 candidate's true gain is the routed accuracy on the test rows with the real outcomes,
 under the same decision rule, of base + candidate minus base's; its estimated gain comes
-from the profiles alone. Per dataset, base size and decision rule (``fitted``: the router
+from the profiles alone. Under ``fitted`` each pool is routed as the service routes it
+(``routing.online.OnlineRouter.sync``): the layer was fitted on every model, so any smaller
+pool gets the guard's margin refitted for it on the anchors (``decision_fit.PoolDecisions``). Per dataset, base size and decision rule (``fitted``: the router
 directory's decision layer, what the service runs; ``none``: the policy on p as is) one
 JSON line: mean Spearman rank correlation and top-3 hit of the chosen estimator and of
 the naive one, every variant's figures, and ``truth_ceiling``: about the best Spearman
@@ -148,6 +150,7 @@ def truth_reliability(rows_gain: np.ndarray, *, splits: int = 10) -> float:
 
 def run_dataset(args: argparse.Namespace, name: str, tmp: Path, plot_points: dict) -> list[dict]:
     from icl_router.routing.decision import DecisionParams, cosine
+    from icl_router.routing.decision_fit import PoolDecisions
     from icl_router.routing.marginal import Inputs, Valuer
     from icl_router.value import anchor_subset_p
 
@@ -172,7 +175,10 @@ def run_dataset(args: argparse.Namespace, name: str, tmp: Path, plot_points: dic
     out = []
     for decision in [d.strip() for d in args.decisions.split(",")]:
         params = DecisionParams.from_json(scorer.meta.decision) if decision == "fitted" else None
-        inputs = Inputs(rs.models, p, prof, sim, params=params, p_on_anchors=subset)
+        # every pool (base, base + candidate) routed as the service routes it once registered: the
+        # guard's margin refitted on the anchors for that pool, for the truth and the estimates alike
+        pools = None if params is None else PoolDecisions(scorer.router, params, models=rs.models, profiles=prof)
+        inputs = Inputs(rs.models, p, prof, sim, params=params, p_on_anchors=subset, decision_for=pools)
         valuers = {e: Valuer(inputs, estimator=e, noise_scale=args.noise_scale, seed=args.seed) for e in estimators}
         truth = valuers["naive"]  # every valuer picks the same way; only the scoring differs
         rows = np.arange(len(te))
