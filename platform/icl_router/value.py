@@ -347,11 +347,11 @@ def run_value(cfg: ValueConfig) -> dict[str, Any]:
     prof = np.stack([profiles[m] for m in models])  # [T, K]
     sim = cosine(emb, rt.anchor_emb.detach().float().numpy())
     params = DecisionParams.from_json(meta.decision) if meta.decision is not None else None
-    # each pool valued (pool, pool + candidate, pool - model, the greedy pools) is routed as the service
-    # would after registering or removing: the guard's margin refitted for it unless it is the fitted pool
     from icl_router.routing.decision_fit import PoolDecisions
 
-    pools = None if params is None else PoolDecisions(rt, params, models=models, profiles=prof, fitted_pool=list(registered))
+    # each pool valued (pool, pool + candidate, pool - model, the greedy pools) is routed as the service
+    # would after registering or removing: the guard's margin refitted for it unless it is the fitted pool
+    pools = None if params is None else PoolDecisions(rt, params, models=models, profiles=prof)
     inputs = Inputs(models, p, prof, sim, params=params, policy=policy, costs=costs, p_on_anchors=anchor_subset_p(rt, p, sim, prof), decision_for=pools)
     valuer = Valuer(inputs, estimator=cfg.estimator, noise_scale=cfg.noise_scale, folds=cfg.folds, repeats=cfg.repeats, seed=cfg.evaluation.seed)
     pool_cols = list(range(len(pool)))
