@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -145,3 +150,135 @@ def tiny_serve_config(root: str | Path, *, k: int = 8, decision: dict | None = N
     ]
     router = fields.pop("router", None) or ScorerServeConfig(path=str(make_tiny_router_dir(root / "router", k=k, decision=decision, both=both)), num_cpus=1)
     return ServeConfig(router=router, pool=pool, **fields)
+
+
+@contextmanager
+def served_root(prefix: str, *, cache: bool = False, **ray_init: object) -> Iterator[Path]:
+    """A temp root for a served app with a fresh local Ray under it (``ray_init``: ``ray.init``'s
+    arguments) and TMPDIR inside it (vLLM's vllm_dist_* files; Ray's workers inherit it); ``cache``:
+    ICL_ROUTER_CACHE there too (an embedder variant built once, the replicas reading it). The root
+    is short (/tmp/<prefix>...): Ray's socket paths have a 107-byte limit. On exit Serve and Ray
+    shut down, the environment is restored and the root removed."""
+    import ray
+    from ray import serve
+
+    root = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    (root / "tmp").mkdir()
+    env = {"TMPDIR": str(root / "tmp"), **({"ICL_ROUTER_CACHE": str(root / "cache")} if cache else {})}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    if ray.is_initialized():
+        ray.shutdown()
+    try:
+        ray.init(_temp_dir=str(root / "ray"), include_dashboard=False, **ray_init)
+        yield root
+    finally:
+        if ray.is_initialized():
+            serve.shutdown()
+            ray.shutdown()
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        shutil.rmtree(root, ignore_errors=True)
+
+
+# ---- autoscaling under load, read from Serve's own state (the serving tests) ------------------------
+
+LIVE_REPLICA = ("STARTING", "UPDATING", "RECOVERING", "RUNNING", "PENDING_MIGRATION")  # every state but STOPPING/STOPPED
+ONE_REPLICA = ("HEALTHY", {"RUNNING": 1})  # a deployment settled at one replica
+
+
+def deployment_status(deployment: str, *, app: str = "icl-router") -> tuple[str, str, dict[str, int]]:
+    """(status, status_trigger, replicas by state) of one deployment, from Serve's public status."""
+    from ray import serve
+
+    dep = serve.status().applications[app].deployments[deployment]
+    name = lambda v: str(getattr(v, "value", v))  # noqa: E731 - Serve's enums are str enums
+    return name(dep.status), name(dep.status_trigger), {name(k): n for k, n in dep.replica_states.items() if n}
+
+
+def wait_for_one_replica(deployment: str, *, bound_s: float) -> tuple[tuple[str, dict[str, int]], float]:
+    """((status, replicas by state), seconds waited): polls until ``deployment`` is settled at one
+    replica, or ``bound_s`` pass."""
+    import time
+
+    t0 = time.monotonic()
+    while (got := deployment_status(deployment)[::2]) != ONE_REPLICA and time.monotonic() - t0 < bound_s:
+        time.sleep(1.0)
+    return got, time.monotonic() - t0
+
+
+@dataclass
+class LoadRun:
+    """What ``load_until_scaled`` saw: requests done, errors, (status, trigger) pairs, and when (s) the
+    scale-up was decided and a second replica ran (None: never)."""
+
+    done: int
+    errors: list[str]
+    seen: set[tuple[str, str]]
+    decided: float | None
+    running: float | None
+    took: float
+
+    def summary(self, deployment: str, concurrency: int) -> str:
+        fmt = lambda t: "never" if t is None else f"at {t:.0f} s"  # noqa: E731
+        return (f"load: {self.done} routed requests at concurrency {concurrency} in {self.took:.0f} s, {len(self.errors)} errors; "
+                f"{deployment} scale-up decided {fmt(self.decided)}, second replica running {fmt(self.running)}; statuses seen {sorted(self.seen)}")
+
+
+def load_until_scaled(send: Callable[[int], object], deployment: str, *, concurrency: int, max_s: float) -> LoadRun:
+    """Call ``send(i)`` from ``concurrency`` threads until ``deployment`` runs a second replica, a call
+    fails, or ``max_s`` pass (a bounded wait on Serve's state: no timing is asserted)."""
+    import concurrent.futures as cf
+    import itertools
+    import threading
+    import time
+
+    done, errors, stop, n = [], [], threading.Event(), itertools.count()
+    decided = running = None
+    seen: set[tuple[str, str]] = set()
+
+    def worker() -> None:
+        while not stop.is_set() and not errors:
+            try:
+                send(next(n))
+                done.append(1)
+            except Exception as e:  # any failure ends the load and fails the caller's test
+                errors.append(repr(e))
+
+    t0 = time.monotonic()
+    with cf.ThreadPoolExecutor(concurrency) as ex:
+        futs = [ex.submit(worker) for _ in range(concurrency)]
+        try:
+            while time.monotonic() - t0 < max_s and not errors:
+                status, trigger, states = deployment_status(deployment)
+                seen.add((status, trigger))
+                if decided is None and (status == "UPSCALING" or sum(states.get(s, 0) for s in LIVE_REPLICA) >= 2):
+                    decided = time.monotonic() - t0
+                if states.get("RUNNING", 0) >= 2:
+                    running = time.monotonic() - t0
+                    break
+                time.sleep(0.5)
+        finally:
+            stop.set()
+            for f in futs:
+                f.result()
+    return LoadRun(len(done), errors, seen, decided, running, time.monotonic() - t0)
+
+
+def free_port_base(start: int) -> int:
+    """A port base from ``start`` (in steps of 1,000) whose derived ports (cluster/local's scripts:
+    base .. base+18, base+100, base+400) are free now."""
+    import socket
+
+    for base in range(start, 60000, 1000):
+        try:
+            for port in [base + i for i in range(19)] + [base + 100, base + 400]:
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError(f"no free port range from {start}")

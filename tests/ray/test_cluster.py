@@ -12,7 +12,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,16 +36,9 @@ BIN = Path(sys.executable).parent
 
 
 def _free_base() -> int:
-    """A port base whose derived ports (base .. base+699) are free now."""
-    for base in range(31000, 60000, 1000):
-        try:
-            for port in [base + i for i in range(19)] + [base + 100, base + 400]:
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-    raise RuntimeError("no free port range")
+    from icl_router.testing import free_port_base
+
+    return free_port_base(31000)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,15 +22,9 @@ ROW_KEYS = {"model", "gain", "traffic_share", "cost_change"}
 
 
 def _free_base() -> int:
-    for base in range(41000, 60000, 1000):
-        try:
-            for port in [base + i for i in range(19)] + [base + 100, base + 400]:
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-    raise RuntimeError("no free port range")
+    from icl_router.testing import free_port_base
+
+    return free_port_base(41000)
 
 
 def _check(path: Path) -> dict:

@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -72,9 +70,7 @@ def _hf_answers(path: Path, texts: list[str]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def service():
-    import ray
     import yaml
-    from ray import serve
 
     from icl_router.config import (
         AuthConfig,
@@ -88,48 +84,35 @@ def service():
     )
     from icl_router.serving.admin import serving_block
     from icl_router.serving.app import free_port, start
-    from icl_router.testing import TINY_TEXTS, make_tiny_causal_lm, make_tiny_router_dir, tiny_anchors
+    from icl_router.testing import TINY_TEXTS, make_tiny_causal_lm, make_tiny_router_dir, served_root, tiny_anchors
 
-    root = Path(tempfile.mkdtemp(prefix="onb-", dir="/tmp"))  # short: Ray's socket paths have a 107-byte limit
-    old_tmp = os.environ.get("TMPDIR")
-    os.environ["TMPDIR"] = str(root / "tmp")  # vLLM's vllm_dist_* files; workers inherit it
-    (root / "tmp").mkdir()
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=8, _temp_dir=str(root / "ray"), include_dashboard=False)
-    new = make_tiny_causal_lm(root / "tiny-new", seed=5, texts=TINY_TEXTS)
-    texts = tiny_anchors(K).column(S.TEXT).to_pylist()
-    answers = _hf_answers(new, texts)
-    golds = [a if i % 2 == 0 else WRONG for i, a in enumerate(answers)]
-    router = make_tiny_router_dir(root / "router", k=K, anchors=tiny_anchors(K, golds=golds, grader="exact_match"))
-    pool = [PoolModelConfig(
-        name="tiny-a", path=str(make_tiny_causal_lm(root / "tiny-a", seed=0, texts=TINY_TEXTS)), cost=0.01,
-        engine_kwargs={"dtype": "float32", "enforce_eager": True, "max_model_len": 512},
-        autoscaling=AutoscalingConfig(min_replicas=1, max_replicas=1, target_ongoing_requests=8),
-    )]
-    cfg = ServeConfig(
-        router=ScorerServeConfig(path=str(router), num_cpus=1), pool=pool, auth=AuthConfig(admin_keys=[ADMIN_KEY]), port=free_port(),
-        deploy_timeout_s=600, persist_profiles=True, ray=RayConfig(num_cpus=8),
-        # one anchor at a time, each its own file: a restart lands mid-profiling, and every answer comes from
-        # a batch of one (the same tokens in both onboardings)
-        onboarding=OnboardingConfig(dir=str(root / "onboarding"), sampling=SamplingConfig(max_tokens=MAX_TOKENS), concurrency=1, shard_size=1),
-    )
-    config = root / "serve.yaml"
-    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    t0 = time.monotonic()
-    url = start(cfg)
-    base = url.removesuffix("/v1")
-    while time.monotonic() - t0 < 900 and _http(base + "/ready")[0] != 200:  # a bounded wait for readiness
-        time.sleep(1)
-    print(f"service ready in {time.monotonic() - t0:.0f} s")
-    yield Service(base, root, config, serving_block(cfg, like="tiny-a", serving=None, path=str(new)), golds)
-    serve.shutdown()
-    ray.shutdown()
-    if old_tmp is None:
-        os.environ.pop("TMPDIR")
-    else:
-        os.environ["TMPDIR"] = old_tmp
-    shutil.rmtree(root, ignore_errors=True)
+    with served_root("onb-", num_cpus=8) as root:
+        new = make_tiny_causal_lm(root / "tiny-new", seed=5, texts=TINY_TEXTS)
+        texts = tiny_anchors(K).column(S.TEXT).to_pylist()
+        answers = _hf_answers(new, texts)
+        golds = [a if i % 2 == 0 else WRONG for i, a in enumerate(answers)]
+        router = make_tiny_router_dir(root / "router", k=K, anchors=tiny_anchors(K, golds=golds, grader="exact_match"))
+        pool = [PoolModelConfig(
+            name="tiny-a", path=str(make_tiny_causal_lm(root / "tiny-a", seed=0, texts=TINY_TEXTS)), cost=0.01,
+            engine_kwargs={"dtype": "float32", "enforce_eager": True, "max_model_len": 512},
+            autoscaling=AutoscalingConfig(min_replicas=1, max_replicas=1, target_ongoing_requests=8),
+        )]
+        cfg = ServeConfig(
+            router=ScorerServeConfig(path=str(router), num_cpus=1), pool=pool, auth=AuthConfig(admin_keys=[ADMIN_KEY]), port=free_port(),
+            deploy_timeout_s=600, persist_profiles=True, ray=RayConfig(num_cpus=8),
+            # one anchor at a time, each its own file: a restart lands mid-profiling, and every answer comes from
+            # a batch of one (the same tokens in both onboardings)
+            onboarding=OnboardingConfig(dir=str(root / "onboarding"), sampling=SamplingConfig(max_tokens=MAX_TOKENS), concurrency=1, shard_size=1),
+        )
+        config = root / "serve.yaml"
+        config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+        t0 = time.monotonic()
+        url = start(cfg)
+        base = url.removesuffix("/v1")
+        while time.monotonic() - t0 < 900 and _http(base + "/ready")[0] != 200:  # a bounded wait for readiness
+            time.sleep(1)
+        print(f"service ready in {time.monotonic() - t0:.0f} s")
+        yield Service(base, root, config, serving_block(cfg, like="tiny-a", serving=None, path=str(new)), golds)
 
 
 def _http(url: str, *, method: str = "GET", body: dict | None = None, key: str | None = None) -> tuple[int, dict]:

@@ -16,9 +16,6 @@ from __future__ import annotations
 import collections
 import concurrent.futures as cf
 import json
-import os
-import shutil
-import tempfile
 import threading
 import time
 import urllib.error
@@ -67,65 +64,49 @@ class Service:
 def service():
     """The app on free loopback ports, everything under one temp dir. While it starts, a chat request
     is sent each time /ready answers (not 200): what the client sees before ready is kept."""
-    import ray
-    from ray import serve
 
     from icl_router.config import AuthConfig, AutoscalingConfig, RayConfig, ScorerServeConfig
     from icl_router.routing.decision import DecisionParams
     from icl_router.serving.app import free_port, start
-    from icl_router.testing import make_tiny_router_dir, tiny_serve_config
+    from icl_router.testing import make_tiny_router_dir, served_root, tiny_serve_config
 
     SENT.clear()
-    root = Path(tempfile.mkdtemp(prefix="srv-", dir="/tmp"))  # short: Ray's socket paths have a 107-byte limit
-    old_tmp = os.environ.get("TMPDIR")
-    os.environ["TMPDIR"] = str(root / "tmp")  # vLLM's vllm_dist_* files; workers inherit it
-    (root / "tmp").mkdir()
-    if ray.is_initialized():
-        ray.shutdown()
     metrics_port = free_port()
-    ray.init(num_cpus=10, _temp_dir=str(root / "ray"), include_dashboard=False, _metrics_export_port=metrics_port,
-             _system_config={"metrics_report_interval_ms": 1000})
-    # a decision layer that leaves p as it is and guards the default only at a tie: requests override it
-    decision = DecisionParams(tau=0.1, prior_weight=0.0, min_gain=0.0).to_json()
-    fast = dict(upscale_delay_s=1, downscale_delay_s=4, metrics_interval_s=0.5, look_back_period_s=2)
-    router = ScorerServeConfig(
-        path=str(make_tiny_router_dir(root / "router", k=K, decision=decision)), num_cpus=1,
-        autoscaling=AutoscalingConfig(min_replicas=1, max_replicas=2, target_ongoing_requests=0.5, **fast),
-    )
-    cfg = tiny_serve_config(
-        root, router=router,
-        auth=AuthConfig(api_keys=[API_KEY], admin_keys=[ADMIN_KEY]),
-        port=free_port(),
-        first_output_timeout_s=10,
-        router_timeout_s=5,
-        deploy_timeout_s=45,
-        max_prompt_chars=2000,
-        max_body_bytes=262144,  # the hostile-input test's 100,000 nested brackets fit; its 30 MB do not
-        persist_profiles=True,  # onboarded profiles survive the registry replica's restart (the chaos test)
-        ray=RayConfig(num_cpus=10),
-    )
-    t0 = time.monotonic()
-    url = start(cfg)
-    base, startup = url.removesuffix("/v1"), []
-    chat = {"model": "icl-router", "messages": [{"role": "user", "content": QUERY}], "max_tokens": 2}
-    while time.monotonic() - t0 < 900:  # a bounded wait: ends when /ready answers 200
-        status, _, _ = _http(base + "/ready")
-        if status == 200:
-            break
-        if status == 503:  # the ingress is up, the pool is not: what does a request get?
-            t1 = time.perf_counter()
-            got, headers, body = _http(url + "/chat/completions", method="POST", body=chat, key=API_KEY)
-            startup.append((got, headers, body.get("error", {}).get("code"), (time.perf_counter() - t1) * 1e3))
-        time.sleep(0.5)
-    print(f"service ready in {time.monotonic() - t0:.0f} s at {url}; {len(startup)} requests sent before")
-    yield Service(url, f"http://127.0.0.1:{metrics_port}/metrics", root, startup)
-    serve.shutdown()
-    ray.shutdown()
-    if old_tmp is None:
-        os.environ.pop("TMPDIR")
-    else:
-        os.environ["TMPDIR"] = old_tmp
-    shutil.rmtree(root, ignore_errors=True)
+    with served_root("srv-", num_cpus=10, _metrics_export_port=metrics_port, _system_config={"metrics_report_interval_ms": 1000}) as root:
+        # a decision layer that leaves p as it is and guards the default only at a tie: requests override it
+        decision = DecisionParams(tau=0.1, prior_weight=0.0, min_gain=0.0).to_json()
+        fast = dict(upscale_delay_s=1, downscale_delay_s=4, metrics_interval_s=0.5, look_back_period_s=2)
+        router = ScorerServeConfig(
+            path=str(make_tiny_router_dir(root / "router", k=K, decision=decision)), num_cpus=1,
+            autoscaling=AutoscalingConfig(min_replicas=1, max_replicas=2, target_ongoing_requests=0.5, **fast),
+        )
+        cfg = tiny_serve_config(
+            root, router=router,
+            auth=AuthConfig(api_keys=[API_KEY], admin_keys=[ADMIN_KEY]),
+            port=free_port(),
+            first_output_timeout_s=10,
+            router_timeout_s=5,
+            deploy_timeout_s=45,
+            max_prompt_chars=2000,
+            max_body_bytes=262144,  # the hostile-input test's 100,000 nested brackets fit; its 30 MB do not
+            persist_profiles=True,  # onboarded profiles survive the registry replica's restart (the chaos test)
+            ray=RayConfig(num_cpus=10),
+        )
+        t0 = time.monotonic()
+        url = start(cfg)
+        base, startup = url.removesuffix("/v1"), []
+        chat = {"model": "icl-router", "messages": [{"role": "user", "content": QUERY}], "max_tokens": 2}
+        while time.monotonic() - t0 < 900:  # a bounded wait: ends when /ready answers 200
+            status, _, _ = _http(base + "/ready")
+            if status == 200:
+                break
+            if status == 503:  # the ingress is up, the pool is not: what does a request get?
+                t1 = time.perf_counter()
+                got, headers, body = _http(url + "/chat/completions", method="POST", body=chat, key=API_KEY)
+                startup.append((got, headers, body.get("error", {}).get("code"), (time.perf_counter() - t1) * 1e3))
+            time.sleep(0.5)
+        print(f"service ready in {time.monotonic() - t0:.0f} s at {url}; {len(startup)} requests sent before")
+        yield Service(url, f"http://127.0.0.1:{metrics_port}/metrics", root, startup)
 
 
 def _openai(base_url: str, key: str):
@@ -574,76 +555,24 @@ def test_prometheus_metrics_count_every_error_the_tests_received(service, client
     assert ready and all(line.endswith(" 1.0") for line in ready)
 
 
-LIVE = ("STARTING", "UPDATING", "RECOVERING", "RUNNING", "PENDING_MIGRATION")  # every replica state but STOPPING/STOPPED
-ONE = ("HEALTHY", {"RUNNING": 1})  # settled at one replica
-
-
-def _router_status() -> tuple[str, str, dict[str, int]]:
-    """(status, status_trigger, replicas by state) of the Router deployment, from Serve's public status."""
-    from ray import serve
-
-    dep = serve.status().applications["icl-router"].deployments["Router"]
-    name = lambda v: str(getattr(v, "value", v))  # noqa: E731 - Serve's enums are str enums
-    return name(dep.status), name(dep.status_trigger), {name(k): n for k, n in dep.replica_states.items() if n}
-
-
-def _wait_for_one_router_replica(bound_s: float) -> tuple[tuple[str, dict[str, int]], float]:
-    """((status, replicas by state), seconds waited): polls until the router is settled at one replica, or ``bound_s`` pass."""
-    t0 = time.monotonic()
-    while (got := _router_status()[::2]) != ONE and time.monotonic() - t0 < bound_s:
-        time.sleep(1)
-    return got, time.monotonic() - t0
-
-
-@pytest.mark.slow
 @pytest.mark.timeout(1260)  # the three bounded waits below (300 + 480 + 300 s) and slack
 def test_load_holds_concurrency_with_zero_errors_and_the_router_scales_up_and_down(client):
     """Under sustained routed load the autoscaler decides to add a router replica (Serve's own status
     says so: UPSCALING, or a second replica starting or running), no request fails meanwhile, and the
     router goes back to one replica after the load. How long scaling takes is printed, not checked."""
-    import itertools
+    from icl_router.testing import ONE_REPLICA, load_until_scaled, wait_for_one_replica
 
-    got, _ = _wait_for_one_router_replica(300)
-    assert got == ONE, f"the router never settled at one replica before the load: {got}"
+    got, _ = wait_for_one_replica("Router", bound_s=300)
+    assert got == ONE_REPLICA, f"the router never settled at one replica before the load: {got}"
     concurrency, max_s = 12, 480
-    done, errors, stop, n = [], [], threading.Event(), itertools.count()
-    decided = running = None
-    seen: set[tuple[str, str]] = set()
-
-    def worker():
-        while not stop.is_set() and not errors:
-            try:
-                done.append(_chat(client, f"{QUERY} ({next(n)})", max_tokens=1)[0])
-            except Exception as e:  # any failure fails the test
-                errors.append(repr(e))
-
-    t0 = time.monotonic()
-    with cf.ThreadPoolExecutor(concurrency) as ex:
-        futs = [ex.submit(worker) for _ in range(concurrency)]
-        try:
-            while time.monotonic() - t0 < max_s and not errors:
-                status, trigger, states = _router_status()
-                seen.add((status, trigger))
-                if decided is None and (status == "UPSCALING" or sum(states.get(s, 0) for s in LIVE) >= 2):
-                    decided = time.monotonic() - t0
-                if states.get("RUNNING", 0) >= 2:
-                    running = time.monotonic() - t0
-                    break
-                time.sleep(0.5)
-        finally:
-            stop.set()
-            for f in futs:
-                f.result()
-    took = time.monotonic() - t0
-    fmt = lambda t: "never" if t is None else f"at {t:.0f} s"  # noqa: E731
-    print(f"load: {len(done)} routed requests at concurrency {concurrency} in {took:.0f} s ({len(done) / took:.1f}/s), "
-          f"{len(errors)} errors; scale-up decided {fmt(decided)}, second replica running {fmt(running)}; statuses seen {sorted(seen)}")
-    assert not errors, errors[:3]
-    assert not {s for s, _ in seen} & {"UNHEALTHY", "DEPLOY_FAILED"}, seen
-    assert decided is not None, f"the autoscaler never decided to add a router replica in {max_s} s of load: {sorted(seen)}"
-    got, waited = _wait_for_one_router_replica(300)
+    run = load_until_scaled(lambda i: _chat(client, f"{QUERY} ({i})", max_tokens=1), "Router", concurrency=concurrency, max_s=max_s)
+    print(run.summary("router", concurrency))
+    assert not run.errors, run.errors[:3]
+    assert not {s for s, _ in run.seen} & {"UNHEALTHY", "DEPLOY_FAILED"}, run.seen
+    assert run.decided is not None, f"the autoscaler never decided to add a router replica in {max_s} s of load: {sorted(run.seen)}"
+    got, waited = wait_for_one_replica("Router", bound_s=300)
     print(f"back to one router replica {waited:.0f} s after the load")
-    assert got == ONE, f"the router did not scale back to one replica: {got}"
+    assert got == ONE_REPLICA, f"the router did not scale back to one replica: {got}"
 
 
 # ---- chaos: replicas die under load (last: the pool model it kills takes minutes to come back) --------

@@ -8,14 +8,7 @@ tested), with the float32 ONNX variant of the router's embedder, which gives its
 
 from __future__ import annotations
 
-import concurrent.futures as cf
-import itertools
-import os
-import shutil
-import tempfile
-import threading
 import time
-from pathlib import Path
 
 import pytest
 
@@ -26,43 +19,25 @@ pytestmark = pytest.mark.vllm
 API_KEY, ADMIN_KEY = "sk-test-user", "sk-test-admin"
 K = 8
 QUERY = TINY_TEXTS[0]
-LIVE = ("STARTING", "UPDATING", "RECOVERING", "RUNNING", "PENDING_MIGRATION")
-ONE = ("HEALTHY", {"RUNNING": 1})
 
 
 @pytest.fixture(scope="module")
 def service():
-    import ray
-    from ray import serve
 
     from icl_router.config import AuthConfig, AutoscalingConfig, RayConfig, ScorerServeConfig
     from icl_router.serving.app import free_port, start
-    from icl_router.testing import make_tiny_router_dir, tiny_serve_config
+    from icl_router.testing import make_tiny_router_dir, served_root, tiny_serve_config
 
-    root = Path(tempfile.mkdtemp(prefix="srvi-", dir="/tmp"))  # short: Ray's socket paths have a 107-byte limit
-    old_tmp = os.environ.get("TMPDIR")
-    os.environ["TMPDIR"] = str(root / "tmp")
-    (root / "tmp").mkdir()
-    os.environ.setdefault("ICL_ROUTER_CACHE", str(root / "cache"))  # the ONNX export, made once here; replicas inherit it
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=10, _temp_dir=str(root / "ray"), include_dashboard=False)
-    fast = dict(upscale_delay_s=1, downscale_delay_s=4, metrics_interval_s=0.5, look_back_period_s=2)
-    router = ScorerServeConfig(
-        path=str(make_tiny_router_dir(root / "router", k=K)), num_cpus=1, placement="ingress", embedder="all-MiniLM-L6-v2@onnx",
-        autoscaling=AutoscalingConfig(min_replicas=1, max_replicas=2, target_ongoing_requests=0.5, **fast),
-    )
-    cfg = tiny_serve_config(root, router=router, auth=AuthConfig(api_keys=[API_KEY], admin_keys=[ADMIN_KEY]), port=free_port(),
-                            first_output_timeout_s=10, router_timeout_s=5, ray=RayConfig(num_cpus=10))
-    url = start(cfg)
-    yield url
-    serve.shutdown()
-    ray.shutdown()
-    if old_tmp is None:
-        os.environ.pop("TMPDIR")
-    else:
-        os.environ["TMPDIR"] = old_tmp
-    shutil.rmtree(root, ignore_errors=True)
+    with served_root("srvi-", cache=True, num_cpus=10) as root:
+        fast = dict(upscale_delay_s=1, downscale_delay_s=4, metrics_interval_s=0.5, look_back_period_s=2)
+        router = ScorerServeConfig(
+            path=str(make_tiny_router_dir(root / "router", k=K)), num_cpus=1, placement="ingress", embedder="all-MiniLM-L6-v2@onnx",
+            autoscaling=AutoscalingConfig(min_replicas=1, max_replicas=2, target_ongoing_requests=0.5, **fast),
+        )
+        cfg = tiny_serve_config(root, router=router, auth=AuthConfig(api_keys=[API_KEY], admin_keys=[ADMIN_KEY]), port=free_port(),
+                                first_output_timeout_s=10, router_timeout_s=5, ray=RayConfig(num_cpus=10))
+        url = start(cfg)
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -89,23 +64,6 @@ def _chat(client, content: str, **kw):
     return raw.headers, raw.parse()
 
 
-def _ingress_status() -> tuple[str, str, dict[str, int]]:
-    from ray import serve
-
-    app = serve.status().applications["icl-router"]
-    assert "Router" not in app.deployments  # no router deployment: the ingress carries the router
-    dep = app.deployments["Ingress"]
-    name = lambda v: str(getattr(v, "value", v))  # noqa: E731 - Serve's enums are str enums
-    return name(dep.status), name(dep.status_trigger), {name(k): n for k, n in dep.replica_states.items() if n}
-
-
-def _wait_for_one_replica(bound_s: float) -> tuple[tuple[str, dict[str, int]], float]:
-    t0 = time.monotonic()
-    while (got := _ingress_status()[::2]) != ONE and time.monotonic() - t0 < bound_s:
-        time.sleep(1.0)
-    return got, time.monotonic() - t0
-
-
 def test_routed_in_the_ingress_with_stage_times(client):
     headers, resp = _chat(client, f"{QUERY} (in-ingress)")
     assert headers["x-icl-router-route"] == "routed" and resp.choices[0].message is not None
@@ -130,43 +88,18 @@ def test_onboarding_reaches_the_in_process_router(service, client):
 
 
 def test_load_scales_the_ingress_up_and_down_with_zero_errors(client):
-    got, _ = _wait_for_one_replica(300)
-    assert got == ONE, f"the ingress never settled at one replica before the load: {got}"
+    from ray import serve
+
+    from icl_router.testing import ONE_REPLICA, load_until_scaled, wait_for_one_replica
+
+    assert "Router" not in serve.status().applications["icl-router"].deployments  # no router deployment: the ingress carries the router
+    got, _ = wait_for_one_replica("Ingress", bound_s=300)
+    assert got == ONE_REPLICA, f"the ingress never settled at one replica before the load: {got}"
     concurrency, max_s = 12, 480
-    done, errors, stop, n = [], [], threading.Event(), itertools.count()
-    decided = running = None
-    seen: set[tuple[str, str]] = set()
-
-    def worker():
-        while not stop.is_set() and not errors:
-            try:
-                done.append(_chat(client, f"{QUERY} ({next(n)})")[0])
-            except Exception as e:  # any failure fails the test
-                errors.append(repr(e))
-
-    t0 = time.monotonic()
-    with cf.ThreadPoolExecutor(concurrency) as ex:
-        futs = [ex.submit(worker) for _ in range(concurrency)]
-        try:
-            while time.monotonic() - t0 < max_s and not errors:
-                status, trigger, states = _ingress_status()
-                seen.add((status, trigger))
-                if decided is None and (status == "UPSCALING" or sum(states.get(s, 0) for s in LIVE) >= 2):
-                    decided = time.monotonic() - t0
-                if states.get("RUNNING", 0) >= 2:
-                    running = time.monotonic() - t0
-                    break
-                time.sleep(0.5)
-        finally:
-            stop.set()
-            for f in futs:
-                f.result()
-    took = time.monotonic() - t0
-    fmt = lambda t: "never" if t is None else f"at {t:.0f} s"  # noqa: E731
-    print(f"load: {len(done)} routed requests at concurrency {concurrency} in {took:.0f} s, {len(errors)} errors; "
-          f"ingress scale-up decided {fmt(decided)}, second replica running {fmt(running)}; statuses seen {sorted(seen)}")
-    assert not errors, errors[:3]
-    assert decided is not None, f"the autoscaler never decided to add an ingress replica in {max_s} s of load: {sorted(seen)}"
-    got, waited = _wait_for_one_replica(300)
+    run = load_until_scaled(lambda i: _chat(client, f"{QUERY} ({i})"), "Ingress", concurrency=concurrency, max_s=max_s)
+    print(run.summary("ingress", concurrency))
+    assert not run.errors, run.errors[:3]
+    assert run.decided is not None, f"the autoscaler never decided to add an ingress replica in {max_s} s of load: {sorted(run.seen)}"
+    got, waited = wait_for_one_replica("Ingress", bound_s=300)
     print(f"back to one ingress replica {waited:.0f} s after the load")
-    assert got == ONE, f"the ingress did not scale back to one replica: {got}"
+    assert got == ONE_REPLICA, f"the ingress did not scale back to one replica: {got}"
