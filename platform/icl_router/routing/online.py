@@ -58,9 +58,6 @@ class OnlineRouter:
         # the decision layer reads the query's evidence mass: its cosine to every anchor embedding
         self.stored = DecisionParams.from_json(loaded.meta.decision) if loaded.meta.decision is not None else None
         self.decision = self.stored  # the layer for the current pool: its guard refitted when the pool is another
-        # the pool the layer was fitted on; a layer that does not record one (written by hand, or by
-        # an older train job) is used as written, for any pool
-        self.fitted_pool = None if self.stored is None else self.stored.fitted.get("models")
         self.tau = self.stored.tau if self.stored is not None else None
         self.evidence = SimpleNamespace(evidence=loaded.router.evidence, anchor_emb=loaded.router.anchor_emb)  # what refit_guard reads
         self.anchor_emb = loaded.router.anchor_emb.detach().float().cpu().numpy()  # [K, E]
@@ -96,9 +93,11 @@ class OnlineRouter:
                 self.scorer.add(m, np.array(prof, dtype=bool))  # full: one prefix forward
                 self.profiles[m] = list(prof)
                 changed = True
-        if changed and self.fitted_pool is not None:
+        if changed and self.stored is not None:
             from icl_router.routing.decision_fit import fitted_here, refit_guard
 
+            # the pool the layer was fitted on keeps it as stored, and so does any pool for a layer that
+            # records none (written by hand, or by an older train job)
             pool = list(self.profiles)
             here = fitted_here(self.stored, pool)
             self.decision = self.stored if here else refit_guard(self.evidence, self.stored, profiles=np.array([self.profiles[m] for m in pool], dtype=bool))
