@@ -199,6 +199,24 @@ def deployment_status(deployment: str, *, app: str = "icl-router") -> tuple[str,
     return name(dep.status), name(dep.status_trigger), {name(k): n for k, n in dep.replica_states.items() if n}
 
 
+def pool_diagnosis(root: str | Path, *, lines: int = 30) -> str:
+    """What a served test's failure message needs to be read later: Serve's status of every deployment
+    and the last ``lines`` of each pool replica's log under ``root`` (``served_root``'s Ray session)."""
+    from ray import serve
+
+    out = []
+    try:
+        for app_name, app in serve.status().applications.items():
+            for name, dep in app.deployments.items():
+                out.append(f"{app_name}/{name}: {dep.status} {dep.replica_states} {dep.message[:300]}")
+    except Exception as e:  # Serve itself down: the logs below still say why
+        out.append(f"serve.status(): {type(e).__name__}: {e}")
+    for log in sorted(Path(root).glob("ray/session_latest/logs/serve/replica_*LLMServer*.log")):
+        tail = log.read_text(errors="replace").splitlines()[-lines:]
+        out.append(f"--- {log.name}\n" + "\n".join(tail))
+    return "\n".join(out)
+
+
 def wait_for_one_replica(deployment: str, *, bound_s: float) -> tuple[tuple[str, dict[str, int]], float]:
     """((status, replicas by state), seconds waited): polls until ``deployment`` is settled at one
     replica, or ``bound_s`` pass."""

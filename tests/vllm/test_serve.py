@@ -68,7 +68,7 @@ def service():
     from icl_router.config import AuthConfig, AutoscalingConfig, RayConfig, ScorerServeConfig
     from icl_router.routing.decision import DecisionParams
     from icl_router.serving.app import free_port, start
-    from icl_router.testing import make_tiny_router_dir, served_root, tiny_serve_config
+    from icl_router.testing import make_tiny_router_dir, pool_diagnosis, served_root, tiny_serve_config
 
     SENT.clear()
     metrics_port = free_port()
@@ -106,6 +106,16 @@ def service():
                 startup.append((got, headers, body.get("error", {}).get("code"), (time.perf_counter() - t1) * 1e3))
             time.sleep(0.5)
         print(f"service ready in {time.monotonic() - t0:.0f} s at {url}; {len(startup)} requests sent before")
+        # /ready needs the router and one pool model; the tests need both models: a bounded wait for the other
+        circuits = {}
+        while time.monotonic() - t0 < 900:
+            circuits = {r["id"]: r["circuit"] for r in _http(base + "/admin/models", key=ADMIN_KEY)[2].get("data", [])}
+            if set(circuits) == set(COSTS) and set(circuits.values()) == {"closed"}:
+                break
+            time.sleep(1.0)
+        else:
+            pytest.fail(f"the pool's circuits never all closed within 900 s: {circuits}\n{pool_diagnosis(root)}")
+        print(f"every pool model answers after {time.monotonic() - t0:.0f} s")
         yield Service(url, f"http://127.0.0.1:{metrics_port}/metrics", root, startup)
 
 
