@@ -282,6 +282,7 @@ class DecisionFitConfig(Config):
     """How a trained router's decision layer is fitted (routing/decision_fit.py, docs/design.md §3)."""
 
     clusters: int = Field(default=8, ge=2)  # k-means clusters whose own anchors are hidden in the second view
+    tasks: bool = True  # fit the layer for queries whose task has anchors (routing.decision ``task``), where the data names tasks
 
 
 class TrainConfig(Config):

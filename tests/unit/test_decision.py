@@ -165,3 +165,81 @@ def test_a_registered_model_gets_the_guard_refitted_on_the_anchors():
 
     assert D.routed_accuracy(routed(refit), labels2) > D.routed_accuracy(routed(stale), labels2) + 3
     assert (routed(refit)[topic2 == 0] == 2).mean() > 0.8
+
+
+def _task_pool(seed: int, n: int = 1200, k: int = 150):
+    """``_pool`` with the topics' embeddings overlapping: the nearest anchors say little, the topic (the task) says much."""
+    centres = np.random.default_rng(99).normal(size=(4, 16))
+    rng = np.random.default_rng(seed)
+    topic = rng.integers(0, 4, n + k)
+    emb = centres[topic] + 2.0 * rng.normal(size=(n + k, 16))
+    rate = np.where(topic[:, None] == 0, [0.75, 0.5, 0.95], [0.75, 0.5, 0.30])  # [N, T]
+    labels = (rng.random(rate.shape) < rate).astype(float)
+    tasks = np.array([f"topic-{t}" for t in topic], dtype=object)
+    return emb[:k], labels[:k] >= 0.5, tasks[:k], emb[k:], labels[k:], tasks[k:]
+
+
+def test_the_same_task_rate_reads_only_that_tasks_visible_anchors():
+    sim = np.array([[0.9, 0.1, np.nan, 0.5], [0.2, 0.3, 0.4, 0.5]])  # [Q=2, K=4]; anchor 2 hidden from query 0
+    profiles = np.array([[1, 0, 1, 0], [0, 1, 0, 1]], dtype=bool)  # [T=2, K]
+    rate, has = D.task_kernel(sim, profiles, query_tasks=np.array(["b", None], dtype=object), anchor_tasks=["a", "b", "b", "a"], tau=0.1)
+    assert has.tolist() == [True, False]  # query 1 names no task
+    np.testing.assert_allclose(rate[0], [D.CLIP, 1 - D.CLIP])  # only anchor 1 is a visible 'b': model 1 right, model 0 wrong
+    _, has = D.task_kernel(sim, profiles, query_tasks=["c", "a"], anchor_tasks=["a", "b", "b", "a"], tau=0.1)
+    assert has.tolist() == [False, True]  # no anchor has task 'c'
+
+
+def test_queries_naming_a_task_the_anchors_have_get_the_task_layer_and_the_rest_the_plain_one():
+    from icl_router.routing.policy import Policy, route_batch
+
+    sim = np.array([[0.5, 0.5], [0.5, 0.5], [0.5, 0.5]])  # [Q=3, K=2]
+    profiles = np.array([[0, 0], [1, 1]], dtype=bool)  # model 1 right on every anchor
+    task = D.DecisionParams(tau=0.05, min_gain=0.0, task_weight=1.0, task_tau=0.1)
+    params = D.DecisionParams(tau=0.1, min_gain=1.0, default_model="m0", task=task)  # the plain layer never leaves m0
+    p = np.full((3, 2), 0.5)
+    li = D.layer_input(p, sim, params=params, profiles=profiles, query_tasks=["x", None, "unknown"], anchor_tasks=["x", "x"])
+    assert li.task_rows.tolist() == [True, False, False]
+    np.testing.assert_allclose(li.p[0], [D.CLIP, 1 - D.CLIP])  # all weight on the same-task rate
+    np.testing.assert_allclose(li.p[1:], p[1:])
+    np.testing.assert_allclose(li.mass, [D.evidence_mass(sim, 0.05)[0], *D.evidence_mass(sim, 0.1)[1:]])
+    pick, _, default = route_batch(li.p, policy=Policy(), models=["m0", "m1"], prior=np.array([0.0, 1.0]), mass=li.mass, params=params, task_rows=li.task_rows)
+    assert pick.tolist() == [1, 0, 0] and default == 0
+    plain = D.layer_input(p, sim, params=params, profiles=profiles, query_tasks=None, anchor_tasks=["x", "x"])
+    assert not plain.task_rows.any()
+
+
+def test_fit_task_layer_reads_the_task_where_the_embedding_says_little():
+    anchors, profiles, a_tasks, emb, labels, tasks = _task_pool(0)
+    prior = profiles.mean(0)
+    sim = D.cosine(emb, anchors)
+    views = [D.View(_rate(sim, profiles), sim)]
+    plain = D.fit_decision(views, labels, prior)
+    task = D.fit_task_layer(views, labels, prior, profiles=profiles.T, query_tasks=tasks, anchor_tasks=a_tasks)
+    assert task is not None and task.task_weight > 0 and task.task is None and task.fitted["rows"] == len(labels)
+    assert D.fit_task_layer(views, labels, prior, profiles=profiles.T, query_tasks=[None] * len(labels), anchor_tasks=a_tasks) is None
+    params = D.DecisionParams.from_json({**plain.to_json(), "task": task.to_json()})
+    assert params.task == task
+
+    from icl_router.routing.policy import Policy, route_batch
+
+    _, _, _, emb2, labels2, tasks2 = _task_pool(1)  # fresh queries
+    sim2 = D.cosine(emb2, anchors)
+    acc = {}
+    for named in (True, False):
+        li = D.layer_input(_rate(sim2, profiles), sim2, params=params, profiles=profiles.T, query_tasks=tasks2 if named else None, anchor_tasks=a_tasks)
+        pick, _, _ = route_batch(li.p, policy=Policy(), models=MODELS, prior=prior, mass=li.mass, params=params, task_rows=li.task_rows)
+        acc[named] = D.routed_accuracy(pick, labels2)
+    assert acc[True] > acc[False] + 3 and acc[True] > 100 * labels2[:, 0].mean() + 3  # topic 0 goes to the niche model
+
+
+def test_the_task_layer_round_trips_and_takes_the_same_overrides():
+    task = D.DecisionParams(tau=0.05, prior_weight=0.1, min_gain=0.01, task_weight=0.6, task_tau=0.15, fitted={"rows": 3})
+    params = D.DecisionParams(tau=0.1, prior_weight=1.0, min_gain=0.03, task=task)
+    again = D.DecisionParams.from_json(params.to_json())
+    assert again == params and again.task.fitted == {"rows": 3} and again.for_task(True) == task and again.for_task(False) == again
+    over = params.replace(min_gain=0.2, default_model="mid")
+    assert (over.min_gain, over.task.min_gain, over.task.default_model, over.task.task_weight) == (0.2, 0.2, "mid", 0.6)
+    with pytest.raises(D.DecisionError, match="decision.task must be a decision layer without a task layer"):
+        D.DecisionParams(task=params)
+    with pytest.raises(D.DecisionError, match="decision.task_weight must be a number >= 0.0 and <= 1.0"):
+        D.DecisionParams.from_json({"task": {"task_weight": 2.0}})

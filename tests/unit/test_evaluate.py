@@ -95,4 +95,4 @@ def test_quick_evaluation_on_a_slice(tmp_path):
         assert (out / p).stat().st_size > 1000
     assert {"suite_delta.png", "reliability.png"} <= set(report["plots"])
     md = (out / "report.md").read_text()
-    assert "| ICL-Router (with its decision layer) |" in md and "| synthetic | OOD |" in md
+    assert "| ICL-Router (with its decision layer; queries name their task) |" in md and "| synthetic | OOD |" in md

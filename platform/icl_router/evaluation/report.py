@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 
 LABELS = {
-    "icl-router": "ICL-Router (with its decision layer)",
+    "icl-router": "ICL-Router (with its decision layer; queries name their task)",
+    "icl-router-no-task": "ICL-Router, the same router and layer, queries routed without their task",
     "icl-router-evidence": "ICL-Router, its evidence head alone (no LM forward), same decision layer",
     "icl-router-raw": "ICL-Router, argmax without the decision layer",
     "icl-router-text": "ICL-Router (query as text)",

@@ -35,15 +35,16 @@ from icl_router.data.dataset import Dataset, DatasetError
 from icl_router.data.routing_set import RoutingSet, load_routing_set
 from icl_router.evaluation import baselines as B
 from icl_router.evaluation import fit as F
-from icl_router.routing.decision import DecisionParams, cosine, evidence_mass
+from icl_router.routing.decision import DecisionParams, cosine, layer_input
 from icl_router.routing.decision_fit import fit_router_decision, refit_guard
 from icl_router.routing.policy import Policy, route_batch
 from icl_router.train.data import build_train_data
 
-# icl-router: the router with its decision layer; -evidence: its evidence head alone (the serving fast
-# path) with the same decision layer; -raw: the router's argmax without the decision layer
+# icl-router: the router with its decision layer, queries naming their task; -no-task: the same without
+# the task; -evidence: its evidence head alone (the serving fast path) with the same decision layer;
+# -raw: the router's argmax without the decision layer
 METHODS = [
-    "icl-router", "icl-router-evidence", "icl-router-raw", "icl-router-text",
+    "icl-router", "icl-router-no-task", "icl-router-evidence", "icl-router-raw", "icl-router-text",
     "random", "best-single", "max-expert", "knn", "knn-tuned", "logreg", "oracle",
 ]
 
@@ -205,9 +206,10 @@ def get_router(rc: EvalRouterConfig, rs: RoutingSet, *, seed: int, seed_i: int, 
     if rc.decision is not None and stored is None:
         held = held_out_rows(rs, val=val, best_step=info.get("best_step"))
         texts = query_texts(router, rs, held, max_text_tokens=rc.max_text_tokens)
+        tasks = task_names(rs, held) if rc.decision.tasks else None
         decision = fit_router_decision(
             router, texts=texts, query_emb=rs.embeddings[held], labels=rs.labels[held][:, cols], profiles=profiles,
-            models=[rs.models[c] for c in cols], clusters=rc.decision.clusters, seed=seed,
+            models=[rs.models[c] for c in cols], query_tasks=tasks, anchor_tasks=task_names(rs, rs.anchor_rows), clusters=rc.decision.clusters, seed=seed,
         )
         info["decision_rows"] = int(len(held))
     return Routed(router, info, cols, profiles, decision)
@@ -244,14 +246,22 @@ def evidence_p(r: Routed, rs: RoutingSet, rows: np.ndarray) -> np.ndarray:
     return fast.score(query_emb=rs.embeddings[rows])
 
 
-def decide(r: Routed, rs: RoutingSet, rows: np.ndarray, p: np.ndarray, *, policy: Policy = HIGHEST, costs: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, int | None]:
-    """(chosen column [n], the p it decided on [n, T], the guard's default) through the decision layer."""
-    mass = None
-    if r.decision is not None:
-        anchor_emb = r.router.anchor_emb.detach().float().cpu().numpy()
-        mass = evidence_mass(cosine(rs.embeddings[rows], anchor_emb), r.decision.tau)
+def task_names(rs: RoutingSet, rows: np.ndarray) -> list[str]:
+    return [rs.tasks[i] for i in rows]
+
+
+def decide(
+    r: Routed, rs: RoutingSet, rows: np.ndarray, p: np.ndarray, *, policy: Policy = HIGHEST, costs: np.ndarray | None = None, tasks: bool = True
+) -> tuple[np.ndarray, np.ndarray, int | None]:
+    """(chosen column [n], the p it decided on [n, T], the guard's default) through the decision layer;
+    ``tasks``: the queries name their task (the task layer routes those whose task has anchors)."""
     names = [rs.models[m] for m in r.cols]
-    return route_batch(p, policy=policy, models=names, costs=costs, prior=r.prior, mass=mass, params=r.decision)
+    if r.decision is None:
+        return route_batch(p, policy=policy, models=names, costs=costs)
+    sim = cosine(rs.embeddings[rows], r.router.anchor_emb.detach().float().cpu().numpy())  # [n, K]
+    li = layer_input(p, sim, params=r.decision, profiles=r.profiles, query_tasks=task_names(rs, rows) if tasks else None,
+                     anchor_tasks=task_names(rs, rs.anchor_rows))
+    return route_batch(li.p, policy=policy, models=names, costs=costs, prior=r.prior, mass=li.mass, params=r.decision, task_rows=li.task_rows)
 
 
 def accuracy(choice: np.ndarray, labels: np.ndarray) -> float:
@@ -317,7 +327,7 @@ def add_model_section(cfg: EvaluateConfig, rs: RoutingSet, full: Routed, *, seed
     for j, name in enumerate(rs.models):
         others = [m for m in range(len(rs.models)) if m != j]
         without = get_router(rc, rs, seed=seed, seed_i=0, cache=cache, label=f"add-model -{name}", models=others, max_steps=cfg.sweep_max_steps)
-        guard = None if without.decision is None else refit_guard(without.router, without.decision, profiles=rs.profiles(), seed=seed)
+        guard = None if without.decision is None else refit_guard(without.router, without.decision, profiles=rs.profiles(), anchor_tasks=task_names(rs, rs.anchor_rows), seed=seed)
         added = Routed(without.router, without.info, list(range(len(rs.models))), rs.profiles(), guard)
         p = raw_p(added, rs, te, rc)  # all models; j's profile was never trained on
         choice, _, _ = decide(added, rs, te, p)
@@ -497,6 +507,7 @@ def evaluate_dataset(cfg: EvaluateConfig, d: EvalDatasetConfig, *, first: bool, 
                 if name != "icl-router":
                     continue
                 per_seed["icl-router-raw"][key].append(B.routed_accuracy(p, lab))
+                per_seed["icl-router-no-task"][key].append(accuracy(decide(r, rs_v, rows, p, tasks=False)[0], lab))
                 if r.router.evidence is not None:
                     per_seed["icl-router-evidence"][key].append(accuracy(decide(r, rs_v, rows, evidence_p(r, rs_v, rows))[0], lab))
                 s = C.summary(q, lab, choice, default if default is not None else int(np.argmax(r.prior)))

@@ -15,6 +15,13 @@ router is trained and stored in its directory (``icl_router.json``, ``decision``
   model with the best prior) only when the predicted gain exceeds ``min_gain``. With
   costs, the gain is in utility ``p - cost_weight * cost`` and the default is the model
   whose prior utility is best.
+- **The query's task, when the caller names it.** Anchors of the same task say more about a
+  query than its nearest anchors of any task. For a query whose task some anchor has, p first
+  moves toward the outcome rate over that task's anchors (``task_kernel``):
+  ``(1 - task_weight) * p + task_weight * rate``, and the query is then routed by a layer of
+  its own (``DecisionParams.task``), fitted on such queries alone: the plain layer must stay
+  cautious for queries unlike every anchor, which a task the anchors know is not. A query
+  without a task, or with one no anchor has, gets the plain layer.
 
 ``fit_decision`` picks ``tau`` and ``prior_weight`` by log loss and ``min_gain`` by routed
 accuracy, on two views of the held-out queries: as they are, and with the anchors of
@@ -30,12 +37,16 @@ every registered model has (``decision_fit.refit_guard``).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from dataclasses import replace as dataclass_replace
 
 import numpy as np
 
 from icl_router.errors import UserError
 
 TAUS = (0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2)  # similarity temperatures of the evidence mass
+TASK_WEIGHTS = (0.0, 0.15, 0.3, 0.45, 0.6, 0.75, 0.9)  # share of the same-task rate in a task query's p
+TASK_TAUS = (0.05, 0.1, 0.15, 0.2, 0.3)  # similarity temperatures over the same-task anchors
+CLIP = 0.02  # the same-task rate is clipped to [CLIP, 1 - CLIP], as the evidence head's rates are
 PRIOR_WEIGHTS = (10.0, 3.0, 1.0, 0.3, 0.1, 0.03, 0.01, 0.003, 0.0)  # most cautious first
 MIN_GAINS = (0.2, 0.1, 0.05, 0.03, 0.02, 0.01, 0.005, 0.0)
 EPS = 1e-6
@@ -55,30 +66,45 @@ class DecisionParams:
     default_model: str | None = None  # None: the model with the best prior
     calibration: tuple[float, float] = (1.0, 0.0)  # Platt (scale, offset) on logit p, shared by all models
     fitted: dict = field(default_factory=dict, compare=False)  # how the fit went (rows, accuracies); informative only
+    task_weight: float = 0.0  # share of the same-task anchors' rate in p; 0: the query's task is not read
+    task_tau: float = 0.15  # temperature over the same-task anchors (cosine similarity units)
+    task: DecisionParams | None = None  # the layer for queries whose task has anchors; None: the plain layer routes them
 
     def __post_init__(self) -> None:
         check("tau", self.tau, lo=0.0, lo_open=True)
         check("prior_weight", self.prior_weight, lo=0.0)
         check("min_gain", self.min_gain, lo=0.0, hi=1.0)
+        check("task_weight", self.task_weight, lo=0.0, hi=1.0)
+        check("task_tau", self.task_tau, lo=0.0, lo_open=True)
         if len(self.calibration) != 2 or not all(np.isfinite(self.calibration)) or self.calibration[0] <= 0:
             raise DecisionError(f"decision.calibration must be (scale > 0, offset), got {self.calibration}")
+        if self.task is not None and (not isinstance(self.task, DecisionParams) or self.task.task is not None):
+            raise DecisionError("decision.task must be a decision layer without a task layer of its own")
 
     def replace(self, **changes: object) -> DecisionParams:
-        """A copy with ``changes`` (per-request overrides); unknown names are errors."""
+        """A copy with ``changes`` (per-request overrides, applied to the task layer too); unknown names are errors."""
         unknown = set(changes) - set(OVERRIDABLE)
         if unknown:
             raise DecisionError(f"decision: {sorted(unknown)} cannot be overridden; use {list(OVERRIDABLE)}")
-        return DecisionParams(**{**asdict(self), "calibration": tuple(self.calibration), **changes})
+        task = None if self.task is None else self.task.replace(**changes)
+        return dataclass_replace(self, **changes, task=task)
+
+    def for_task(self, has_task: bool) -> DecisionParams:
+        """The layer a query is routed by: the task layer when its task has anchors and there is one."""
+        return self.task if has_task and self.task is not None else self
 
     def to_json(self) -> dict:
-        return {**asdict(self), "calibration": list(self.calibration)}
+        return {**asdict(self), "calibration": list(self.calibration), "task": None if self.task is None else self.task.to_json()}
 
     @classmethod
     def from_json(cls, raw: dict | None) -> DecisionParams:
         if raw is None:
             return cls()
+        if not isinstance(raw, dict):
+            raise DecisionError(f"decision must be an object, got {type(raw).__name__}")
         try:
-            return cls(**{**raw, "calibration": tuple(raw.get("calibration", (1.0, 0.0)))})
+            task = raw.get("task")
+            return cls(**{**raw, "calibration": tuple(raw.get("calibration", (1.0, 0.0))), "task": None if task is None else cls.from_json(task)})
         except TypeError as e:
             raise DecisionError(f"decision: {e}") from None
 
@@ -127,6 +153,46 @@ def calibrate(p: np.ndarray, calibration: tuple[float, float]) -> np.ndarray:
     if (a, b) == (1.0, 0.0):
         return p
     return 1 / (1 + np.exp(-(a * logit(p) + b)))
+
+
+def task_kernel(sim: np.ndarray, profiles: np.ndarray, *, query_tasks: np.ndarray, anchor_tasks: np.ndarray, tau: float) -> tuple[np.ndarray, np.ndarray]:
+    """(rate [Q, T], has [Q]): each model's outcome rate over the anchors of the query's own task,
+    softmax(cos / tau)-weighted, for cosine sim [Q, K] (NaN: hidden), profiles bool [T, K] and the
+    tasks of the queries [Q] (None: not named) and of the anchors [K]; ``has``: some visible anchor
+    has the query's task (the other rows' rate is meaningless)."""
+    same = (np.asarray(query_tasks, dtype=object)[:, None] == np.asarray(anchor_tasks, dtype=object)[None, :]) & ~np.isnan(sim)  # [Q, K]
+    has = same.any(axis=1)
+    s = np.where(same, sim, -np.inf)
+    s = s - np.where(has, s.max(axis=1), 0.0)[:, None]  # the nearest same-task anchor at 0: exp cannot overflow
+    w = np.exp(s / tau)  # [Q, K]
+    w /= np.maximum(w.sum(axis=1, keepdims=True), EPS)
+    return np.clip(w @ np.asarray(profiles, dtype=np.float64).T, CLIP, 1 - CLIP), has  # [Q, T], [Q]
+
+
+@dataclass(frozen=True)
+class LayerInput:
+    """What the decision layer routes each query on: p [Q, T] (moved toward the same-task rate on
+    task rows), the evidence mass [Q] at the temperature of the query's layer, which rows are task rows [Q]."""
+
+    p: np.ndarray
+    mass: np.ndarray
+    task_rows: np.ndarray
+
+
+def layer_input(
+    p: np.ndarray, sim: np.ndarray, *, params: DecisionParams, profiles: np.ndarray, query_tasks: object = None, anchor_tasks: object = None
+) -> LayerInput:
+    """The decision layer's input for the router's p [Q, T] and the queries' cosine to the anchors [Q, K]:
+    queries whose named task (``query_tasks`` [Q], None each where not named) some anchor has
+    (``anchor_tasks`` [K]) go to ``params.task``; the rest keep p and the plain layer."""
+    p = np.asarray(p, dtype=np.float64)
+    mass = evidence_mass(sim, params.tau)  # [Q]
+    task = params.task
+    if task is None or query_tasks is None or anchor_tasks is None:
+        return LayerInput(p, mass, np.zeros(len(p), dtype=bool))
+    rate, has = task_kernel(sim, profiles, query_tasks=query_tasks, anchor_tasks=anchor_tasks, tau=task.task_tau)
+    mixed = (1 - task.task_weight) * p + task.task_weight * rate
+    return LayerInput(np.where(has[:, None], mixed, p), np.where(has, evidence_mass(sim, task.tau), mass), has)
 
 
 def adjusted(p: np.ndarray, mass: np.ndarray, prior: np.ndarray, params: DecisionParams) -> np.ndarray:
@@ -208,6 +274,40 @@ def fit_decision(
     g = max(min_gains, key=lambda x: (round(acc[x], 9), x))  # the best, then the more cautious
     fitted = {"rows": int(len(labels)), "views": len(views), "log_loss": round(best_loss, 5), "accuracy": round(acc[g], 3)}
     return DecisionParams(tau=tau, prior_weight=m, min_gain=g, calibration=cal, fitted=fitted)
+
+
+def fit_task_layer(
+    views: list[View],
+    labels: np.ndarray,
+    prior: np.ndarray,
+    *,
+    profiles: np.ndarray,
+    query_tasks: object,
+    anchor_tasks: object,
+    task_weights: tuple[float, ...] = TASK_WEIGHTS,
+    task_taus: tuple[float, ...] = TASK_TAUS,
+) -> DecisionParams | None:
+    """The layer for queries whose task has anchors, fitted on such held-out queries (None if there are none).
+
+    ``task_weight`` and ``task_tau`` are picked by log loss, as the shrinkage is (the mix is an
+    estimate of p); then ``fit_decision`` fits the rest on the mixed p. In the second view (own
+    cluster hidden) a query whose task's anchors are all hidden keeps its unmixed p.
+    """
+    labels = np.asarray(labels, dtype=np.float64)
+    rates = {t: [task_kernel(v.sim, profiles, query_tasks=query_tasks, anchor_tasks=anchor_tasks, tau=t) for v in views] for t in task_taus}
+    rows = rates[task_taus[0]][0][1]  # [V] the held-out queries whose task has anchors
+    if not rows.any():
+        return None
+    known = ~np.isnan(labels[rows])
+    y = labels[rows][known] >= 0.5
+
+    def mixed(weight: float, tau: float) -> list[View]:
+        return [View(np.where(has[:, None], (1 - weight) * v.p + weight * rate, v.p)[rows], v.sim[rows]) for v, (rate, has) in zip(views, rates[tau])]
+
+    loss = {(w, t): float(np.mean([log_loss(v.p[known], y) for v in mixed(w, t)])) for t in task_taus for w in task_weights}
+    w, t = min(loss, key=lambda k: (round(loss[k], 9), k))  # ties: the smaller weight, then the sharper kernel
+    layer = fit_decision(mixed(w, t), labels[rows], prior)
+    return dataclass_replace(layer, task_weight=w, task_tau=t, fitted={**layer.fitted, "task_log_loss": round(loss[(w, t)], 5)})
 
 
 def log_loss(p: np.ndarray, y: np.ndarray) -> float:

@@ -28,8 +28,10 @@ from icl_router.routing.decision import (
     cosine,
     evidence_mass,
     fit_decision,
+    fit_task_layer,
     guarded_choice,
     hide_own_cluster,
+    layer_input,
     logit,
     routed_accuracy,
     shrink,
@@ -82,20 +84,29 @@ def fit_router_decision(
     labels: np.ndarray,
     profiles: np.ndarray,
     models: Sequence[str],
+    query_tasks: Sequence[str] | None = None,
+    anchor_tasks: Sequence[str] | None = None,
     clusters: int = 8,
     seed: int = 0,
 ) -> DecisionParams:
     """The decision layer of ``router`` fitted on held-out queries (labels [V, T] of the T profiled
     ``models``); ``fitted["models"]`` records the pool, so another pool refits the guard
-    (``refit_guard``, ``routing.online.OnlineRouter.sync``)."""
+    (``refit_guard``, ``routing.online.OnlineRouter.sync``). With the tasks of the held-out queries
+    [V] and of the anchors [K], the layer for queries whose task has anchors is fitted too (``task``)."""
     views = router_views(router, texts=texts, query_emb=query_emb, profiles=profiles, clusters=clusters, seed=seed)
     prior = np.asarray(profiles, dtype=bool).mean(axis=1)  # [T] each model's accuracy on the anchors
     params = fit_decision(views, labels, prior)
-    return replace(params, fitted={**params.fitted, "models": list(models)})
+    task = None
+    if query_tasks is not None and anchor_tasks is not None:
+        task = fit_task_layer(views, labels, prior, profiles=np.asarray(profiles, dtype=bool), query_tasks=query_tasks, anchor_tasks=anchor_tasks)
+    return replace(params, fitted={**params.fitted, "models": list(models)}, task=task)
 
 
-def refit_guard(router: object, params: DecisionParams, *, profiles: np.ndarray, folds: int = 10, seed: int = 0) -> DecisionParams:
-    """``params`` with ``min_gain`` refitted for the pool of T ``profiles`` (bool [T, K]) on the K anchors.
+def refit_guard(
+    router: object, params: DecisionParams, *, profiles: np.ndarray, anchor_tasks: Sequence[str] | None = None, folds: int = 10, seed: int = 0
+) -> DecisionParams:
+    """``params`` with ``min_gain`` refitted for the pool of T ``profiles`` (bool [T, K]) on the K anchors
+    (the task layer's too, on the anchors whose task other anchors have, given ``anchor_tasks`` [K]).
 
     Each fold of anchors is scored by the router's evidence head from the other folds (its own
     outcomes hidden), shrunk and calibrated with the stored parameters; the margin is then picked
@@ -108,7 +119,7 @@ def refit_guard(router: object, params: DecisionParams, *, profiles: np.ndarray,
     if getattr(router, "evidence", None) is None or len(profiles) < 2:
         return params
     p, sim = anchor_guard_p(router, profiles=profiles, folds=folds, seed=seed)
-    return guard_on_anchors(params, p=p, sim=sim, profiles=profiles)
+    return guard_on_anchors(params, p=p, sim=sim, profiles=profiles, anchor_tasks=anchor_tasks)
 
 
 def anchor_guard_p(router: object, *, profiles: np.ndarray, folds: int = 10, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -131,15 +142,30 @@ def anchor_guard_p(router: object, *, profiles: np.ndarray, folds: int = 10, see
     return p, sim
 
 
-def guard_on_anchors(params: DecisionParams, *, p: np.ndarray, sim: np.ndarray, profiles: np.ndarray) -> DecisionParams:
-    """``params`` with the margin picked on the anchors from ``anchor_guard_p``'s p [K, T] and sim [K, K]."""
+def guard_on_anchors(
+    params: DecisionParams, *, p: np.ndarray, sim: np.ndarray, profiles: np.ndarray, anchor_tasks: Sequence[str] | None = None
+) -> DecisionParams:
+    """``params`` with the margin picked on the anchors from ``anchor_guard_p``'s p [K, T] and sim [K, K]
+    (and the task layer's, on the anchors it routes, given ``anchor_tasks`` [K])."""
     profiles = np.asarray(profiles, dtype=bool)
-    prior = profiles.mean(axis=1)
-    q = calibrate(shrink(np.clip(p, EPS, 1 - EPS), evidence_mass(sim, params.tau), prior, params.prior_weight), params.calibration)
-    labels = profiles.T.astype(np.float64)
+    prior = profiles.mean(axis=1)  # [T]
+    p = np.clip(p, EPS, 1 - EPS)
+    task = params.task
+    if task is not None and anchor_tasks is not None:
+        li = layer_input(p, sim, params=params, profiles=profiles, query_tasks=anchor_tasks, anchor_tasks=anchor_tasks)
+        rows = li.task_rows
+        if rows.any():
+            task = _guard(task, p=li.p[rows], mass=li.mass[rows], labels=profiles.T[rows], prior=prior)
+    return replace(_guard(params, p=p, mass=evidence_mass(sim, params.tau), labels=profiles.T, prior=prior), task=task)
+
+
+def _guard(params: DecisionParams, *, p: np.ndarray, mass: np.ndarray, labels: np.ndarray, prior: np.ndarray) -> DecisionParams:
+    """``params`` with the margin of best routed accuracy on p [N, T] against labels bool [N, T]."""
+    q = calibrate(shrink(p, mass, prior, params.prior_weight), params.calibration)
+    labels = labels.astype(np.float64)
     acc = {g: routed_accuracy(guarded_choice(q, int(np.argmax(prior)), g), labels) for g in MIN_GAINS}
     g = max(MIN_GAINS, key=lambda x: (round(acc[x], 9), x))  # the best, then the more cautious
-    return replace(params, min_gain=g, fitted={**params.fitted, "guard": {"on": "anchors", "models": len(profiles), "accuracy": round(acc[g], 3)}})
+    return replace(params, min_gain=g, fitted={**params.fitted, "guard": {"on": "anchors", "models": len(prior), "accuracy": round(acc[g], 3)}})
 
 
 def fitted_here(params: DecisionParams, pool: Sequence[str]) -> bool:

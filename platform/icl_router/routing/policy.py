@@ -91,10 +91,20 @@ def route_batch(
     prior: np.ndarray | None = None,
     mass: np.ndarray | None = None,
     params: DecisionParams | None = None,
+    task_rows: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, int | None]:
     """(chosen column [Q], the p it decided on [Q, T], the default column or None) for the
     router's p [Q, T]. With ``params`` (and the models' priors [T], the queries' evidence
-    mass [Q]) the decision layer adjusts p and guards the default under ``highest`` / ``cost``."""
+    mass [Q]) the decision layer adjusts p and guards the default under ``highest`` / ``cost``.
+    ``task_rows`` [Q] marks the queries routed by the task layer (``decision.layer_input`` gives
+    them with p and mass)."""
+    if params is not None and params.task is not None and task_rows is not None and np.any(task_rows):
+        pick, q, default = route_batch(p, policy=policy, models=models, costs=costs, prior=prior, mass=mass, params=params)
+        rows = np.flatnonzero(task_rows)
+        sub_costs = costs[rows] if costs is not None and np.ndim(costs) == 2 else costs
+        sub_mass = None if mass is None else np.asarray(mass)[rows]
+        pick[rows], q[rows], _ = route_batch(np.asarray(p)[rows], policy=policy, models=models, costs=sub_costs, prior=prior, mass=sub_mass, params=params.task)
+        return pick, q, default  # the two layers share the default: one rule on the same priors
     if params is None:
         return choose_batch(p, policy=policy, costs=costs), np.asarray(p, dtype=np.float64), None
     if prior is None or mass is None:
@@ -126,9 +136,11 @@ def choose(
     prior: dict[str, float] | None = None,
     mass: float | None = None,
     params: DecisionParams | None = None,
+    task_row: bool = False,
 ) -> Decision:
     """Pick one model for one query from ``{model: p(correct)}`` (with a decision layer: ``prior``
-    per model, the query's evidence ``mass`` and ``params``)."""
+    per model, the query's evidence ``mass`` and ``params``; ``task_row``: p and mass are the task
+    layer's, ``decision.layer_input``)."""
     if not p:
         raise PolicyError("the pool is empty: register at least one model before routing")
     models = list(p)
@@ -148,7 +160,8 @@ def choose(
         prior_vec = np.array([prior[m] for m in models])
     probs = np.array([p[m] for m in models])
     pick, q, default = route_batch(
-        probs[None], policy=policy, models=models, costs=cost_vec, prior=prior_vec, mass=None if mass is None else np.array([mass]), params=params
+        probs[None], policy=policy, models=models, costs=cost_vec, prior=prior_vec, mass=None if mass is None else np.array([mass]), params=params,
+        task_rows=np.array([task_row]),
     )
     chosen = models[int(pick[0])]
     final = dict(zip(models, q[0].tolist()))
