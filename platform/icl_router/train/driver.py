@@ -184,6 +184,7 @@ def keep_and_fit_decision(cfg: TrainConfig, router_dir: Path, *, rs: Any, val: n
         held = train[~np.isin(train, rs.anchor_rows)]
     params = fit_router_decision(
         router, texts=texts(router, held), query_emb=rs.embeddings[held], labels=labels[held], profiles=data.profiles, models=data.models,
+        query_tasks=[rs.tasks[i] for i in held] if cfg.decision.tasks else None, anchor_tasks=[rs.tasks[i] for i in rs.anchor_rows],
         clusters=cfg.decision.clusters, seed=cfg.seed,
     )
     write_decision(router_dir, params.to_json())
