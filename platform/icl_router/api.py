@@ -4,6 +4,7 @@
 
     router = Router.load("runs/demo/router")
     router.route(["What is 17 * 23?"])[0].model          # the chosen pool model
+    router.route(["What is 17 * 23?"], tasks=["math"])    # naming the query's task, where known
     router.scores(["What is 17 * 23?"])                    # p(correct) per model, [Q, T]
     router.register("new-model", profile, cost=0.002)      # by its anchor outcomes; no retraining
 
@@ -32,11 +33,13 @@ class RouterError(UserError):
 
 @dataclass
 class Scores:
-    """What the router says about Q queries: p(correct) [Q, T] for ``models`` and each query's evidence mass [Q]."""
+    """What the router says about Q queries: p(correct) [Q, T] for ``models``, each query's evidence mass [Q]
+    and which queries the decision layer's task layer routes [Q] (their task has anchors)."""
 
     models: list[str]
     p: np.ndarray
     mass: np.ndarray
+    task_rows: np.ndarray
 
     def as_dicts(self) -> list[dict[str, float]]:
         return [dict(zip(self.models, row.tolist())) for row in self.p]
@@ -83,18 +86,23 @@ class Router:
 
     # ---- scoring -------------------------------------------------------------
 
-    def scores_and_mass(self, texts: Sequence[str], *, models: Sequence[str] | None = None) -> Scores:
-        """The router's raw p(correct) [Q, T] for ``models`` (default: the pool) and the queries' evidence mass [Q]."""
+    def scores_and_mass(self, texts: Sequence[str], *, models: Sequence[str] | None = None, tasks: Sequence[str | None] | None = None) -> Scores:
+        """The router's p(correct) [Q, T] for ``models`` (default: the pool) before the decision layer
+        (moved toward the same-task rate for queries whose named task has anchors) and the queries' evidence mass [Q]."""
         texts = _texts(texts)
         models = self._models(models)
-        pool, p, mass, _ = self.online.score(texts)
-        cols = [pool.index(m) for m in models]
-        return Scores(models, p[:, cols], np.full(len(texts), np.inf) if mass is None else mass)
+        s = self.online.score(texts, tasks=_tasks(tasks, len(texts)))
+        cols = [s.models.index(m) for m in models]
+        return Scores(models, s.p[:, cols], np.full(len(texts), np.inf) if s.mass is None else s.mass, s.task_rows)
 
-    def scores(self, texts: Sequence[str], *, models: Sequence[str] | None = None) -> np.ndarray:
+    def scores(self, texts: Sequence[str], *, models: Sequence[str] | None = None, tasks: Sequence[str | None] | None = None) -> np.ndarray:
         """p(correct) [Q, T] as the policies see it (after the decision layer, if the router has one)."""
-        s = self.scores_and_mass(texts, models=models)
-        return s.p if self.decision is None else adjusted(s.p, s.mass, self.prior(s.models), self.decision)
+        s = self.scores_and_mass(texts, models=models, tasks=tasks)
+        if self.decision is None:
+            return s.p
+        prior = self.prior(s.models)
+        plain = adjusted(s.p, s.mass, prior, self.decision)
+        return np.where(s.task_rows[:, None], adjusted(s.p, s.mass, prior, self.decision.for_task(True)), plain)
 
     # ---- routing -------------------------------------------------------------
 
@@ -104,12 +112,14 @@ class Router:
         *,
         policy: Policy | str = "highest",
         models: Sequence[str] | None = None,
+        tasks: Sequence[str | None] | None = None,
         **overrides: Any,
     ) -> list[Decision]:
         """One Decision per query: the chosen model, the failover order, the p it decided on.
 
         ``policy``: a Policy or a kind name (``highest``, or ``cost`` with ``cost_weight=``, ...);
-        ``models``: route among these only; ``overrides``: the policy's value (threshold, margin,
+        ``models``: route among these only; ``tasks``: each query's task (None where unknown): a
+        query whose task some anchor has is routed by the task layer; ``overrides``: the policy's value (threshold, margin,
         budget, cost_weight) and the decision layer's ``min_gain``, ``prior_weight``, ``default_model``.
         """
         pol_args = {k: overrides.pop(k) for k in ("threshold", "margin", "budget", "cost_weight") if k in overrides}
@@ -120,13 +130,13 @@ class Router:
             raise RouterError(str(e)) from None
         if overrides and self.decision is None:
             raise RouterError(f"{sorted(overrides)}: this router has no decision layer (icl_router.json has no 'decision')")
-        s = self.scores_and_mass(texts, models=models)
+        s = self.scores_and_mass(texts, models=models, tasks=tasks)
         costs = self._costs(s.models) if pol.needs_costs else None
         prior = dict(zip(s.models, self.prior(s.models).tolist()))
         try:
             return [
-                choose(dict(zip(s.models, row.tolist())), policy=pol, costs=costs, prior=prior, mass=float(m), params=params)
-                for row, m in zip(s.p, s.mass)
+                choose(dict(zip(s.models, row.tolist())), policy=pol, costs=costs, prior=prior, mass=float(m), params=params, task_row=bool(t))
+                for row, m, t in zip(s.p, s.mass, s.task_rows)
             ]
         except PolicyError as e:
             raise RouterError(str(e)) from None
@@ -174,3 +184,12 @@ def _texts(texts: Sequence[str]) -> list[str]:
     if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
         raise RouterError("texts must be a list of strings, e.g. router.route(['What is 2+2?'])")
     return list(texts)
+
+
+def _tasks(tasks: Sequence[str | None] | None, n: int) -> list[str | None] | None:
+    if tasks is None:
+        return None
+    if isinstance(tasks, str) or len(tasks) != n or not all(t is None or isinstance(t, str) for t in tasks):
+        raise RouterError(f"tasks must name one task (a string, or None where unknown) per text: {n} of them, "
+                          "e.g. router.route(['What is 2+2?'], tasks=['math'])")
+    return list(tasks)

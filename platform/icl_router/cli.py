@@ -67,9 +67,12 @@ def _cmd_route(a: argparse.Namespace) -> Any:
     options = {n: getattr(a, n) for n in names if getattr(a, n) is not None}
     Policy(a.policy, **{k: v for k, v in options.items() if k in ("threshold", "margin", "budget", "cost_weight")})  # refuse before loading
     DecisionParams().replace(**{k: v for k, v in options.items() if k in ("min_gain", "prior_weight", "default_model")})
+    tasks = a.task
+    if tasks is not None and len(tasks) not in (1, len(a.text)):
+        raise UserError(f"--task: give one (for every --text) or one per --text ({len(a.text)}), got {len(tasks)}")
     hf_logging.disable_progress_bar()
     router = Router.load(a.router)
-    decisions = router.route(a.text, policy=a.policy, models=a.model, **options)
+    decisions = router.route(a.text, policy=a.policy, models=a.model, tasks=None if tasks is None else tasks * (len(a.text) // len(tasks)), **options)
     return [{"text": t, "model": d.model, "default": d.default, "order": d.order, "p": {m: round(v, 4) for m, v in d.p.items()}} for t, d in zip(a.text, decisions)]
 
 
@@ -172,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{name}", type=float, help=f"the policy's or the decision layer's {name.replace('-', '_')}")
     p.add_argument("--default-model", help="the guard's default model (default: the best prior)")
     p.add_argument("--model", action="append", help="route among these pool models only; repeat")
+    p.add_argument("--task", action="append", help="the query's task (a task of the router's anchors): once for every --text, or once per --text")
     p.set_defaults(run=_cmd_route)
 
     from icl_router import submit  # light: Ray is imported only when a job is submitted

@@ -78,3 +78,50 @@ def test_cli_route_prints_decisions_and_refuses_bad_values_in_one_line(router_di
             main(["route", "--router", str(router_dir), "--text", "hi", *args])
         err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("icl-router")]
         assert e.value.code == 2 and len(err) == 1 and field in err[0], err
+
+
+@pytest.fixture
+def task_router_dir(router_dir):
+    """``router_dir`` with anchors.parquet (tasks 'math' x3, 'geo' x3), a 'geo' expert in the pool and a
+    task layer that follows the same-task rate, while the plain layer never leaves the default."""
+    import pyarrow as pa
+
+    from icl_router import schemas as S
+    from icl_router.model.router_dir import load_router_dir, save_router_dir, write_anchor_queries
+    from icl_router.routing.decision import DecisionParams
+
+    loaded = load_router_dir(router_dir)
+    models = ["strong", "weak", "geo"]
+    task = DecisionParams(tau=0.1, min_gain=0.0, task_weight=1.0, task_tau=10.0)  # tau 10: the task's anchors weigh alike
+    loaded.meta.decision = DecisionParams(tau=0.1, min_gain=1.0, fitted={"models": models}, task=task).to_json()
+    pool = {**loaded.pool, "geo": np.array([0, 0, 0, 1, 1, 1], bool)}
+    save_router_dir(loaded.router, router_dir, meta=loaded.meta, pool=pool)
+    ids = loaded.meta.anchor_query_ids
+    write_anchor_queries(router_dir, pa.table({S.QUERY_ID: ids, S.POSITION: pa.array(range(K), pa.int32()), S.TEXT: ids,
+                                              S.TASK: ["math"] * 3 + ["geo"] * 3, S.GOLD: ["1"] * K, S.GRADER: ["exact"] * K}))
+    return router_dir
+
+
+def test_queries_naming_their_task_get_the_task_layer(task_router_dir, capsys):
+    import json
+
+    from icl_router import Router
+    from icl_router.api import RouterError
+    from icl_router.cli import main
+
+    r = Router.load(task_router_dir)
+    texts = ["Which river crosses Paris?", "What is 17 * 23?"]
+    assert [d.model for d in r.route(texts)] == ["strong", "strong"]  # no task named: the plain layer keeps the default
+    assert [d.model for d in r.route(texts, tasks=["geo", None])] == ["geo", "strong"]
+    assert [d.model for d in r.route(texts, tasks=["history", "geo"])] == ["strong", "geo"]  # a task no anchor has: the plain layer
+    p = r.scores(texts, tasks=["geo", "math"])
+    assert p[0].argmax() == 2 and p[1].argmax() == 0 and r.scores_and_mass(texts, tasks=["geo", None]).task_rows.tolist() == [True, False]
+    for bad in (["geo"], "geo", [3, None]):
+        with pytest.raises(RouterError, match="tasks must name one task"):
+            r.route(texts, tasks=bad)
+    main(["route", "--router", str(task_router_dir), "--text", texts[0], "--text", texts[1], "--task", "geo"])
+    assert [d["model"] for d in json.loads(capsys.readouterr().out)] == ["geo", "geo"]  # one --task for every --text
+    with pytest.raises(SystemExit) as e:
+        main(["route", "--router", str(task_router_dir), "--text", "hi", "--task", "geo", "--task", "math"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("icl-router")]
+    assert e.value.code == 2 and len(err) == 1 and "--task" in err[0], err

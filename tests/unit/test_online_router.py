@@ -42,7 +42,7 @@ def test_both_paths_score_the_pool(routers):
     for s, r in routers.items():
         assert r.score(["x"])[0] == []  # an empty pool scores nothing
         r.sync(routable)
-        models, p, mass, ms = r.score(["Who wrote Hamlet?", "What is 2 + 2?", "Who wrote Hamlet?"])
+        models, p, mass, ms, _ = r.score(["Who wrote Hamlet?", "What is 2 + 2?", "Who wrote Hamlet?"])
         assert models == ["m0", "m1"] and p.shape == (3, 2) and ms["cached"] == 1  # the repeated text is embedded once
         assert mass is None  # no decision layer in this directory
         assert np.abs(p[0] - p[2]).max() < 1e-6 and ((p > 0) & (p < 1)).all()
@@ -91,7 +91,7 @@ def test_evidence_mass_for_the_decision_layer(router_dir, tmp_path):
     for s in ("full", "evidence"):
         r = OnlineRouter(path, scoring=s)
         r.sync({"m0": [True] * K})
-        _, _, mass, _ = r.score(texts)
+        mass = r.score(texts).mass
         masses.append(mass)
     emb = r.embed(texts)[0]
     want = evidence_mass(cosine(emb, r.anchor_emb), 0.1)

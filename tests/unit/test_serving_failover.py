@@ -274,3 +274,16 @@ def test_a_stream_is_relayed_and_a_broken_one_ends_with_an_error_event(end, reas
         assert len(out) == 3 and not broken and not stream.cancelled
     else:
         assert '"code": "stream_broken"' in out[3] and out[4] == "data: [DONE]\n\n" and broken == [reason] and stream.cancelled
+
+
+def test_a_query_whose_task_has_anchors_is_planned_with_the_task_layer():
+    task = DecisionParams(tau=0.1, min_gain=0.0)
+    params = DecisionParams(tau=0.1, min_gain=1.0, task=task)  # the plain layer never leaves the default (b)
+    p = {"a": 0.95, "b": 0.2, "c": 0.1}
+
+    async def task_score(text: str) -> Scores:
+        return Scores(p, 5.0, {}, 0.0, task_row=True)  # the replica's guard for the task layer
+
+    assert _plan(scorer(p, mass=5.0, min_gain=1.0), closed(ROUTER), params=params).decision.model == "b"
+    planned = _plan(task_score, closed(ROUTER), params=params)
+    assert planned.decision.model == "a" and planned.params == task

@@ -53,6 +53,8 @@ def refused(raw: bytes | dict, cls=ChatBody) -> ApiError:
         ({"model": "auto", "messages": MSGS, "routing": {"min_gain": 2}}, "invalid_value", "routing.min_gain"),
         ({"model": "auto", "messages": MSGS, "routing": {"policy": "fastest"}}, "invalid_value", "routing.policy"),
         ({"model": "auto", "messages": MSGS, "routing": {"surprise": 1}}, "invalid_value", "routing.surprise"),
+        ({"model": "auto", "messages": MSGS, "routing": {"task": ""}}, "invalid_value", "routing.task"),
+        ({"model": "auto", "messages": MSGS, "routing": {"task": ["math"]}}, "invalid_value", "routing.task"),
         ({"messages": MSGS}, "invalid_value", "model"),
     ],
 )

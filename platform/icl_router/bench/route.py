@@ -47,7 +47,8 @@ def run(args: argparse.Namespace) -> dict:
         text = f"{PROMPTS[i % len(PROMPTS)]} (#{i})"  # distinct: the uncached path
         for n in names if i % 2 == 0 else names[::-1]:
             t0 = time.perf_counter()
-            _, p, _, ms = routers[n].score([text])
+            s = routers[n].score([text])
+            p, ms = s.p, s.ms
             total[n].append((time.perf_counter() - t0) * 1e3)
             stage[n]["embed"].append(ms["embed"])
             stage[n]["score"].append(ms["score"])

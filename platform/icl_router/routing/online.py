@@ -20,11 +20,21 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 
 Scoring = Literal["auto", "full", "evidence"]
+
+
+class Scored(NamedTuple):
+    """What ``OnlineRouter.score`` gives for Q queries and the T pool ``models``."""
+
+    models: list[str]
+    p: np.ndarray  # [Q, T] float32: the router's p, moved toward the same-task rate on task rows
+    mass: np.ndarray | None  # [Q] evidence mass at the temperature of each query's layer; None without a decision layer
+    ms: dict  # stage times in ms: embed, score, cached
+    task_rows: np.ndarray  # bool [Q]: routed by the decision layer's task layer (``decision.layer_input``)
 
 
 class OnlineRouter:
@@ -34,8 +44,9 @@ class OnlineRouter:
                  embed_cache: int = 4096, embed_dtype: str = "float32") -> None:
         import torch
 
+        from icl_router import schemas as S
         from icl_router.data.embed import REFERENCE, load_query_embedder, parse_embedder
-        from icl_router.model.router_dir import load_router_dir
+        from icl_router.model.router_dir import load_router_dir, read_anchor_queries
         from icl_router.routing.decision import DecisionParams
 
         torch.set_num_threads(max(1, threads))
@@ -61,6 +72,8 @@ class OnlineRouter:
         self.tau = self.stored.tau if self.stored is not None else None
         self.evidence = SimpleNamespace(evidence=loaded.router.evidence, anchor_emb=loaded.router.anchor_emb)  # what refit_guard reads
         self.anchor_emb = loaded.router.anchor_emb.detach().float().cpu().numpy()  # [K, E]
+        anchors = read_anchor_queries(router_dir)  # their tasks: a query naming one of them gets the task layer
+        self.anchor_tasks = None if anchors is None else anchors.column(S.TASK).to_pylist()  # [K]
         self.query_emb = loaded.meta.query_input == "vector"  # the scorer reads the embedding (a text router reads the text)
         if scoring == "evidence" and not self.query_emb:
             raise ValueError("the evidence path reads query vectors: this router reads the query as text (query_input='text')")
@@ -100,7 +113,9 @@ class OnlineRouter:
             # records none (written by hand, or by an older train job)
             pool = list(self.profiles)
             here = fitted_here(self.stored, pool)
-            self.decision = self.stored if here else refit_guard(self.evidence, self.stored, profiles=np.array([self.profiles[m] for m in pool], dtype=bool))
+            self.decision = self.stored if here else refit_guard(
+                self.evidence, self.stored, profiles=np.array([self.profiles[m] for m in pool], dtype=bool), anchor_tasks=self.anchor_tasks
+            )
 
     # ---- queries ------------------------------------------------------------
 
@@ -138,15 +153,16 @@ class OnlineRouter:
             self.cache.popitem(last=False)
         return out, len(texts) - len(missing)
 
-    def score(self, texts: Sequence[str]) -> tuple[list[str], np.ndarray, np.ndarray | None, dict]:
-        """(models, p [Q, T] float32, evidence mass [Q] or None without a decision layer,
-        stage times in ms: embed, score, cached) for the current pool."""
-        from icl_router.routing.decision import cosine, evidence_mass
+    def score(self, texts: Sequence[str], *, tasks: Sequence[str | None] | None = None) -> Scored:
+        """The pool's p for ``texts`` (and the task each names, None where not named) through the
+        decision layer's input (``Scored``); the decision layer itself is the policy's step."""
+        from icl_router.routing.decision import cosine, layer_input
 
         t0 = time.perf_counter()
         models = self.scorer.models
+        none = np.zeros(len(texts), dtype=bool)
         if not models:
-            return [], np.zeros((len(texts), 0), dtype=np.float32), None, {}
+            return Scored([], np.zeros((len(texts), 0), dtype=np.float32), None, {}, none)
         emb, cached = self.embed(texts) if self.embedder is not None else (None, 0)  # [Q, E]
         t1 = time.perf_counter()
         if self.scoring == "evidence":
@@ -155,8 +171,11 @@ class OnlineRouter:
         else:
             sim = None
             p = self.scorer.score(list(texts), query_emb=emb if self.query_emb else None, models=models)  # [Q, T]
-        mass = None
-        if self.tau is not None:
-            mass = evidence_mass(cosine(emb, self.anchor_emb) if sim is None else sim, self.tau)  # [Q]
+        mass, task_rows = None, none
+        if self.decision is not None:
+            profiles = None if tasks is None else np.array([self.profiles[m] for m in models], dtype=bool)  # [T, K]
+            li = layer_input(p, cosine(emb, self.anchor_emb) if sim is None else sim, params=self.decision, profiles=profiles,
+                             query_tasks=tasks, anchor_tasks=self.anchor_tasks)
+            p, mass, task_rows = li.p.astype(np.float32), li.mass, li.task_rows
         t2 = time.perf_counter()
-        return models, p, mass, {"embed": round((t1 - t0) * 1e3, 3), "score": round((t2 - t1) * 1e3, 3), "cached": cached}
+        return Scored(models, p, mass, {"embed": round((t1 - t0) * 1e3, 3), "score": round((t2 - t1) * 1e3, 3), "cached": cached}, task_rows)

@@ -77,7 +77,7 @@ class Router:
         self._batch.set_max_batch_size(max_batch_size)
         self._batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         await self._sync(None)
-        self._score_now([("warm up the embedder and the router", time.perf_counter())])
+        self._score_now([("warm up the embedder and the router", None, time.perf_counter())])
 
     async def _sync(self, pool: tuple[str, int] | None) -> None:
         await sync_pool(self, pool)
@@ -85,31 +85,31 @@ class Router:
     async def health(self) -> dict:
         return pool_health(self)
 
-    async def score(self, text: str, pool: tuple[str, int]) -> Scores:
-        """The raw p of every routable model for one query (batched with concurrent calls)."""
+    async def score(self, text: str, pool: tuple[str, int], task: str | None = None) -> Scores:
+        """The raw p of every routable model for one query naming ``task`` or none (batched with concurrent calls)."""
         if pool[0] != self.pool[0] or pool[1] > self.pool[1]:
             await self._sync(pool)
-        return await self._batch((text[:MAX_ROUTE_CHARS], time.perf_counter()))
+        return await self._batch((text[:MAX_ROUTE_CHARS], task, time.perf_counter()))
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
-    async def _batch(self, items: list[tuple[str, float]]) -> list[Scores]:
+    async def _batch(self, items: list[tuple[str, str | None, float]]) -> list[Scores]:
         # On this loop, not in a thread: queries arriving meanwhile wait for the next batch either
         # way, and the two thread hops cost more than they save on loaded cores. (Serve runs this
         # loop in its own thread: the replica's control calls are not blocked.)
         return self._score_now(items)
 
-    def _score_now(self, items: list[tuple[str, float]]) -> list[Scores]:
+    def _score_now(self, items: list[tuple[str, str | None, float]]) -> list[Scores]:
         t0 = time.perf_counter()
-        models, p, mass, ms = self.online.score([t for t, _ in items])
-        if not models:
+        tasks = [task for _, task, _ in items]
+        s = self.online.score([t for t, _, _ in items], tasks=tasks if any(t is not None for t in tasks) else None)
+        if not s.models:
             return [Scores({}) for _ in items]
         self.metrics["scoring_ms"].observe((time.perf_counter() - t0) * 1e3)
         self.metrics["batch_size"].observe(len(items))
-        stages = {"embed": ms["embed"], "score": ms["score"], "batch": len(items), "cached": ms["cached"]}
-        guard = _guard(self.online)
+        stages = {"embed": s.ms["embed"], "score": s.ms["score"], "batch": len(items), "cached": s.ms["cached"]}
         return [
-            Scores(dict(zip(models, row.tolist())), None if mass is None else float(mass[i]), {"queue": round((t0 - tq) * 1e3, 2), **stages}, guard)
-            for i, (row, (_, tq)) in enumerate(zip(p, items))
+            _scores(s, i, {"queue": round((t0 - tq) * 1e3, 2), **stages}, self.online)
+            for i, (_, _, tq) in enumerate(items)
         ]
 
 
@@ -129,9 +129,12 @@ def pool_health(holder: Any) -> dict:
     return {"models": len(holder.online.models), "epoch": holder.pool[0], "version": holder.pool[1]}
 
 
-def _guard(online: Any) -> float | None:
-    """The guard's margin for the pool ``online`` holds (routing.online.OnlineRouter.decision)."""
-    return None if online.decision is None else online.decision.min_gain
+def _scores(s: Any, i: int, ms: dict, online: Any) -> Scores:
+    """Query ``i`` of ``online.score``'s answer ``s``, with the guard's margin of its layer for the pool
+    ``online`` holds (routing.online.OnlineRouter.decision)."""
+    task_row = bool(s.task_rows[i])
+    guard = None if online.decision is None else online.decision.for_task(task_row).min_gain
+    return Scores(dict(zip(s.models, s.p[i].tolist())), None if s.mass is None else float(s.mass[i]), ms, guard, task_row)
 
 
 class _Call:
@@ -178,14 +181,13 @@ class InProcessRouter:
     async def _health(self) -> dict:
         return pool_health(self)
 
-    async def _score(self, text: str, pool: tuple[str, int]) -> Scores:
+    async def _score(self, text: str, pool: tuple[str, int], task: str | None = None) -> Scores:
         if pool[0] != self.pool[0] or pool[1] > self.pool[1]:
             await self._sync(pool)
         t0 = time.perf_counter()
-        models, p, mass, ms = self.online.score([text[:MAX_ROUTE_CHARS]])
-        if not models:
+        s = self.online.score([text[:MAX_ROUTE_CHARS]], tasks=None if task is None else [task])
+        if not s.models:
             return Scores({})
         self.metrics["scoring_ms"].observe((time.perf_counter() - t0) * 1e3)
         self.metrics["batch_size"].observe(1)
-        return Scores(dict(zip(models, p[0].tolist())), None if mass is None else float(mass[0]),
-                      {"queue": 0.0, "embed": ms["embed"], "score": ms["score"], "batch": 1, "cached": ms["cached"]}, _guard(self.online))
+        return _scores(s, 0, {"queue": 0.0, "embed": s.ms["embed"], "score": s.ms["score"], "batch": 1, "cached": s.ms["cached"]}, self.online)

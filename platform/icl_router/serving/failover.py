@@ -33,7 +33,8 @@ class Scores:
     p: dict[str, float]  # raw p(correct) per model
     mass: float | None = None  # evidence mass of the query (routing.decision); None: no decision layer
     ms: dict[str, float] = field(default_factory=dict)  # where the router replica spent the time
-    min_gain: float | None = None  # the guard's margin for the replica's pool (refitted when the pool changed)
+    min_gain: float | None = None  # the guard's margin for the replica's pool (refitted when the pool changed), of the query's layer
+    task_row: bool = False  # p and mass are the decision layer's task layer's (the query's task has anchors)
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,8 @@ async def plan(
         p = {m: priors[m] for m in candidates}
         mass = 0.0  # no evidence about the query: the decision layer keeps the priors
     use = params if params is not None and mass is not None else None
+    if use is not None and scores is not None:
+        use = use.for_task(scores.task_row)
     if use is not None and not pinned and scores is not None and scores.min_gain is not None:
         use = use.replace(min_gain=scores.min_gain)
     prior = {m: priors[m] for m in candidates}

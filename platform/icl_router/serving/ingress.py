@@ -202,7 +202,7 @@ class Ingress:
         pool = (snap.epoch, snap.version)
 
         async def score(t: str) -> Scores:
-            return await self.router.score.remote(t, pool)
+            return await self.router.score.remote(t, pool, r.task)
 
         p = await plan(text, candidates=cands, priors=snap.priors(), costs=snap.costs(), policy=policy, params=params, score=score,
                        circuits=self.circuits, timeout_s=self.cfg.router_timeout_s, pinned="min_gain" in r.decision_overrides())

@@ -106,6 +106,9 @@ class RoutingOptions(_Strict):
     prior_weight: float | None = Field(default=None, ge=0)
     default_model: str | None = None
     models: list[str] | None = Field(default=None, min_length=1, max_length=256)
+    # the query's task (a task name of the router's anchors, anchors.parquet): routed by the decision
+    # layer's task layer if some anchor has it; any other name routes as a query naming none
+    task: str | None = Field(default=None, min_length=1, max_length=256)
     fallback: StrictBool = False  # a request naming a pool model: may another model answer if it fails?
 
     def decision_overrides(self) -> dict[str, Any]:
