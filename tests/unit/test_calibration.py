@@ -37,6 +37,21 @@ def test_knn_tuned_routes_a_niche_and_keeps_the_best_model_elsewhere():
     assert B.routed_accuracy(scores, labels[te]) > B.routed_accuracy(B.best_single(labels[tr], 500), labels[te]) + 3
 
 
+def test_knn_tuned_reading_the_task_finds_an_expert_the_embedding_hides():
+    rng = np.random.default_rng(2)
+    topic = rng.integers(0, 2, 1500)
+    emb = rng.normal(size=(1500, 8))  # the embedding says nothing of the topic
+    rate = np.where(topic[:, None] == 0, [0.6, 0.95], [0.8, 0.2])  # model 1 is the expert of topic 0
+    labels = (rng.random(rate.shape) < rate).astype(float)
+    tasks = [f"t{t}" for t in topic]
+    tr, te = slice(0, 1000), slice(1000, None)
+    plain, _ = B.knn_tuned(emb[tr], labels[tr], emb[te], seed=0)
+    named, _ = B.knn_tuned(emb[tr], labels[tr], emb[te], tasks=(tasks[tr], tasks[te]), seed=0)
+    assert B.routed_accuracy(named, labels[te]) > B.routed_accuracy(plain, labels[te]) + 5
+    unseen, _ = B.knn_tuned(emb[tr], labels[tr], emb[te], tasks=(tasks[tr], ["new"] * 500), seed=0)  # a task train has not
+    assert (unseen.argmax(1) == 0).mean() > 0.9  # the train accuracy: the best single model
+
+
 def test_quality_at_cost_and_cost_to_reach_on_the_hull():
     from icl_router.evaluation.cost import cost_to_reach, quality_at_cost, utility_curve
 

@@ -80,10 +80,10 @@ def test_quick_evaluation_on_a_slice(tmp_path):
             assert methods["oracle"][part]["mean"] >= max(others) - 1e-9  # no router can beat the oracle, whatever the data
             cal = rep["calibration"][part]
             assert 0 <= cal["ece"] <= 1 and 0 <= cal["brier"] <= 1 and 0 <= cal["away_from_default"] <= 100 and cal["reliability"]
-        assert set(report["delta"][name]["id"]) == {"vs_best_single", "vs_knn_tuned"}
+        assert set(report["delta"][name]["id"]) == {"vs_best_single", "vs_knn_tuned", "vs_knn_tuned_task"}
         decision = rep["decision"]["0"]
         assert decision["tau"] > 0 and decision["fitted"]["rows"] > 0
-    assert set(report["delta"]["mean"]["all"]) == {"vs_best_single", "vs_knn_tuned"}
+    assert set(report["delta"]["mean"]["all"]) == {"vs_best_single", "vs_knn_tuned", "vs_knn_tuned_task"}
     assert [a["model"] for a in report["add_model"]] == report["models"]
     assert [k["k"] for k in report["k_sweep"]] == [3, 6] and report["pool_sizes"][0]["n"] == 3
     rbr = report["routerbench"]

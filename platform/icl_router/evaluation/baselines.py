@@ -6,6 +6,8 @@ going to the first model in name order gives the routed model.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 
@@ -76,27 +78,57 @@ KNN_TUNED_MS = (0, 2, 5, 10, 20, 50, 100)
 KNN_TUNED_DELTAS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2)
 
 
-def knn_tuned(train_emb: np.ndarray, train_labels: np.ndarray, test_emb: np.ndarray, *, val_fraction: float = 0.2, seed: int = 0) -> tuple[np.ndarray, dict]:
+def knn_tuned(
+    train_emb: np.ndarray,
+    train_labels: np.ndarray,
+    test_emb: np.ndarray,
+    *,
+    tasks: tuple[list[str], list[str]] | None = None,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+) -> tuple[np.ndarray, dict]:
     """The tuned neighbour rule, the bar a router must clear: (scores [n_test, M], picked params).
 
     p = (sum of the k nearest train queries' outcomes + m * the model's train accuracy) / (k + m);
     the pool's best model by train accuracy unless another's p beats it by more than delta.
     k, m and delta are picked on a ``val_fraction`` slice of train (neighbours from the rest),
-    then applied with all of train. The scores are one-hot on the chosen model.
+    then applied with all of train. The scores are one-hot on the chosen model. With ``tasks``
+    (train tasks, test tasks) the accuracy is the model's on the query's own task where train has
+    it (``task_prior``): the rule reads the task, as the router does when queries name it.
     """
-    params = knn_tuned_fit(train_emb, train_labels, val_fraction=val_fraction, seed=seed)
-    p = knn_tuned_p(train_emb, train_labels, test_emb, params)
-    return _guard(p, _train_acc(train_labels), params["delta"]), params
+    train_tasks, test_tasks = tasks if tasks is not None else (None, None)
+    params = knn_tuned_fit(train_emb, train_labels, train_tasks=train_tasks, val_fraction=val_fraction, seed=seed)
+    prior = task_prior(train_labels, train_tasks, test_tasks) if tasks is not None else _train_acc(train_labels)
+    p = knn_tuned_p(train_emb, train_labels, test_emb, params, prior=prior)
+    return _guard(p, prior, params["delta"]), params
 
 
-def knn_tuned_fit(train_emb: np.ndarray, train_labels: np.ndarray, *, val_fraction: float = 0.2, seed: int = 0) -> dict:
+def task_prior(train_labels: np.ndarray, train_tasks: list[str], tasks: list[str]) -> np.ndarray:
+    """[n, M]: each model's train accuracy on the task of each of ``tasks`` (all of train for a task train has not)."""
+    train_tasks_a, tasks_a = np.asarray(train_tasks), np.asarray(tasks)
+    out = np.broadcast_to(_train_acc(train_labels), (len(tasks_a), train_labels.shape[1])).copy()
+    for task in np.unique(tasks_a):
+        src = train_labels[train_tasks_a == task]
+        if len(src):
+            with np.errstate(invalid="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # a model with no known outcome on the task
+                acc = _train_acc(src)
+            out[tasks_a == task] = np.where(np.isnan(acc), out[tasks_a == task][0], acc)
+    return out
+
+
+def knn_tuned_fit(train_emb: np.ndarray, train_labels: np.ndarray, *, train_tasks: list[str] | None = None, val_fraction: float = 0.2, seed: int = 0) -> dict:
     """{k, m, delta, val_acc}: the grid point with the best routed accuracy on the validation slice."""
     rng = np.random.default_rng(seed + 11)
     n = len(train_emb)
     val = np.zeros(n, dtype=bool)
     val[rng.choice(n, size=max(1, int(val_fraction * n)), replace=False)] = True
     best, best_acc = None, -1.0
-    prior_fit = _train_acc(train_labels[~val])
+    if train_tasks is None:
+        prior_fit = _train_acc(train_labels[~val])  # [M]
+    else:
+        t = np.asarray(train_tasks)
+        prior_fit = task_prior(train_labels[~val], t[~val], t[val])  # [n_val, M]
     for k in KNN_TUNED_KS:
         s, c = _knn_counts(train_emb[~val], train_labels[~val], train_emb[val], k=k)
         for m in KNN_TUNED_MS:
@@ -109,10 +141,12 @@ def knn_tuned_fit(train_emb: np.ndarray, train_labels: np.ndarray, *, val_fracti
     return {"k": k, "m": m, "delta": d, "val_acc": round(best_acc, 2)}
 
 
-def knn_tuned_p(train_emb: np.ndarray, train_labels: np.ndarray, test_emb: np.ndarray, params: dict) -> np.ndarray:
-    """The rule's p [n_test, M]: the k neighbours' outcomes shrunk toward the train accuracy by m."""
+def knn_tuned_p(train_emb: np.ndarray, train_labels: np.ndarray, test_emb: np.ndarray, params: dict, *, prior: np.ndarray | None = None) -> np.ndarray:
+    """The rule's p [n_test, M]: the k neighbours' outcomes shrunk by m toward ``prior`` ([M] or [n_test, M];
+    default: the train accuracy)."""
     s, c = _knn_counts(train_emb, train_labels, test_emb, k=params["k"])
-    return (s + params["m"] * _train_acc(train_labels)) / np.maximum(c + params["m"], 1e-9)
+    prior = _train_acc(train_labels) if prior is None else prior
+    return (s + params["m"] * prior) / np.maximum(c + params["m"], 1e-9)
 
 
 def _knn_counts(train_emb: np.ndarray, train_labels: np.ndarray, test_emb: np.ndarray, *, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -127,8 +161,8 @@ def _knn_counts(train_emb: np.ndarray, train_labels: np.ndarray, test_emb: np.nd
 
 
 def _guard(p: np.ndarray, prior: np.ndarray, delta: float) -> np.ndarray:
-    """One-hot [n, M]: the argmax of p unless it beats the best-prior model by <= delta."""
-    d = int(np.argmax(prior))
+    """One-hot [n, M]: the argmax of p unless it beats the best-prior model by <= delta (prior [M] or [n, M])."""
+    d = np.argmax(np.broadcast_to(prior, p.shape), axis=1)  # [n]
     best = p.argmax(axis=1)
     rows = np.arange(len(p))
     choice = np.where(p[rows, best] - p[rows, d] > delta, best, d)

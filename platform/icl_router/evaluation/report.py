@@ -19,6 +19,7 @@ LABELS = {
     "max-expert": "max expert (best per task; OOD: on test)",
     "knn": "kNN on query embeddings",
     "knn-tuned": "tuned neighbour rule (k, m, delta on validation)",
+    "knn-tuned-task": "tuned neighbour rule reading the query's task (its prior: the model's accuracy on that task)",
     "logreg": "logistic regression per model",
     "oracle": "oracle (any model right)",
 }
@@ -32,12 +33,16 @@ def _f(x: float | None, fmt: str = "{:.1f}") -> str:
     return "–" if x is None else fmt.format(x)
 
 
+def _bars(d: dict[str, float]) -> str:
+    return " | ".join(_f(d.get(k), "{:+.1f}") for k in ("vs_best_single", "vs_knn_tuned", "vs_knn_tuned_task"))
+
+
 def suite_table(r: dict[str, Any]) -> list[str]:
     """Per dataset and split: the router beside the bars it must clear."""
-    cols = ["icl-router", "best-single", "knn-tuned", "knn", "logreg", "oracle"]
+    cols = ["icl-router", "icl-router-no-task", "best-single", "knn-tuned", "knn-tuned-task", "max-expert", "knn", "logreg", "oracle"]
     lines = [
-        "| dataset | split | " + " | ".join(cols) + " | router - best single | router - knn-tuned |",
-        "|---|---|" + "---|" * (len(cols) + 2),
+        "| dataset | split | " + " | ".join(cols) + " | router - best single | router - knn-tuned | router - knn-tuned-task |",
+        "|---|---|" + "---|" * (len(cols) + 3),
     ]
     for name, rep in r["datasets"].items():
         m = rep["methods"]
@@ -46,10 +51,9 @@ def suite_table(r: dict[str, Any]) -> list[str]:
                 continue
             d = r["delta"][name][part]
             cells = [_ms(m.get(c, {}).get(part)) for c in cols]
-            lines.append(f"| {name} | {part.upper()} | " + " | ".join(cells) + f" | {d['vs_best_single']:+.1f} | {d['vs_knn_tuned']:+.1f} |")
+            lines.append(f"| {name} | {part.upper()} | " + " | ".join(cells) + f" | {_bars(d)} |")
     if "mean" in r["delta"]:
-        mean = r["delta"]["mean"]["all"]
-        lines.append("| mean | all | " + " | ".join("" for _ in cols) + f" | {mean['vs_best_single']:+.1f} | {mean['vs_knn_tuned']:+.1f} |")
+        lines.append("| mean | all | " + " | ".join("" for _ in cols) + f" | {_bars(r['delta']['mean']['all'])} |")
     return lines
 
 
@@ -180,8 +184,9 @@ def plots(r: dict[str, Any], out: Path) -> list[str]:
         if rows:
             fig, ax = plt.subplots(figsize=(1.2 * len(rows) + 2, 3.6))
             x = np.arange(len(rows))
-            ax.bar(x - 0.2, [d["vs_best_single"] for _, _, d in rows], 0.4, label="router - best single")
-            ax.bar(x + 0.2, [d["vs_knn_tuned"] for _, _, d in rows], 0.4, label="router - knn-tuned")
+            for i, (key, label) in enumerate((("vs_best_single", "router - best single"), ("vs_knn_tuned", "router - knn-tuned"),
+                                              ("vs_knn_tuned_task", "router - knn-tuned-task"))):
+                ax.bar(x + 0.27 * (i - 1), [d.get(key, np.nan) for _, _, d in rows], 0.27, label=label)
             ax.axhline(0, color="k", lw=0.8)
             ax.axhline(-0.5, color="grey", lw=0.8, ls="--")
             ax.set_xticks(x, [f"{n}\n{p.upper()}" for n, p, _ in rows], fontsize=8)

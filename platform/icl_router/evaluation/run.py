@@ -45,7 +45,7 @@ from icl_router.train.data import build_train_data
 # -raw: the router's argmax without the decision layer
 METHODS = [
     "icl-router", "icl-router-no-task", "icl-router-evidence", "icl-router-raw", "icl-router-text",
-    "random", "best-single", "max-expert", "knn", "knn-tuned", "logreg", "oracle",
+    "random", "best-single", "max-expert", "knn", "knn-tuned", "knn-tuned-task", "logreg", "oracle",
 ]
 
 
@@ -279,6 +279,7 @@ def baseline_scores(rs: RoutingSet, *, knn_k: int, seed: int) -> dict[str, dict[
     every = np.concatenate(list(parts.values()))
     lr = B.logreg(rs.embeddings[tr], rs.labels[tr], rs.embeddings[every])  # one fit for both parts
     tuned, _ = B.knn_tuned(rs.embeddings[tr], rs.labels[tr], rs.embeddings[every], seed=seed)
+    tuned_task, _ = B.knn_tuned(rs.embeddings[tr], rs.labels[tr], rs.embeddings[every], tasks=(task_names(rs, tr), task_names(rs, every)), seed=seed)
     out: dict[str, dict[str, float]] = {}
     start = 0
     for key, rows in parts.items():
@@ -291,6 +292,7 @@ def baseline_scores(rs: RoutingSet, *, knn_k: int, seed: int) -> dict[str, dict[
             "max-expert": B.routed_accuracy(B.max_expert(rs.labels[tr], [rs.tasks[i] for i in tr], tasks, test_labels=lab), lab),
             "knn": B.routed_accuracy(B.knn(rs.embeddings[tr], rs.labels[tr], rs.embeddings[rows], k=knn_k), lab),
             "knn-tuned": B.routed_accuracy(tuned[start : start + len(rows)], lab),
+            "knn-tuned-task": B.routed_accuracy(tuned_task[start : start + len(rows)], lab),
             "logreg": B.routed_accuracy(lr[start : start + len(rows)], lab),
             "oracle": B.routed_accuracy(B.oracle(lab), lab),
         }
@@ -550,21 +552,25 @@ def evaluate_dataset(cfg: EvaluateConfig, d: EvalDatasetConfig, *, first: bool, 
     }
 
 
+BARS = ("best-single", "knn-tuned", "knn-tuned-task")
+
+
 def deltas(datasets: dict[str, dict]) -> dict[str, dict]:
-    """router - best single and router - knn-tuned per dataset and split, and their means over datasets."""
+    """router - best single, router - knn-tuned and router - knn-tuned-task (the rule reading the task, as the
+    router does) per dataset and split, and their means over datasets."""
     out: dict[str, dict] = {}
     for name, rep in datasets.items():
         m = rep["methods"]
         if "icl-router" not in m:
             continue
         out[name] = {
-            part: {f"vs_{b.replace('-', '_')}": m["icl-router"][part]["mean"] - m[b][part]["mean"] for b in ("best-single", "knn-tuned")}
+            part: {f"vs_{b.replace('-', '_')}": m["icl-router"][part]["mean"] - m[b][part]["mean"] for b in BARS if b in m}
             for part in ("id", "ood")
             if part in m["icl-router"]
         }
     if out:
         cells = [v for parts in out.values() for v in parts.values()]
-        out["mean"] = {"all": {k: float(np.mean([c[k] for c in cells])) for k in ("vs_best_single", "vs_knn_tuned")}}
+        out["mean"] = {"all": {k: float(np.mean([c[k] for c in cells])) for k in cells[0]}}
     return out
 
 
@@ -606,7 +612,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         "output": str(out),
         "seconds": report["seconds"],
         **{
-            name: {m: {k: round(v["mean"], 1) for k, v in parts.items()} for m, parts in rep["methods"].items() if m in ("icl-router", "best-single", "knn-tuned")}
+            name: {m: {k: round(v["mean"], 1) for k, v in parts.items()} for m, parts in rep["methods"].items() if m in ("icl-router", "best-single", "knn-tuned", "knn-tuned-task")}
             for name, rep in datasets.items()
         },
     }
