@@ -88,7 +88,7 @@ def evaluate_router(router_dir: Path, data_dir: Path, *, embedder: str) -> dict[
     router = Router.load(router_dir, embedder=embedder)
     cols = [rs.models.index(m) for m in router.models]
     out = baseline_scores(rs, knn_k=20, seed=0)
-    out["icl-router"], out["icl-router-raw"], out["away"] = {}, {}, {}
+    out["icl-router"], out["icl-router-task"], out["icl-router-raw"], out["away"] = {}, {}, {}, {}
     for key, part in (("id", "test"), ("ood", "ood")):
         rows = rs.rows(part)
         texts = [rs.texts[r] for r in rows]
@@ -97,6 +97,8 @@ def evaluate_router(router_dir: Path, data_dir: Path, *, embedder: str) -> dict[
         chosen = np.array([router.models.index(d.model) for d in decisions])
         out["icl-router"][key] = float(100 * np.nanmean(lab[np.arange(len(rows)), chosen]))
         out["icl-router-raw"][key] = B.routed_accuracy(router.scores_and_mass(texts).p, lab)
+        named = router.route(texts, tasks=[rs.tasks[r] for r in rows])  # each query naming its task (decision.task)
+        out["icl-router-task"][key] = float(100 * np.nanmean(lab[np.arange(len(rows)), [router.models.index(d.model) for d in named]]))
         out["away"][key] = float(100 * np.mean([d.default is not None and d.model != d.default for d in decisions]))
         out.setdefault("traffic", {})[key] = {m: float(np.mean(chosen == i)) for i, m in enumerate(router.models)}
     return out
@@ -139,6 +141,7 @@ def _table(before: dict, after: dict, *, held_out: str) -> str:
     lines = ["| method | ID | OOD |", "|---|---|---|"]
     lines.append(f"| icl-router, pool without {held_out} | {before['icl-router']['id']:.1f} | {before['icl-router']['ood']:.1f} |")
     lines.append(f"| icl-router, {held_out} registered (no retraining) | {after['icl-router']['id']:.1f} | {after['icl-router']['ood']:.1f} |")
+    lines.append(f"| the same, each query naming its task | {after['icl-router-task']['id']:.1f} | {after['icl-router-task']['ood']:.1f} |")
     lines.append(f"| the same, argmax without the decision layer | {after['icl-router-raw']['id']:.1f} | {after['icl-router-raw']['ood']:.1f} |")
     lines.append(f"| queries the guard let leave the default model (%) | {after['away']['id']:.1f} | {after['away']['ood']:.1f} |")
     for m in ("random", "best-single", "max-expert", "knn", "knn-tuned", "logreg", "oracle"):

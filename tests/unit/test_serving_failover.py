@@ -286,4 +286,4 @@ def test_a_query_whose_task_has_anchors_is_planned_with_the_task_layer():
 
     assert _plan(scorer(p, mass=5.0, min_gain=1.0), closed(ROUTER), params=params).decision.model == "b"
     planned = _plan(task_score, closed(ROUTER), params=params)
-    assert planned.decision.model == "a" and planned.params == task
+    assert planned.decision.model == "a" and planned.params == task and planned.task_layer

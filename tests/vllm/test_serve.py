@@ -73,8 +73,10 @@ def service():
     SENT.clear()
     metrics_port = free_port()
     with served_root("srv-", num_cpus=10, _metrics_export_port=metrics_port, _system_config={"metrics_report_interval_ms": 1000}) as root:
-        # a decision layer that leaves p as it is and guards the default only at a tie: requests override it
-        decision = DecisionParams(tau=0.1, prior_weight=0.0, min_gain=0.0).to_json()
+        # a decision layer that leaves p as it is and guards the default only at a tie: requests override it;
+        # its task layer (for queries naming the anchors' task) routes on the same-task rates, the anchors weighing alike
+        task = DecisionParams(tau=0.1, prior_weight=0.0, min_gain=0.0, task_weight=1.0, task_tau=10.0)
+        decision = DecisionParams(tau=0.1, prior_weight=0.0, min_gain=0.0, task=task).to_json()
         fast = dict(upscale_delay_s=1, downscale_delay_s=4, metrics_interval_s=0.5, look_back_period_s=2)
         router = ScorerServeConfig(
             path=str(make_tiny_router_dir(root / "router", k=K, decision=decision)), num_cpus=1,
@@ -317,10 +319,15 @@ def test_policies_and_the_decision_layer_per_request(client):
     # a heavy prior weight against a query unlike every anchor: the p the choice was made on are the priors
     headers, _ = _chat(client, extra_body={"routing": {"prior_weight": 1e6}})
     assert _p(headers) == pytest.approx({"tiny-a": PROFILE_A.mean(), "tiny-b": 0.5}, abs=1e-4)
+    # naming the anchors' task: the task layer routes, on each model's rate over that task's anchors
+    headers, _ = _chat(client, extra_body={"routing": {"task": "arithmetic"}})
+    assert "layer=task" in headers["x-icl-router-policy"] and _p(headers) == pytest.approx({"tiny-a": PROFILE_A.mean(), "tiny-b": 0.5}, abs=0.03)
+    headers, _ = _chat(client, extra_body={"routing": {"task": "poetry"}})  # a task no anchor has: the plain layer
+    assert "layer=task" not in headers["x-icl-router-policy"]
     for bad, param in (
         ({"policy": "threshold"}, "routing.policy"), ({"policy": "fastest"}, "routing.policy"), ({"models": ["gpt-9"]}, "routing.models"),
         ({"budget": "cheap"}, "routing.budget"), ({"min_gain": 5}, "routing.min_gain"), ({"default_model": "gpt-9"}, "routing.default_model"),
-        ({"policy": "cost"}, "routing.policy"), ({"cost_weight": 1.0}, "routing.cost_weight"),
+        ({"policy": "cost"}, "routing.policy"), ({"cost_weight": 1.0}, "routing.cost_weight"), ({"task": ""}, "routing.task"),
     ):
         with pytest.raises(openai.BadRequestError) as e:
             _chat(client, extra_body={"routing": bad})

@@ -45,6 +45,7 @@ class Plan:
     scoring_ms: float
     timing: dict[str, float]
     params: DecisionParams | None = None  # the decision layer as used (the pool's guard, the request's overrides)
+    task_layer: bool = False  # ``params`` is the task layer (the query named a task the anchors have)
 
 
 class ModelRefused(Exception):
@@ -123,7 +124,8 @@ async def plan(
     if use is not None and use.default_model is not None and use.default_model not in candidates:
         use = use.replace(default_model=None)  # the configured default is not a candidate here: the best prior is
     decision = choose(p, policy=policy, costs=costs, prior=prior if use else None, mass=mass if use else None, params=use)
-    return Plan(decision, "router" if scores is not None else "prior", skipped, scoring_ms, dict(scores.ms) if scores else {}, use)
+    return Plan(decision, "router" if scores is not None else "prior", skipped, scoring_ms, dict(scores.ms) if scores else {}, use,
+                task_layer=use is not None and scores is not None and scores.task_row)
 
 
 async def failover(

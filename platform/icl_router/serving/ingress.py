@@ -83,6 +83,8 @@ def _policy_header(d: Plan) -> str:
     out = pol.kind + "".join(f";{k}={getattr(pol, k)}" for k in POLICY_FIELDS if getattr(pol, k) is not None)
     if params is not None and d.decision.default is not None:
         out += f";min_gain={params.min_gain};prior_weight={params.prior_weight}"
+        if d.task_layer:
+            out += ";layer=task"
     return out
 
 
