@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
@@ -110,11 +111,18 @@ class Ingress:
         self.started = False  # the router and one pool model have answered once
         self.retry_after = str(max(1, math.ceil(cfg.probe_interval_s)))
         self.schema: dict | None = None
-        # one round before taking traffic: a replica added to a running service is ready at once
-        try:
-            await asyncio.wait_for(self._tick(), 2 * cfg.probe_timeout_s)
-        except Exception as e:  # the pool is still starting: the watcher goes on
-            log.info("first probe round: %s", type(e).__name__)
+        # probe rounds before taking traffic: a replica added to a running service (the registry lists
+        # ready models) repeats them, bounded, until the router and a model answer; under load one
+        # probe can be slow, and a replica taking traffic unstarted would answer 503 to every request
+        deadline = time.monotonic() + 10 * cfg.probe_timeout_s
+        while True:
+            try:
+                await asyncio.wait_for(self._tick(), 2 * cfg.probe_timeout_s)
+            except Exception as e:  # the pool is still starting: the watcher goes on
+                log.info("probe round before traffic: %s", type(e).__name__)
+            if self.started or not self.snap.ready or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(cfg.probe_interval_s)
         self._watcher = asyncio.get_running_loop().create_task(self._watch())
 
     # ---- the background task: the pool's version, the probes, the gauges ------------------
