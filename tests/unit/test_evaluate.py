@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from icl_router.config import EvaluateConfig, load_config
+from icl_router.evaluation.baselines import earliest_within_se, routed_hits
 from icl_router.evaluation.cost import aiq, hull_curve
 from icl_router.evaluation.run import METHODS, run_evaluate
 
@@ -39,6 +40,28 @@ def test_hull_and_aiq_follow_routerbench():
     # the hull keeps input points as they are; a tolerance far below their spacing
     np.testing.assert_allclose(hull_curve(pts), [[1.0, 50.0], [2.0, 60.0], [5.0, 80.0]], atol=1e-9)
     assert aiq(pts, c_min=1.0, c_max=5.0) == pytest.approx((55.0 * 1 + 70.0 * 3) / 4, abs=1e-6)
+
+
+def test_a_later_router_is_kept_only_when_it_wins_by_more_than_a_standard_error():
+    rng = np.random.default_rng(0)
+    base = (rng.random(400) < 0.6).astype(float)  # [400] the untrained router's per-query correctness
+    slightly = base.copy()
+    slightly[np.flatnonzero(base == 0)[:10]] = 1.0  # 10 queries won and 7 lost of 400: a gain inside the noise
+    slightly[np.flatnonzero(base == 1)[:7]] = 0.0
+    clearly = base.copy()
+    clearly[np.flatnonzero(base == 0)[:60]] = 1.0  # 60 more right: far outside it
+    assert earliest_within_se([base, slightly]) == 0
+    assert earliest_within_se([base, slightly, clearly]) == 2
+    assert earliest_within_se([clearly, base]) == 0  # the simplest is also the best
+    worse = base.copy()
+    worse[np.flatnonzero(base == 1)[:60]] = 0.0
+    assert earliest_within_se([worse, slightly, clearly]) == 2
+    # unlabelled queries (NaN) drop out of the comparison instead of making it NaN
+    scores = np.array([[0.9, 0.1], [0.2, 0.8]])
+    labels = np.array([[1.0, 0.0], [np.nan, 1.0]])
+    np.testing.assert_allclose(routed_hits(scores, labels), [1.0, 1.0])
+    with_nan = np.where(np.arange(400) % 50 == 0, np.nan, clearly)
+    assert earliest_within_se([base, with_nan]) == 1
 
 
 @pytest.mark.slow  # the whole evaluate job (training included) on a slice: no Ray, but long for the unit tier

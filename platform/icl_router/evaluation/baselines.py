@@ -17,6 +17,30 @@ def routed_accuracy(scores: np.ndarray, labels: np.ndarray) -> float:
     return float(100 * np.nanmean(labels[np.arange(len(labels)), chosen]))
 
 
+def routed_hits(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Correctness [n] (NaN where unlabelled) of the argmax model; scores and labels [n, M]."""
+    chosen = np.asarray(scores).argmax(axis=1)
+    return np.asarray(labels, dtype=np.float64)[np.arange(len(labels)), chosen]
+
+
+def earliest_within_se(hits: list[np.ndarray]) -> int:
+    """The index of the first candidate whose routed accuracy is within one standard error of the best's.
+
+    ``hits`` are the candidates' per-query correctness [n] on the same held-out queries (``routed_hits``),
+    simplest first (the untrained router, then later steps). The standard error is the paired one,
+    of the per-query difference to the best: a few hundred held-out queries cannot tell routers apart
+    that differ on a handful of them, and a later candidate that wins by less keeps the simpler one
+    (the one-standard-error rule).
+    """
+    best = int(np.argmax([np.nanmean(h) for h in hits]))
+    for i, h in enumerate(hits[:best]):
+        d = hits[best] - h  # [n]
+        d = d[~np.isnan(d)]
+        if len(d) < 2 or d.mean() <= d.std(ddof=1) / np.sqrt(len(d)):
+            return i
+    return best
+
+
 def _train_acc(labels: np.ndarray) -> np.ndarray:
     return np.nanmean(labels, axis=0)  # [M]
 

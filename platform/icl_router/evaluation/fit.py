@@ -22,7 +22,7 @@ from icl_router.config import SplitConfig, TrainConfig
 from icl_router.data.anchors import select_anchors
 from icl_router.data.routing_set import RoutingSet
 from icl_router.data.splits import make_split
-from icl_router.evaluation.baselines import routed_accuracy
+from icl_router.evaluation.baselines import earliest_within_se, routed_hits
 from icl_router.train.data import TrainData
 
 
@@ -70,24 +70,25 @@ def fit(
     label: str = "train",
 ) -> tuple[Any, dict[str, Any]]:
     """Train (``train.loop`` steps); with ``rs`` and ``val`` rows, keep the weights of the
-    evaluation (every ``eval_every`` steps and at the end) with the best routed accuracy on val."""
+    evaluation (at step 0, every ``eval_every`` steps and at the end) that routes val best, the
+    earliest within one standard error of the best (``baselines.earliest_within_se``)."""
     from icl_router.train.loop import PlainEngine, build_router, make_optimizer, train_steps
 
     torch.manual_seed(cfg.seed)
     router = build_router(cfg, anchor_emb=data.anchor_emb, init_dir=init_dir)
     engine = PlainEngine(router, make_optimizer(router, cfg), clip=cfg.deepspeed.gradient_clipping)
     val_labels = None if val is None else rs.labels[val][:, [rs.models.index(m) for m in data.models]]
-    best, best_acc, best_step, curve = None, -1.0, 0, []
+    checks: list[tuple[int, np.ndarray, dict]] = []  # (step, hits [V], weights) of every evaluation: the pick needs them all
     t0, losses, step = time.perf_counter(), [], 0
 
     def check(step: int) -> None:
-        nonlocal best, best_acc, best_step
-        p = score(router, rs, val, data.profiles, max_text_tokens=cfg.max_text_tokens)
-        acc = routed_accuracy(p, val_labels)
-        curve.append((step, acc))
-        if acc > best_acc:
-            best, best_acc, best_step = copy.deepcopy(router.state_dict()), acc, step
+        hits = routed_hits(score(router, rs, val, data.profiles, max_text_tokens=cfg.max_text_tokens), val_labels)
+        checks.append((step, hits, copy.deepcopy(router.state_dict())))
         router.train()
+
+    def best_so_far() -> str:
+        s, h, _ = max(checks, key=lambda c: np.nanmean(c[1]))
+        return f" val best {100 * np.nanmean(h):.1f}@{s}"
 
     if val is not None:
         check(0)  # fine-tuning may not beat the router it starts from, nor training the anchor evidence's kNN
@@ -97,17 +98,18 @@ def fit(
         if r.step % 50 == 0 or r.step == r.total:
             sys.stderr.write(
                 f"\r[{label}] step {r.step}/{r.total} epoch {r.epoch}/{r.epochs} loss {np.mean(losses[-50:]):.4f} "
-                f"{time.perf_counter() - t0:.0f}s" + (f" val best {best_acc:.1f}@{best_step}" if val is not None else "")
+                f"{time.perf_counter() - t0:.0f}s" + (best_so_far() if checks else "")
             )
             sys.stderr.flush()
         if val is not None and r.step % eval_every == 0:
             check(r.step)
-    if val is not None and (not curve or curve[-1][0] != step):
+    if val is not None and checks[-1][0] != step:
         check(step)
     sys.stderr.write("\n")
-    if best is not None:
-        router.load_state_dict(best)
     info = {"steps": step, "seconds": round(time.perf_counter() - t0, 1), "final_loss": float(np.mean(losses[-50:])) if losses else None}
-    if val is not None:
-        info.update(val_acc=round(best_acc, 2), best_step=best_step, val_curve=curve)
+    if checks:
+        kept_step, hits, weights = checks[earliest_within_se([h for _, h, _ in checks])]
+        router.load_state_dict(weights)
+        curve = [(s, round(100 * float(np.nanmean(h)), 2)) for s, h, _ in checks]
+        info.update(val_acc=round(100 * float(np.nanmean(hits)), 2), best_step=kept_step, val_curve=curve)
     return router.eval(), info

@@ -142,12 +142,13 @@ def prepare_data(cfg: TrainConfig) -> tuple[TrainData, dict[str, Any], Any, np.n
 
 
 def keep_and_fit_decision(cfg: TrainConfig, router_dir: Path, *, rs: Any, val: np.ndarray, data: TrainData, init_dir: Path | None) -> dict[str, Any]:
-    """Check the trained router against the untrained one on the held-out queries and keep the better
-    (a tie keeps the untrained one, whose LM is silent); then fit the decision layer on the train
-    queries that trained nothing of the kept router, and write both into ``router_dir``."""
+    """Check the trained router against the untrained one on the held-out queries and keep the trained
+    one only when it routes them better by more than one standard error (``earliest_within_se``: the
+    untrained router's LM is silent); then fit the decision layer on the train queries that trained
+    nothing of the kept router, and write both into ``router_dir``."""
     from dataclasses import asdict
 
-    from icl_router.evaluation.baselines import routed_accuracy
+    from icl_router.evaluation.baselines import earliest_within_se, routed_hits
     from icl_router.model.router_dir import load_router_dir, save_router_dir, write_decision
     from icl_router.routing.decision_fit import fit_router_decision
     from icl_router.routing.scorer import Scorer
@@ -163,12 +164,13 @@ def keep_and_fit_decision(cfg: TrainConfig, router_dir: Path, *, rs: Any, val: n
             return [""] * len(rows)
         return truncate_texts([rs.texts[i] for i in rows], router.layout.tokenizer, max_tokens=cfg.max_text_tokens)
 
-    def val_acc(router: Any) -> float:
+    def val_hits(router: Any) -> np.ndarray:
         qe = rs.embeddings[val] if router.layout.query_input == "vector" else None
-        return routed_accuracy(Scorer(router, pool).score(texts(router, val), query_emb=qe), labels[val])
+        return routed_hits(Scorer(router, pool).score(texts(router, val), query_emb=qe), labels[val])
 
-    trained_acc, fresh_acc = val_acc(loaded.router), val_acc(fresh)
-    keep_trained = trained_acc > fresh_acc
+    hits = [val_hits(fresh), val_hits(loaded.router)]  # simplest first
+    fresh_acc, trained_acc = (100 * float(np.nanmean(h)) for h in hits)
+    keep_trained = earliest_within_se(hits) == 1
     router = loaded.router if keep_trained else fresh
     if not keep_trained:
         meta = loaded.meta
