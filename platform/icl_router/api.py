@@ -101,8 +101,10 @@ class Router:
         if self.decision is None:
             return s.p
         prior = self.prior(s.models)
-        plain = adjusted(s.p, s.mass, prior, self.decision)
-        return np.where(s.task_rows[:, None], adjusted(s.p, s.mass, prior, self.decision.for_task(True)), plain)
+        q = np.zeros(s.p.shape)  # [Q, T]
+        for layer, rows in self.decision.row_layers(s.task_rows):
+            q[rows] = adjusted(s.p[rows], s.mass[rows], prior, layer)
+        return q
 
     # ---- routing -------------------------------------------------------------
 

@@ -93,6 +93,13 @@ class DecisionParams:
         """The layer a query is routed by: the task layer when its task has anchors and there is one."""
         return self.task if has_task and self.task is not None else self
 
+    def row_layers(self, task_rows: np.ndarray) -> list[tuple[DecisionParams, np.ndarray]]:
+        """(layer, row indices) pairs that route each of Q queries once: the plain rows by this layer,
+        the task rows (bool [Q]) by ``task`` when there is one; a layer with no rows is left out."""
+        task_rows = np.asarray(task_rows, dtype=bool) & (self.task is not None)
+        pairs = [(self, np.flatnonzero(~task_rows)), (self.task, np.flatnonzero(task_rows))]
+        return [(layer, rows) for layer, rows in pairs if len(rows)]
+
     def to_json(self) -> dict:
         return {**asdict(self), "calibration": list(self.calibration), "task": None if self.task is None else self.task.to_json()}
 

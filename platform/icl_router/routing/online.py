@@ -69,7 +69,6 @@ class OnlineRouter:
         # the decision layer reads the query's evidence mass: its cosine to every anchor embedding
         self.stored = DecisionParams.from_json(loaded.meta.decision) if loaded.meta.decision is not None else None
         self.decision = self.stored  # the layer for the current pool: its guard refitted when the pool is another
-        self.tau = self.stored.tau if self.stored is not None else None
         self.evidence = SimpleNamespace(evidence=loaded.router.evidence, anchor_emb=loaded.router.anchor_emb)  # what refit_guard reads
         self.anchor_emb = loaded.router.anchor_emb.detach().float().cpu().numpy()  # [K, E]
         anchors = read_anchor_queries(router_dir)  # their tasks: a query naming one of them gets the task layer
@@ -78,7 +77,7 @@ class OnlineRouter:
         if scoring == "evidence" and not self.query_emb:
             raise ValueError("the evidence path reads query vectors: this router reads the query as text (query_input='text')")
         self.embedder, self.embedder_name, self.direct = None, None, False
-        if self.query_emb or self.tau is not None:
+        if self.query_emb or self.stored is not None:
             self.embedder_name = embedder or loaded.meta.embedder_name
             self.embedder = load_query_embedder(loaded.meta.embedder_name, embedder, where=f"router {router_dir}", threads=threads)
             if parse_embedder(self.embedder_name).variant == REFERENCE:
@@ -86,6 +85,7 @@ class OnlineRouter:
         self.cache: OrderedDict[str, np.ndarray] = OrderedDict()  # exact query text -> embedding (LRU)
         self.cache_size = embed_cache
         self.profiles: dict[str, list[bool]] = {}  # what the scorer holds
+        self.profile_matrix = np.zeros((0, len(self.anchor_emb)), dtype=bool)  # [T, K] in the scorer's model order: the task kernel's
 
     # ---- the pool -----------------------------------------------------------
 
@@ -106,16 +106,15 @@ class OnlineRouter:
                 self.scorer.add(m, np.array(prof, dtype=bool))  # full: one prefix forward
                 self.profiles[m] = list(prof)
                 changed = True
+        if changed:
+            self.profile_matrix = np.array([self.profiles[m] for m in self.scorer.models], dtype=bool).reshape(-1, len(self.anchor_emb))
         if changed and self.stored is not None:
             from icl_router.routing.decision_fit import fitted_here, refit_guard
 
             # the pool the layer was fitted on keeps it as stored, and so does any pool for a layer that
             # records none (written by hand, or by an older train job)
-            pool = list(self.profiles)
-            here = fitted_here(self.stored, pool)
-            self.decision = self.stored if here else refit_guard(
-                self.evidence, self.stored, profiles=np.array([self.profiles[m] for m in pool], dtype=bool), anchor_tasks=self.anchor_tasks
-            )
+            here = fitted_here(self.stored, self.scorer.models)
+            self.decision = self.stored if here else refit_guard(self.evidence, self.stored, profiles=self.profile_matrix, anchor_tasks=self.anchor_tasks)
 
     # ---- queries ------------------------------------------------------------
 
@@ -173,8 +172,7 @@ class OnlineRouter:
             p = self.scorer.score(list(texts), query_emb=emb if self.query_emb else None, models=models)  # [Q, T]
         mass, task_rows = None, none
         if self.decision is not None:
-            profiles = None if tasks is None else np.array([self.profiles[m] for m in models], dtype=bool)  # [T, K]
-            li = layer_input(p, cosine(emb, self.anchor_emb) if sim is None else sim, params=self.decision, profiles=profiles,
+            li = layer_input(p, cosine(emb, self.anchor_emb) if sim is None else sim, params=self.decision, profiles=self.profile_matrix,
                              query_tasks=tasks, anchor_tasks=self.anchor_tasks)
             p, mass, task_rows = li.p.astype(np.float32), li.mass, li.task_rows
         t2 = time.perf_counter()

@@ -98,17 +98,23 @@ def route_batch(
     mass [Q]) the decision layer adjusts p and guards the default under ``highest`` / ``cost``.
     ``task_rows`` [Q] marks the queries routed by the task layer (``decision.layer_input`` gives
     them with p and mass)."""
-    if params is not None and params.task is not None and task_rows is not None and np.any(task_rows):
-        pick, q, default = route_batch(p, policy=policy, models=models, costs=costs, prior=prior, mass=mass, params=params)
-        rows = np.flatnonzero(task_rows)
-        sub_costs = costs[rows] if costs is not None and np.ndim(costs) == 2 else costs
-        sub_mass = None if mass is None else np.asarray(mass)[rows]
-        pick[rows], q[rows], _ = route_batch(np.asarray(p)[rows], policy=policy, models=models, costs=sub_costs, prior=prior, mass=sub_mass, params=params.task)
-        return pick, q, default  # the two layers share the default: one rule on the same priors
     if params is None:
         return choose_batch(p, policy=policy, costs=costs), np.asarray(p, dtype=np.float64), None
     if prior is None or mass is None:
         raise PolicyError("the decision layer needs each model's prior and each query's evidence mass")
+    p, mass = np.asarray(p, dtype=np.float64), np.asarray(mass)
+    pick, q, default = np.zeros(len(p), dtype=np.int64), np.zeros_like(p), None
+    for layer, rows in params.row_layers(np.zeros(len(p), dtype=bool) if task_rows is None else task_rows):
+        sub_costs = costs[rows] if costs is not None and np.ndim(costs) == 2 else costs
+        pick[rows], q[rows], d = _route_layer(p[rows], policy=policy, models=models, costs=sub_costs, prior=prior, mass=mass[rows], params=layer)
+        default = d if default is None else default  # the plain layer's when it routes any row: overrides set both alike
+    return pick, q, default
+
+
+def _route_layer(
+    p: np.ndarray, *, policy: Policy, models: list[str], costs: np.ndarray | None, prior: np.ndarray, mass: np.ndarray, params: DecisionParams
+) -> tuple[np.ndarray, np.ndarray, int | None]:
+    """``route_batch`` for rows that one layer routes."""
     q = adjusted(p, mass, prior, params)
     if policy.kind not in ("highest", "cost"):
         return choose_batch(q, policy=policy, costs=costs), q, None
