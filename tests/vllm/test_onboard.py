@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from icl_router import schemas as S
+from icl_router.serving.admin import http_json
 
 pytestmark = pytest.mark.vllm
 
@@ -109,28 +110,10 @@ def service():
         t0 = time.monotonic()
         url = start(cfg)
         base = url.removesuffix("/v1")
-        while time.monotonic() - t0 < 900 and _http(base + "/ready")[0] != 200:  # a bounded wait for readiness
+        while time.monotonic() - t0 < 900 and http_json(base + "/ready")[0] != 200:  # a bounded wait for readiness
             time.sleep(1)
         print(f"service ready in {time.monotonic() - t0:.0f} s")
         yield Service(base, root, config, serving_block(cfg, like="tiny-a", serving=None, path=str(new)), golds)
-
-
-def _http(url: str, *, method: str = "GET", body: dict | None = None, key: str | None = None) -> tuple[int, dict]:
-    req = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(), method=method)
-    req.add_header("content-type", "application/json")
-    if key:
-        req.add_header("authorization", f"Bearer {key}")
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            status, raw = r.status, r.read()
-    except urllib.error.HTTPError as e:
-        status, raw = e.code, e.read()
-    except (urllib.error.URLError, ConnectionError):
-        return 0, {}
-    try:
-        return status, json.loads(raw)
-    except ValueError:
-        return status, {}
 
 
 def _admin(service: Service, name: str = "") -> str:
@@ -191,16 +174,16 @@ def _registered_profile(service: Service, model: str) -> list[bool]:
 
 @pytest.mark.timeout(300)
 def test_bad_registrations_get_a_clear_4xx_and_change_nothing(service):
-    apps, rows = _apps(), _http(_admin(service), key=ADMIN_KEY)[1]["data"]
+    apps, rows = _apps(), http_json(_admin(service), key=ADMIN_KEY)[1]["data"]
     cases = [
         ({"model": "tiny-new"}, "serving", "neither a profile nor a serving path"),  # no serving path, no profile
         ({"model": "tiny-new", "serving": service.serving, "profile": [True] * (K - 1)}, "profile", f"K={K}"),  # wrong length
         ({"model": "tiny-new", "serving": {**service.serving, "path": str(service.root / "nowhere")}}, "serving.path", "local model directory"),
     ]
     for body, param, text in cases:
-        status, out = _http(_admin(service), method="POST", body=body, key=ADMIN_KEY)
+        status, out = http_json(_admin(service), method="POST", body=body, key=ADMIN_KEY)
         assert status == 400 and out["error"]["param"] == param and text in out["error"]["message"], out
-    assert _apps() == apps and _http(_admin(service), key=ADMIN_KEY)[1]["data"] == rows
+    assert _apps() == apps and http_json(_admin(service), key=ADMIN_KEY)[1]["data"] == rows
     assert not service.outcomes.exists() and not (service.root / "onboarding" / "registrations").exists()
 
 
@@ -210,7 +193,7 @@ def _follow(service: Service, model: str, bound_s: float) -> tuple[list[str], di
     routed to nor served by name (checked once per state)."""
     t0, states, seen_at, row = time.monotonic(), [], {}, {}
     while time.monotonic() - t0 < bound_s:
-        row = _http(_admin(service, model), key=ADMIN_KEY)[1]
+        row = http_json(_admin(service, model), key=ADMIN_KEY)[1]
         state = row.get("state")
         if state and (not states or states[-1] != state):
             states.append(state)
@@ -229,7 +212,7 @@ def _follow(service: Service, model: str, bound_s: float) -> tuple[list[str], di
 @pytest.mark.timeout(900)
 def test_one_post_takes_a_new_model_from_nothing_to_routable(service):
     t0 = time.monotonic()
-    status, out = _http(_admin(service), method="POST", body={"model": "tiny-new", "serving": service.serving, "cost": 0.002}, key=ADMIN_KEY)
+    status, out = http_json(_admin(service), method="POST", body={"model": "tiny-new", "serving": service.serving, "cost": 0.002}, key=ADMIN_KEY)
     assert status == 202 and out["state"] == "deploying" and out["accuracy"] is None, out
     states, row, seen_at = _follow(service, "tiny-new", 800)
     took = time.monotonic() - t0
@@ -248,12 +231,12 @@ def test_one_post_takes_a_new_model_from_nothing_to_routable(service):
     assert status == 200 and p.keys() == {"tiny-a", "tiny-new"}, body
     # the ingress routes to a model it has never seen answer only after its background probe (every
     # probe_interval_s) closes the model's circuit: a bounded wait for that, then a routed answer from it
-    while _http(_admin(service, "tiny-new"), key=ADMIN_KEY)[1].get("circuit") != "closed" and time.monotonic() - t0 < 850:
+    while http_json(_admin(service, "tiny-new"), key=ADMIN_KEY)[1].get("circuit") != "closed" and time.monotonic() - t0 < 850:
         time.sleep(0.2)
     status, _, body = _chat(service, models=["tiny-new"])
     assert status == 200 and body["model"] == "tiny-new", body
     print(f"onboarding by POST: first routed answer from tiny-new {time.monotonic() - t0:.1f} s after the POST")
-    status, out = _http(_admin(service, "tiny-new"), method="DELETE", key=ADMIN_KEY)  # frees its replica for the next test
+    status, out = http_json(_admin(service, "tiny-new"), method="DELETE", key=ADMIN_KEY)  # frees its replica for the next test
     assert status == 200 and out["torn_down"] == "pool-tiny-new" and len(_outcomes(service, "tiny-new")) == K  # outcomes stay
 
 

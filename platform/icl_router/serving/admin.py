@@ -75,9 +75,11 @@ def admin_key(cfg: ServeConfig) -> str | None:
     return os.environ.get(KEY_ENV) or (listed[0] if listed else None)
 
 
-def _call(url: str, *, key: str | None, body: dict | None = None, timeout_s: float = 60) -> tuple[int, dict]:
-    """(status, JSON body) without raising on 4xx/5xx; status 0 when nothing answers."""
-    req = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(), method="GET" if body is None else "POST")
+def http_json(url: str, *, key: str | None = None, body: dict | None = None, method: str | None = None, timeout_s: float = 60) -> tuple[int, dict]:
+    """(status, JSON object body) of one request (GET, or POST with a ``body``, unless ``method`` says)
+    without raising on 4xx/5xx; status 0 when nothing answers."""
+    method = method or ("GET" if body is None else "POST")
+    req = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(), method=method)
     req.add_header("content-type", "application/json")
     if key:
         req.add_header("authorization", f"Bearer {key}")
@@ -108,7 +110,7 @@ def onboard(
     base, key = service_url(cfg, url), admin_key(cfg)
     t0 = time.monotonic()
     body = {"model": model, "serving": serving, **({"cost": cost} if cost is not None else {})}
-    status, out = _call(base + "/admin/models", key=key, body=body)
+    status, out = http_json(base + "/admin/models", key=key, body=body)
     if status == 0:
         raise OnboardError(f"no service answers at {base}; start it (`icl-router serve --config ...`) or pass --url")
     if status >= 400:
@@ -116,7 +118,7 @@ def onboard(
     say(f"onboard: {model}: {out.get('state')} (POST answered {status})")
     seen: tuple = ()
     while True:
-        status, row = _call(f"{base}/admin/models/{quote(model, safe='')}", key=key)
+        status, row = http_json(f"{base}/admin/models/{quote(model, safe='')}", key=key)
         if status == 200:
             progress = row.get("progress") or {}
             now = (row["state"], progress.get("graded"))
