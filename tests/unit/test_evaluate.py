@@ -106,6 +106,9 @@ def test_quick_evaluation_on_a_slice(tmp_path):
         assert set(report["delta"][name]["id"]) == {"vs_best_single", "vs_knn_tuned", "vs_knn_tuned_task"}
         decision = rep["decision"]["0"]
         assert decision["tau"] > 0 and decision["fitted"]["rows"] > 0
+        info = rep["train_info"]["icl-router/0"]  # validation checked step 0, every 15 steps and the last, and kept one of them
+        steps = [s for s, _ in info["val_curve"]]
+        assert steps[0] == 0 and steps[-1] == info["steps"] and 15 in steps and info["kept_step"] in steps
     assert set(report["delta"]["mean"]["all"]) == {"vs_best_single", "vs_knn_tuned", "vs_knn_tuned_task"}
     assert [a["model"] for a in report["add_model"]] == report["models"]
     assert [k["k"] for k in report["k_sweep"]] == [3, 6] and report["pool_sizes"][0]["n"] == 3

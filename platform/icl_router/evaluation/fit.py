@@ -111,5 +111,5 @@ def fit(
         kept_step, hits, weights = checks[earliest_within_se([h for _, h, _ in checks])]
         router.load_state_dict(weights)
         curve = [(s, round(100 * float(np.nanmean(h)), 2)) for s, h, _ in checks]
-        info.update(val_acc=round(100 * float(np.nanmean(hits)), 2), best_step=kept_step, val_curve=curve)
+        info.update(val_acc=round(100 * float(np.nanmean(hits)), 2), kept_step=kept_step, val_curve=curve)
     return router.eval(), info

@@ -204,7 +204,7 @@ def get_router(rc: EvalRouterConfig, rs: RoutingSet, *, seed: int, seed_i: int, 
         router, info = F.fit(cfg, data, init_dir=init, rs=rs, val=val if len(val) else None, eval_every=rc.eval_every, label=label)
     decision = stored
     if rc.decision is not None and stored is None:
-        held = held_out_rows(rs, val=val, best_step=info.get("best_step"))
+        held = held_out_rows(rs, val=val, kept_step=info.get("kept_step"))
         texts = query_texts(router, rs, held, max_text_tokens=rc.max_text_tokens)
         tasks = task_names(rs, held) if rc.decision.tasks else None
         decision = fit_router_decision(
@@ -215,10 +215,10 @@ def get_router(rc: EvalRouterConfig, rs: RoutingSet, *, seed: int, seed_i: int, 
     return Routed(router, info, cols, profiles, decision)
 
 
-def held_out_rows(rs: RoutingSet, *, val: np.ndarray, best_step: int | None) -> np.ndarray:
+def held_out_rows(rs: RoutingSet, *, val: np.ndarray, kept_step: int | None) -> np.ndarray:
     """The train queries that trained nothing of the router that was kept: every non-anchor train
     query when validation kept the untrained router (step 0), else the validation slice."""
-    if best_step == 0 or best_step is None and len(val) == 0:
+    if kept_step == 0 or kept_step is None and len(val) == 0:
         tr = rs.rows("train")
         return tr[~np.isin(tr, rs.anchor_rows)]
     return val
@@ -494,7 +494,7 @@ def evaluate_dataset(cfg: EvaluateConfig, d: EvalDatasetConfig, *, first: bool, 
                 continue
             rs_v = rs if rc.k == k else F.for_seed(rs0, queries, d.split, seed=seed, k=rc.k)
             r = get_router(rc, rs_v, seed=seed, seed_i=si, cache=cache, label=f"{d.name} {name} seed {seed}")
-            extra["train_info"][f"{name}/{seed}"] = {kk: v for kk, v in r.info.items() if kk != "val_curve"}
+            extra["train_info"][f"{name}/{seed}"] = dict(r.info)
             if name == "icl-router":
                 extra["decision"][str(seed)] = None if r.decision is None else r.decision.to_json()
                 routed = r
