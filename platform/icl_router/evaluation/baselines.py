@@ -11,16 +11,15 @@ import warnings
 import numpy as np
 
 
-def routed_accuracy(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Mean correctness (percent) of the argmax model; scores and labels [n, M]."""
-    chosen = np.asarray(scores).argmax(axis=1)
-    return float(100 * np.nanmean(labels[np.arange(len(labels)), chosen]))
-
-
 def routed_hits(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Correctness [n] (NaN where unlabelled) of the argmax model; scores and labels [n, M]."""
     chosen = np.asarray(scores).argmax(axis=1)
     return np.asarray(labels, dtype=np.float64)[np.arange(len(labels)), chosen]
+
+
+def routed_accuracy(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Mean correctness (percent) of the argmax model; scores and labels [n, M]."""
+    return float(100 * np.nanmean(routed_hits(scores, labels)))
 
 
 def earliest_within_se(hits: list[np.ndarray]) -> int:
