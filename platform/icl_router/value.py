@@ -80,22 +80,23 @@ def eval_queries(cfg: ValueConfig, meta: RouterMeta) -> tuple[Dataset, list[str]
         ids = [ids[i] for i in keep]
     if not ids:
         raise ConfigError(f"evaluation: no query of {ds.root} is left (split {e.split and e.split.name!r}, part {e.part!r}, anchors excluded)")
+    name = meta.embedder_name  # model@variant: the embed job records which form of the embedder wrote each vector
     field = "evaluation.dataset" if e.dataset else "dataset (the evaluation set)"
-    fix = f"embed them first: icl-router embed --config jobs/embed/config.yaml dataset={ds.root} embedder={meta.embedder}"
+    fix = f"embed them first: icl-router embed --config jobs/embed/config.yaml dataset={ds.root} embedder={name}"
     table = ds.read_embeddings()
-    mine = table.filter(pc.equal(table.column(S.EMBEDDER), meta.embedder))
+    mine = table.filter(pc.equal(table.column(S.EMBEDDER), name))
     have = set(mine.column(S.QUERY_ID).to_pylist())
     missing = [i for i in ids if i not in have]
     if missing:
-        others = sorted(set(table.column(S.EMBEDDER).to_pylist()) - {meta.embedder})
+        others = sorted(set(table.column(S.EMBEDDER).to_pylist()) - {name})
         found = f"it holds embeddings from {others} only" if others and not have else "it holds no embeddings" if not have else f"{len(have)} queries have one"
         raise DatasetError(
             f"{field} {ds.root}: {len(missing)} of its {len(ids)} evaluation queries have no embedding from the router's embedder "
-            f"{meta.embedder!r} (e.g. {missing[:3]}; {found}); the router reads queries as that model's vectors: {fix}"
+            f"{name!r} (e.g. {missing[:3]}; {found}); the router reads queries as that model's vectors: {fix}"
         )
-    emb = ds.embedding_matrix(ids, embedder=meta.embedder)
+    emb = ds.embedding_matrix(ids, embedder=name)
     if emb.shape[1] != meta.embedding_dim:
-        raise DatasetError(f"{field} {ds.root}: its {meta.embedder!r} embeddings are {emb.shape[1]}-d, the router reads {meta.embedding_dim}-d: {fix}")
+        raise DatasetError(f"{field} {ds.root}: its {name!r} embeddings are {emb.shape[1]}-d, the router reads {meta.embedding_dim}-d: {fix}")
     return ds, ids, [texts[i] for i in ids], emb
 
 
@@ -370,7 +371,7 @@ def run_value(cfg: ValueConfig) -> dict[str, Any]:
         "pool_min_gain": None if params is None else valuer.params_for(pool_cols).min_gain,
         "queries": len(ids),
         "evaluation_dataset": str(ds_eval.root),
-        "embedder": meta.embedder,
+        "embedder": meta.embedder_name,
         "profiled": todo,
         "seconds": round(time.time() - t0, 1),
     }

@@ -149,3 +149,16 @@ def test_cli_value(value_setup, tmp_path, capsys):
         main(["value", "--config", str(cfg), "candidates=[{name: m-ghost}]"])
     assert e.value.code == 2
     assert "icl-router value: candidates[0] ('m-ghost') has no profile and no serving path" in capsys.readouterr().err
+
+
+def test_a_router_embedded_by_a_variant_reads_that_variants_embeddings(value_setup):
+    """`icl-router demo embedder=<model>@onnx-int8` once stopped at its value step: the router directory
+    records the variant and the dataset's rows carry `<model>@onnx-int8`, but the lookup used the bare name."""
+    ds, router, base = value_setup
+    meta_path = router / "icl_router.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "embedder_variant": "onnx-int8"}))
+    emb = ds.read_embeddings("test-embedder")
+    ds.append_embeddings(emb.set_column(emb.schema.get_field_index(S.EMBEDDER), S.EMBEDDER, pa.array(["test-embedder@onnx-int8"] * len(emb))))
+    run_value(_cfg(base, candidates=[{"name": "m-best"}]))
+    assert json.loads((Path(base["output"]) / "value.json").read_text())["embedder"] == "test-embedder@onnx-int8"
