@@ -692,13 +692,22 @@ class PolicyConfig(Config):
         return self
 
 
+API_KEYS_ENV = "ICL_ROUTER_API_KEYS"
+ADMIN_KEYS_ENV = "ICL_ROUTER_ADMIN_KEYS"
+
+
 class AuthConfig(Config):
-    """Bearer keys; none configured means open. ``*_env`` names an env var of comma-separated keys, read by the replicas."""
+    """Bearer keys: API keys for /v1, admin keys for /admin. Listed here, or read (comma-separated) from
+    the named environment variable by each replica. An entry ``name:key`` names the key for its metrics
+    and limits; a bare key is named by a hash of it. A service that resolves no API key or no admin key
+    refuses to start and names what it read, unless ``open: true`` serves the missing kind to anyone
+    (a warning at start): opening is a choice written in the config, never a default."""
 
     api_keys: list[str] = []
-    api_keys_env: str | None = None
+    api_keys_env: str | None = API_KEYS_ENV
     admin_keys: list[str] = []
-    admin_keys_env: str | None = None
+    admin_keys_env: str | None = ADMIN_KEYS_ENV
+    open: bool = False
 
 
 class OnboardingConfig(Config):

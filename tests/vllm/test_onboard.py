@@ -99,7 +99,7 @@ def service():
             autoscaling=AutoscalingConfig(min_replicas=1, max_replicas=1, target_ongoing_requests=8),
         )]
         cfg = ServeConfig(
-            router=ScorerServeConfig(path=str(router), num_cpus=1), pool=pool, auth=AuthConfig(admin_keys=[ADMIN_KEY]), port=free_port(),
+            router=ScorerServeConfig(path=str(router), num_cpus=1), pool=pool, auth=AuthConfig(admin_keys=[ADMIN_KEY], open=True), port=free_port(),
             deploy_timeout_s=600, persist_profiles=True, ray=RayConfig(num_cpus=8),
             # one anchor at a time, each its own file: a restart lands mid-profiling, and every answer comes from
             # a batch of one (the same tokens in both onboardings)
@@ -259,7 +259,7 @@ def test_cli_onboarding_resumes_after_a_registry_restart_with_the_same_profile(s
            "--path", service.serving["path"], "--cost", "0.002", "--timeout", "800"]
     t0 = time.monotonic()
     with log.open("w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "ICL_ROUTER_ADMIN_KEY": ADMIN_KEY})
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "ICL_ROUTER_ADMIN_KEYS": ADMIN_KEY})
         try:
             while not _files(service, "tiny-new2") and proc.poll() is None and time.monotonic() - t0 < 800:  # bounded: the first outcome
                 time.sleep(0.05)

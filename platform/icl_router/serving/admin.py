@@ -3,8 +3,8 @@
     icl-router onboard --config serve/demo.yaml --model m-new --path /models/m-new [--like m-old] [--cost 0.001]
 
 It sends ``POST /admin/models {"model", "serving", "cost"}`` to the service the config describes
-(``http://<host>:<port>``, or ``--url``) with an admin key (``ICL_ROUTER_ADMIN_KEY``, else the
-config's first admin key), then follows ``GET /admin/models/{model}`` and prints each step
+(``http://<host>:<port>``, or ``--url``) with the config's first admin key (from ``ICL_ROUTER_ADMIN_KEYS``,
+the config's ``auth.admin_keys_env``, else listed in it), then follows ``GET /admin/models/{model}`` and prints each step
 (deploying, profiling n/K, ready) until the model is ready (exit 0) or failed (exit 2, with the
 reason). A registry restart meanwhile is waited out (503s are retried until ``--timeout``).
 
@@ -30,8 +30,6 @@ import yaml
 
 from icl_router.config import ConfigError, ServeConfig, deep_merge
 from icl_router.errors import UserError
-
-KEY_ENV = "ICL_ROUTER_ADMIN_KEY"
 
 
 class OnboardError(UserError):
@@ -70,9 +68,12 @@ def service_url(cfg: ServeConfig, url: str | None) -> str:
 
 
 def admin_key(cfg: ServeConfig) -> str | None:
-    """``ICL_ROUTER_ADMIN_KEY``, else the config's first admin key (listed, or from its ``admin_keys_env``)."""
-    listed = [*cfg.auth.admin_keys, *[k.strip() for k in os.environ.get(cfg.auth.admin_keys_env or "", "").split(",") if k.strip()]]
-    return os.environ.get(KEY_ENV) or (listed[0] if listed else None)
+    """The config's first admin key: from its ``admin_keys_env`` (``ICL_ROUTER_ADMIN_KEYS`` by default), else listed."""
+    from icl_router.serving.auth import parse_keys
+
+    env = [k.strip() for k in os.environ.get(cfg.auth.admin_keys_env or "", "").split(",") if k.strip()]
+    keys = list(parse_keys([*env, *cfg.auth.admin_keys]))
+    return keys[0] if keys else None
 
 
 def http_json(url: str, *, key: str | None = None, body: dict | None = None, method: str | None = None, timeout_s: float = 60) -> tuple[int, dict]:

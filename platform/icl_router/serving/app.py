@@ -29,6 +29,10 @@ def serve_config(args: dict[str, Any]) -> ServeConfig:
 def compose(cfg: ServeConfig) -> Any:
     """Ingress -> (Router, Registry, one LLMServer per pool model), bound by deployment handles
     (``router.placement: ingress``: the router inside the ingress replicas, no Router deployment)."""
+    from icl_router.serving.auth import Keys
+
+    Keys.from_config(cfg.auth).warn_open()  # no key and not opened on purpose: refuse here, before anything deploys
+
     from ray.serve.llm import build_llm_deployment
 
     from icl_router.model.router_dir import read_anchor_queries, read_meta
@@ -85,7 +89,9 @@ def start(cfg: ServeConfig) -> str:
     from ray import serve
 
     from icl_router.raycluster import ensure_ray
+    from icl_router.serving.auth import Keys
 
+    Keys.from_config(cfg.auth)  # refuse a keyless config before starting Ray
     ensure_ray(cfg.ray)
     port = cfg.port or free_port()
     serve.start(http_options={"host": cfg.host, "port": port})
