@@ -19,7 +19,7 @@ def test_demo_config_is_a_cpu_pool_with_explicit_autoscaling():
 
 def test_production_config_is_a_gpu_pool_of_7_to_9b_models_with_keys_from_the_environment():
     cfg = load_config(ServeConfig, SERVE / "production.yaml")
-    assert 3 <= len(cfg.pool) and all(m.accelerator == "gpu" and m.accelerator_type for m in cfg.pool)
+    assert 3 <= len(cfg.pool) and all(m.accelerator == "gpu" and m.accelerator_type is None for m in cfg.pool)  # GPU type: the node selector
     assert all(any(s in m.path.lower() for s in ("7b", "8b", "9b")) for m in cfg.pool)
     assert cfg.router.num_gpus >= 1 and cfg.router.autoscaling.max_replicas > 1
     assert not cfg.auth.api_keys and cfg.auth.api_keys_env and cfg.auth.admin_keys_env  # no secrets in the file
@@ -86,6 +86,18 @@ def test_app_args_take_a_config_path_with_overrides_or_inline_fields():
     assert serve_config({"router": {"path": "r"}, "pool": [{"name": "m", "path": "p"}]}).pool[0].name == "m"
     with pytest.raises(ConfigError, match="beside 'config'"):
         serve_config({"config": str(SERVE / "demo.yaml"), "port": 1})
+
+
+def test_app_args_overrides_name_the_pods_settings(monkeypatch):
+    """A RayService's overrides read `$NAME` from the pod's environment (cluster/kuberay's settings ConfigMap)."""
+    from icl_router.serving.app import serve_config
+
+    monkeypatch.setenv("ICL_ROUTER_ROUTER", "/mnt/data/icl-router/routers/stage2")
+    cfg = serve_config({"config": str(SERVE / "production.yaml"), "overrides": ["router.path=$ICL_ROUTER_ROUTER", "app_name=a"]})
+    assert cfg.router.path == "/mnt/data/icl-router/routers/stage2" and cfg.app_name == "a"
+    monkeypatch.delenv("ICL_ROUTER_ROUTER")
+    with pytest.raises(ConfigError, match=r"app args overrides\[0\] 'router.path=\$\{ICL_ROUTER_ROUTER\}': \$ICL_ROUTER_ROUTER is not set"):
+        serve_config({"config": str(SERVE / "production.yaml"), "overrides": ["router.path=${ICL_ROUTER_ROUTER}"]})
 
 
 def test_the_rayservice_probes_are_the_services_health_and_ready():

@@ -7,12 +7,34 @@ or the ServeConfig fields inline). ``icl-router serve`` starts it locally with `
 
 from __future__ import annotations
 
+import os
+import re
 import socket
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from icl_router.config import ServeConfig, build_config, load_config
+
+ENV_REF = re.compile(r"\$\{(\w+)\}|\$(\w+)")
+
+
+def expand_env(item: str, *, where: str, env: Mapping[str, str] | None = None) -> str:
+    """``$NAME`` / ``${NAME}`` in an app-args override, from ``env`` (default: this process's environment):
+    a RayService names the cluster's settings (the icl-router-settings ConfigMap) the way its RayJobs' shells do."""
+    from icl_router.config import ConfigError
+
+    env = os.environ if env is None else env
+
+    def value(m: re.Match) -> str:
+        name = m.group(1) or m.group(2)
+        if name not in env:
+            raise ConfigError(f"{where} {item!r}: ${name} is not set in the environment; set it (cluster/kuberay: "
+                              "the icl-router-settings ConfigMap) or write the value")
+        return env[name]
+
+    return ENV_REF.sub(value, item)
 
 
 def serve_config(args: dict[str, Any]) -> ServeConfig:
@@ -22,7 +44,8 @@ def serve_config(args: dict[str, Any]) -> ServeConfig:
             from icl_router.config import ConfigError
 
             raise ConfigError(f"app args: {sorted(extra)} beside 'config'; put them in the file or in 'overrides' (key.sub=value)")
-        return load_config(ServeConfig, args["config"], list(args.get("overrides") or []))
+        overrides = [expand_env(str(o), where=f"app args overrides[{i}]") for i, o in enumerate(args.get("overrides") or [])]
+        return load_config(ServeConfig, args["config"], overrides)
     return build_config(ServeConfig, dict(args), source="app args")
 
 
