@@ -78,7 +78,7 @@ def _cmd_route(a: argparse.Namespace) -> Any:
 
 def _cmd_onboard(a: argparse.Namespace) -> Any:
     from icl_router.config import ServeConfig, load_config
-    from icl_router.serving.admin import onboard, serving_block
+    from icl_router.serving.admin_client import onboard, serving_block
 
     cfg = load_config(ServeConfig, a.config, a.overrides)
     serving = serving_block(cfg, like=a.like, serving=a.serving, path=a.path)

@@ -628,6 +628,15 @@ class AutoscalingConfig(Config):
         return self
 
 
+# vLLM on CPU: one OMP thread, no pinning, a 1 GiB KV cache (vLLM's default asks for most of the machine's RAM).
+VLLM_CPU_ENV = {
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "OMP_NUM_THREADS": "1",
+    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+}
+
+
 class PoolModelConfig(Config):
     """One pool model served by ``ray.serve.llm`` (real vLLM); ``name`` is its model id in requests and profiles."""
 
@@ -640,6 +649,22 @@ class PoolModelConfig(Config):
     env_vars: dict[str, str] = {}  # on top of the CPU defaults when accelerator=cpu
     max_ongoing_requests: int = 16
     autoscaling: AutoscalingConfig = AutoscalingConfig()
+
+    def build(self) -> Any:
+        """The ray.serve.llm ``LLMConfig`` of this model (its deployment: ``LLMServer:<name>``)."""
+        from ray.serve.llm import LLMConfig
+
+        cpu = self.accelerator == "cpu"
+        hw: dict[str, Any] = {"accelerator_config": {"kind": "cpu"}} if cpu else {}
+        if self.accelerator_type:
+            hw["accelerator_type"] = self.accelerator_type
+        return LLMConfig(
+            model_loading_config={"model_id": self.name, "model_source": self.path},
+            engine_kwargs=dict(self.engine_kwargs),
+            deployment_config={"autoscaling_config": self.autoscaling.model_dump(), "max_ongoing_requests": self.max_ongoing_requests},
+            runtime_env={"env_vars": {**VLLM_CPU_ENV, **self.env_vars} if cpu else dict(self.env_vars)},
+            **hw,
+        )
 
     @model_validator(mode="after")
     def _check(self) -> PoolModelConfig:

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from icl_router.config import AuthConfig, ConfigError, ServeConfig, load_config
+from icl_router.serving.api_errors import ApiError
 from icl_router.serving.auth import OPEN, Keys, key_name
-from icl_router.serving.protocol import ApiError
 
 SERVE = Path(__file__).resolve().parents[2] / "serve"
 

@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from icl_router.config import ConfigError, ServeConfig
-from icl_router.serving.admin import OnboardError, admin_key, onboard, service_url, serving_block
+from icl_router.serving.admin_client import OnboardError, admin_key, onboard, service_url, serving_block
 
 KEY = "sk-admin"
 

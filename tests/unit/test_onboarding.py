@@ -237,7 +237,7 @@ def test_a_registry_restarted_mid_profiling_resumes_and_ends_with_the_same_profi
     lives = iter([0, 1])
     monkeypatch.setattr(R.Registry.func_or_class, "_deploy", deploy)
     monkeypatch.setattr(R.Registry.func_or_class, "_teardown", teardown)
-    monkeypatch.setattr(R, "ask_replica", ask)
+    monkeypatch.setattr(R, "ask_chat", ask)
     monkeypatch.setattr(R.serve, "get_deployment_handle", lambda *a, **kw: next(lives))  # the handle says which life asks
     onboarding = {"dir": str(tmp_path / "onb"), "concurrency": 1, "shard_size": 1}
     router = _router_dir(tmp_path / "router", anchors)

@@ -27,13 +27,11 @@ def test_production_config_is_a_gpu_pool_of_7_to_9b_models_with_keys_from_the_en
 
 
 @pytest.mark.parametrize("name", ["demo.yaml", "production.yaml"])
-def test_every_pool_model_becomes_an_llm_config(name):
+def test_every_pool_model_builds_an_llm_config(name):
     pytest.importorskip("vllm")
-    from icl_router.serving.deployments import llm_config
-
     cfg = load_config(ServeConfig, SERVE / name)
     for m in cfg.pool:
-        lc = llm_config(m)
+        lc = m.build()
         assert lc.model_id == m.name
         auto = lc.deployment_config["autoscaling_config"]
         assert auto["target_ongoing_requests"] == m.autoscaling.target_ongoing_requests  # never ray.serve.llm's 1e9

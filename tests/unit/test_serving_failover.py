@@ -12,7 +12,7 @@ import pytest
 from icl_router.routing.decision import DecisionParams
 from icl_router.routing.policy import Policy
 from icl_router.serving.circuits import Circuits, probe_open
-from icl_router.serving.failover import ROUTER, Exhausted, ModelRefused, Scores, failover, fallback_header, plan
+from icl_router.serving.failover import ROUTER, Exhausted, ModelRefused, RouterScores, failover, fallback_header, plan
 from icl_router.serving.sse import relay
 
 PRIORS = {"a": 0.6, "b": 0.7, "c": 0.5}
@@ -35,10 +35,10 @@ def closed(*names: str) -> Circuits:
 
 
 def scorer(p: dict[str, float], mass: float | None = None, calls: list | None = None, min_gain: float | None = None):
-    async def score(text: str) -> Scores:
+    async def score(text: str) -> RouterScores:
         if calls is not None:
             calls.append(text)
-        return Scores(p, mass, {"embed": 1.0}, min_gain)
+        return RouterScores(p, mass, {"embed": 1.0}, min_gain)
 
     return score
 
@@ -281,8 +281,8 @@ def test_a_query_whose_task_has_anchors_is_planned_with_the_task_layer():
     params = DecisionParams(tau=0.1, min_gain=1.0, task=task)  # the plain layer never leaves the default (b)
     p = {"a": 0.95, "b": 0.2, "c": 0.1}
 
-    async def task_score(text: str) -> Scores:
-        return Scores(p, 5.0, {}, 0.0, task_row=True)  # the replica's guard for the task layer
+    async def task_score(text: str) -> RouterScores:
+        return RouterScores(p, 5.0, {}, 0.0, task_row=True)  # the replica's guard for the task layer
 
     assert _plan(scorer(p, mass=5.0, min_gain=1.0), closed(ROUTER), params=params).decision.model == "b"
     planned = _plan(task_score, closed(ROUTER), params=params)

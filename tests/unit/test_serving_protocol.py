@@ -10,19 +10,16 @@ import pytest
 from icl_router.config import AuthConfig
 from icl_router.routing.decision import DecisionParams
 from icl_router.routing.policy import Policy
+from icl_router.serving.api_errors import ApiError
 from icl_router.serving.auth import Keys
+from icl_router.serving.failover import candidates, resolve
+from icl_router.serving.http_io import parse_body, read_body, require_json
 from icl_router.serving.protocol import (
     MAX_JSON_DEPTH,
-    ApiError,
     ChatBody,
     CompletionBody,
     RegisterBody,
     RoutingOptions,
-    candidates,
-    parse_body,
-    read_body,
-    require_json,
-    resolve,
 )
 
 MSGS = [{"role": "user", "content": "hi"}]
@@ -187,12 +184,10 @@ def test_candidates():
 
 
 def test_the_schema_documents_every_route_its_body_and_its_errors():
-    from fastapi.openapi.utils import get_openapi
-
     from icl_router.serving.ingress import app
-    from icl_router.serving.protocol import add_body_schemas
+    from icl_router.serving.openapi import service_schema
 
-    schema = add_body_schemas(get_openapi(title="icl-router", version="1", routes=app.routes))
+    schema = service_schema(app.routes)
     ops = {(m.upper(), p): op for p, item in schema["paths"].items() for m, op in item.items()}
     assert set(ops) == {
         ("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("GET", "/v1/models"), ("GET", "/v1/models/{model}"),

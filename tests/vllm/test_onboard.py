@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from icl_router import schemas as S
-from icl_router.serving.admin import http_json
+from icl_router.serving.admin_client import http_json
 
 pytestmark = pytest.mark.vllm
 
@@ -83,7 +83,7 @@ def service():
         ScorerServeConfig,
         ServeConfig,
     )
-    from icl_router.serving.admin import serving_block
+    from icl_router.serving.admin_client import serving_block
     from icl_router.serving.app import free_port, start
     from icl_router.testing import TINY_TEXTS, make_tiny_causal_lm, make_tiny_router_dir, served_root, tiny_anchors
 

@@ -579,15 +579,15 @@ def test_load_holds_concurrency_with_zero_errors_and_the_router_scales_up_and_do
     router goes back to one replica after the load. How long scaling takes is printed, not checked."""
     from icl_router.testing import ONE_REPLICA, load_until_scaled, wait_for_one_replica
 
-    got, _ = wait_for_one_replica("Router", bound_s=300)
+    got, _ = wait_for_one_replica("RouterDeployment", bound_s=300)
     assert got == ONE_REPLICA, f"the router never settled at one replica before the load: {got}"
     concurrency, max_s = 12, 480
-    run = load_until_scaled(lambda i: _chat(client, f"{QUERY} ({i})", max_tokens=1), "Router", concurrency=concurrency, max_s=max_s)
+    run = load_until_scaled(lambda i: _chat(client, f"{QUERY} ({i})", max_tokens=1), "RouterDeployment", concurrency=concurrency, max_s=max_s)
     print(run.summary("router", concurrency))
     assert not run.errors, run.errors[:3]
     assert not {s for s, _ in run.seen} & {"UNHEALTHY", "DEPLOY_FAILED"}, run.seen
     assert run.decided is not None, f"the autoscaler never decided to add a router replica in {max_s} s of load: {sorted(run.seen)}"
-    got, waited = wait_for_one_replica("Router", bound_s=300)
+    got, waited = wait_for_one_replica("RouterDeployment", bound_s=300)
     print(f"back to one router replica {waited:.0f} s after the load")
     assert got == ONE_REPLICA, f"the router did not scale back to one replica: {got}"
 
@@ -667,7 +667,7 @@ def test_chaos_pool_router_and_registry_replicas_die_under_load(service, client)
             assert headers["x-icl-router-fallback"] == f"{first}:open_circuit" and _p(headers).keys() == {other}
             # the router's replicas: routing by the priors meanwhile
             phase[0] = "router"
-            assert _kill("Router") >= 1
+            assert _kill("RouterDeployment") >= 1
             _wait("requests routed by the priors", lambda: sum("router:" in h.get("x-icl-router-fallback", "") for h in after("router")) >= 3, 120)
             _wait("the router's circuit closing", lambda: _http(_admin(service), key=ADMIN_KEY)[2].get("router") == "closed", 300)
             # the registry's replica: routing goes on; the admin API answers again once it is back

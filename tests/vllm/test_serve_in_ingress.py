@@ -92,7 +92,7 @@ def test_load_scales_the_ingress_up_and_down_with_zero_errors(client):
 
     from icl_router.testing import ONE_REPLICA, load_until_scaled, wait_for_one_replica
 
-    assert "Router" not in serve.status().applications["icl-router"].deployments  # no router deployment: the ingress carries the router
+    assert "RouterDeployment" not in serve.status().applications["icl-router"].deployments  # no router deployment: the ingress carries the router
     got, _ = wait_for_one_replica("Ingress", bound_s=300)
     assert got == ONE_REPLICA, f"the ingress never settled at one replica before the load: {got}"
     concurrency, max_s = 12, 480

@@ -135,7 +135,7 @@ def _chaos(args: argparse.Namespace, cfg, start, wait_ready, openai) -> dict:  #
             if fault == "pool_replica":
                 killed, back = _kill(cfg.app_name, f"LLMServer:{victim}"), lambda v=victim: _get(f"{base}/admin/models/{v}", admin)[1].get("circuit") == "closed"
             elif fault == "router_replica":
-                killed, back = _kill(cfg.app_name, "Router"), lambda: _get(f"{base}/admin/models", admin)[1].get("router") == "closed"
+                killed, back = _kill(cfg.app_name, "RouterDeployment"), lambda: _get(f"{base}/admin/models", admin)[1].get("router") == "closed"
             else:
                 killed, back = _kill(cfg.app_name, "Registry"), lambda: _get(f"{base}/admin/models", admin)[0] == 200
             t_kill = time.monotonic()

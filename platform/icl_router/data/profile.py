@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from icl_router import schemas as S
-from icl_router.config import CandidateModelConfig, ProfileConfig
+from icl_router.config import VLLM_CPU_ENV, CandidateModelConfig, ProfileConfig
 from icl_router.data.dataset import Dataset, DatasetError
 from icl_router.data.splits import make_split
 from icl_router.graders import GRADERS, grade
@@ -38,16 +38,6 @@ PROMPTS: dict[str, str] = {
     "f1": "{question}" + _JSON.replace("WHAT", "a short answer"),
     "code": "{question}\n\nWrite the complete Python function in one ```python code block.",
 }
-
-# vLLM on CPU: without a KV cache cap vLLM claims 92% of RAM;
-# one OpenMP thread and no core binding suit small models on shared cores.
-CPU_ENV = {
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-    "OMP_NUM_THREADS": "1",
-    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-}
-
 
 def _log(msg: str) -> None:
     print(f"profile: {msg}", file=sys.stderr, flush=True)
@@ -144,7 +134,7 @@ def engine_config(m: CandidateModelConfig, *, batch_size: int) -> Any:
         # CPU: the default placement asks for a GPU and waits forever. GPU: one GPU bundle per
         # tensor-parallel worker, Ray's default.
         placement_group_config={"bundles": [{"CPU": 1}]} if cpu else None,
-        runtime_env={"env_vars": {**CPU_ENV, **m.env_vars} if cpu else dict(m.env_vars)},
+        runtime_env={"env_vars": {**VLLM_CPU_ENV, **m.env_vars} if cpu else dict(m.env_vars)},
         chat_template_stage=ChatTemplateStageConfig(chat_template=m.chat_template),
         # The engine tokenizes prompts and detokenizes outputs itself: two actor stages fewer.
         tokenize_stage=False,

@@ -50,8 +50,8 @@ def serve_config(args: dict[str, Any]) -> ServeConfig:
 
 
 def compose(cfg: ServeConfig) -> Any:
-    """Ingress -> (Router, Registry, one LLMServer per pool model), bound by deployment handles
-    (``router.placement: ingress``: the router inside the ingress replicas, no Router deployment)."""
+    """Ingress -> (RouterDeployment, Registry, one LLMServer per pool model), bound by deployment handles
+    (``router.placement: ingress``: the router inside the ingress replicas, no RouterDeployment)."""
     from icl_router.serving.auth import Keys
 
     Keys.from_config(cfg.auth).warn_open()  # no key and not opened on purpose: refuse here, before anything deploys
@@ -59,9 +59,9 @@ def compose(cfg: ServeConfig) -> Any:
     from ray.serve.llm import build_llm_deployment
 
     from icl_router.model.router_dir import read_anchor_queries, read_meta
-    from icl_router.serving.deployments import Router, llm_config
     from icl_router.serving.ingress import Ingress
     from icl_router.serving.registry import Registry
+    from icl_router.serving.router_deployment import RouterDeployment
 
     router_dir = str(Path(cfg.router.path).resolve())  # replicas run elsewhere: no relative paths
     read_meta(router_dir)  # fail here, not in a replica that Serve retries forever
@@ -71,7 +71,7 @@ def compose(cfg: ServeConfig) -> Any:
     if embedder and Path(embedder).exists():
         embedder = str(Path(embedder).resolve())
     pool = [m.model_copy(update={"path": str(Path(m.path).resolve())}) if Path(m.path).exists() else m for m in cfg.pool]
-    pools = {m.name: build_llm_deployment(llm_config(m)) for m in pool}
+    pools = {m.name: build_llm_deployment(m.build()) for m in pool}
     registry = Registry.bind(router_dir, costs={m.name: m.cost for m in pool}, persist=cfg.persist_profiles, deploy_timeout_s=cfg.deploy_timeout_s,
                              onboarding=onboarding.model_dump(mode="json"))
     r = cfg.router
@@ -83,7 +83,7 @@ def compose(cfg: ServeConfig) -> Any:
             max_ongoing_requests=r.max_ongoing_requests,
             ray_actor_options={"num_cpus": r.num_cpus, "num_gpus": r.num_gpus},
         ).bind(None, registry, pools, cfg=cfg, local=local)
-    router = Router.options(
+    router = RouterDeployment.options(
         autoscaling_config=r.autoscaling.model_dump(),
         max_ongoing_requests=r.max_ongoing_requests,
         ray_actor_options={"num_cpus": r.num_cpus, "num_gpus": r.num_gpus},

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from icl_router.config import AuthConfig, ConfigError
-from icl_router.serving.protocol import ApiError
+from icl_router.serving.api_errors import ApiError
 
 log = logging.getLogger("icl_router.serving")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")

@@ -5,6 +5,8 @@ and ``call(model)`` (a pool model's first output). Both are bounded by timeouts,
 go through the circuit breakers (``circuits.Circuits``): a part known to be down is skipped
 at once and named in ``x-icl-router-fallback`` with its reason.
 
+- ``resolve`` and ``candidates``: the request's ``routing`` field against the pool: its policy,
+  its decision parameters, the models it may go to (a bad value is an ``ApiError``).
 - ``plan``: the router's p for the candidates (or, with the router down, each model's prior:
   its profile accuracy), then the policy and the decision layer: the failover order.
 - ``failover``: the order, model by model, until one answers; a model that raises, sends a
@@ -19,15 +21,19 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from icl_router.routing.decision import DecisionParams
-from icl_router.routing.policy import Decision, Policy, choose
+from icl_router.routing.decision import DecisionError, DecisionParams
+from icl_router.routing.policy import Decision, Policy, PolicyError, choose
+from icl_router.serving.api_errors import ApiError
 from icl_router.serving.circuits import CircuitOpened, Circuits
+from icl_router.serving.protocol import RoutingOptions
 
 ROUTER = "router"  # the router deployment's name in the circuits and in x-icl-router-fallback
+POLICY_FIELDS = ("threshold", "margin", "budget", "cost_weight")
+POLICY_OF = {"threshold": "threshold", "margin": "margin", "budget": "budget", "cost_weight": "cost"}  # the policy each value is for
 
 
 @dataclass(frozen=True)
-class Scores:
+class RouterScores:
     """What the router deployment returns for one query."""
 
     p: dict[str, float]  # raw p(correct) per model
@@ -72,6 +78,55 @@ class Served:
     skipped: list[tuple[str, str]]
 
 
+
+def resolve(r: RoutingOptions, snap: Any, *, default: Policy) -> tuple[Policy, DecisionParams | None]:
+    """This request's policy and decision parameters: the service's default policy and the router
+    directory's decision layer (``snap``: a ``registry.PoolSnapshot``; its ``decision``), with the request's ``routing`` overrides."""
+    given = {k: getattr(r, k) for k in POLICY_FIELDS if getattr(r, k) is not None}
+    kind = r.policy or default.kind
+    stray = [k for k in given if POLICY_OF[k] != kind]
+    if stray:
+        raise ApiError(400, f"routing.{stray[0]} belongs to policy {POLICY_OF[stray[0]]!r}, and this request's policy is {kind!r}; "
+                       "set routing.policy", code="invalid_value", param=f"routing.{stray[0]}")
+    values = {k: getattr(default, k) for k in POLICY_FIELDS} if r.policy is None else {}
+    try:
+        policy = Policy(kind, **{**values, **given})
+    except PolicyError as e:
+        raise ApiError(400, f"routing: {e}", code="invalid_value", param="routing.policy") from None
+    params = snap.decision
+    for name, value in r.decision_overrides().items():
+        if params is None:
+            raise ApiError(400, f"routing.{name}: this router has no decision layer (its icl_router.json has no 'decision'); remove {name}",
+                           code="invalid_value", param=f"routing.{name}")
+        try:
+            params = params.replace(**{name: value})
+        except DecisionError as e:
+            raise ApiError(400, f"routing.{name}: {e}", code="invalid_value", param=f"routing.{name}") from None
+    return policy, params
+
+
+def candidates(r: RoutingOptions, snap: Any, *, exclude: str | None = None) -> list[str]:
+    """The models this request may be routed to: the routable pool (``snap.routable``), or the part
+    of it that ``routing.models`` names; unknown names are a 400, nothing routable a 503."""
+    routable = [m for m in snap.routable if m != exclude]
+    if r.models:
+        unknown = sorted({m for m in r.models if m not in snap.models})
+        if unknown:
+            raise ApiError(400, f"routing.models: unknown models {unknown}; the pool has {sorted(snap.models)}", code="invalid_value",
+                           param="routing.models")
+        cands = [m for m in dict.fromkeys(r.models) if m in routable]
+        if not cands:
+            raise ApiError(400, f"routing.models: none of {r.models} is routable (ready, with a profile); routable: {routable}",
+                           code="invalid_value", param="routing.models")
+    else:
+        cands = routable
+    if not cands:
+        raise ApiError(503, "no routable model: register one with POST /admin/models", code="no_routable_model", type_="server_error")
+    if r.default_model is not None and r.default_model not in cands:
+        raise ApiError(400, f"routing.default_model: {r.default_model!r} is not among the candidates {cands}", code="invalid_value",
+                       param="routing.default_model")
+    return cands
+
 async def plan(
     text: str,
     *,
@@ -80,20 +135,20 @@ async def plan(
     costs: dict[str, float],
     policy: Policy,
     params: DecisionParams | None,
-    score: Callable[[str], Awaitable[Scores]],
+    score: Callable[[str], Awaitable[RouterScores]],
     circuits: Circuits,
     timeout_s: float,
     pinned: bool = False,
 ) -> Plan:
     """The decision for one query among ``candidates`` (non-empty; each has a prior).
 
-    The guard's margin is the router replica's for its pool (``Scores.min_gain``) unless the
+    The guard's margin is the router replica's for its pool (``RouterScores.min_gain``) unless the
     request set it (``pinned``).
 
     With the router down (its circuit open, or the call failing or slower than ``timeout_s``)
     the p's are the priors, so the policy picks by profile accuracy, not by a coin."""
     skipped: list[tuple[str, str]] = []
-    scores: Scores | None = None
+    scores: RouterScores | None = None
     t0 = time.perf_counter()
     if circuits.is_open(ROUTER):
         skipped.append((ROUTER, "open_circuit"))

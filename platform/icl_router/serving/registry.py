@@ -35,8 +35,9 @@ from ray import serve
 
 from icl_router.config import OnboardingConfig, PoolModelConfig
 from icl_router.routing.decision import DecisionParams
-from icl_router.serving.deployments import deployment_name, llm_config
-from icl_router.serving.protocol import ROUTED, validation_error
+from icl_router.serving.api_errors import validation_error
+from icl_router.serving.engine_calls import ask_chat
+from icl_router.serving.protocol import ROUTED
 
 log = logging.getLogger("ray.serve")
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")  # org/name: a path that is not local is taken as a hub id
@@ -244,7 +245,29 @@ class Registry:
     ) -> dict | Refusal:
         """Add a model's profile, given or read from a dataset's anchor outcomes (with ``serving``,
         deploy the model as its own Serve app first); with ``serving`` and neither, deploy the model
-        and profile it on the anchors (``state: deploying``, then ``profiling``). Nothing changes unless it succeeds."""
+        and profile it on the anchors (``state: deploying``, then ``profiling``). Nothing changes unless it succeeds.
+
+        Two steps: the request is checked on its own (``_validate``), then against the pool, under
+        the lock, and the model moves to its next state (``_start_onboarding`` or ``_set_profile``)."""
+        checked = await self._validate(model_id, profile, dataset=dataset, serving=serving)
+        if isinstance(checked, Refusal):
+            return checked
+        cfg, prof = checked
+        async with self.lock:
+            if cfg is not None:
+                entry = await self._start_onboarding(model_id, cfg, prof, cost=cost)
+            else:
+                entry = await self._set_profile(model_id, prof, cost=cost, replace=replace)
+            if isinstance(entry, Refusal):
+                return entry
+            self.version += 1
+            return {"model": model_id, "state": entry.state, "version": self.version, "accuracy": None if prof is None else float(prof.mean())}
+
+    async def _validate(
+        self, model_id: str, profile: list[bool] | dict[str, bool] | None, *, dataset: str | None, serving: dict | None,
+    ) -> tuple[PoolModelConfig | None, np.ndarray | None] | Refusal:
+        """The registration on its own: the name, what it gives (profile, dataset, serving), the serving
+        config and the profile read; (serving config or None, profile or None)."""
         if model_id in ROUTED:
             return Refusal(400, "invalid_value", f"model: {model_id!r} is reserved for routed requests; name the model otherwise", "model")
         if profile is not None and dataset is not None:
@@ -257,7 +280,7 @@ class Registry:
         cfg = self._serving(model_id, serving) if serving is not None else None
         if isinstance(cfg, Refusal):
             return cfg
-        prof: np.ndarray | None = None
+        prof: np.ndarray | Refusal | None = None
         if dataset is not None:
             from icl_router.data.dataset import Dataset
             from icl_router.routing.register import anchor_profiles
@@ -270,48 +293,53 @@ class Registry:
             prof = self._profile(model_id, profile)
             if isinstance(prof, Refusal):
                 return prof
-        async with self.lock:
-            entry = self.models.get(model_id)
-            if cfg is not None:
-                if entry is not None and entry.state in ("deploying", "profiling"):
-                    return Refusal(409, "deployment_in_progress", f"model {model_id!r} is being {entry.state.replace('ing', 'ed')}; "
-                                   f"DELETE /admin/models/{model_id} cancels it", "model")
-                if entry is not None and not (entry.state == "failed" and entry.app):
-                    return Refusal(409, "model_exists", f"model {model_id!r} is already deployed; register its profile without 'serving'", "model")
-                if prof is None:
-                    refused = await self._can_profile(model_id)
-                    if refused is not None:
-                        return refused
-                entry = _Entry("deploying", cfg.cost if cost is None else float(cost), deployment_name(model_id), app=f"pool-{model_id}")
-                record = {"model": model_id, "serving": cfg.model_dump(mode="json", exclude={"name"}), "cost": entry.cost, "app": entry.app,
-                          "profile": None if prof is None else [bool(x) for x in prof], "created": time.time()}
-                try:  # recorded before anything is deployed: a restarted registry takes it from here
-                    await asyncio.to_thread(self.store.write_record, record)
-                except OSError as e:
-                    return Refusal(409, "onboarding_dir_unwritable", f"the onboarding directory {self.store.root} is not writable ({e}); "
-                                   "set onboarding.dir in the serve config", "serving")
-                if prof is None:
-                    self.profiles.pop(model_id, None)  # a failed earlier try's given profile does not stand in for the anchors
-                else:
-                    self.profiles[model_id] = prof
-                entry.task = asyncio.get_running_loop().create_task(self._onboard(model_id, entry, cfg, prof, adopt=False))
-                self.models[model_id] = entry
-            elif entry is None:
-                return Refusal(404, "model_not_found", f"model {model_id!r} is not deployed; add 'serving' (path, engine_kwargs, ...) to deploy it, or list it in the serve config's pool", "model")
-            elif entry.state == "failed":
-                return Refusal(409, "deployment_failed", f"model {model_id!r} failed ({entry.error}); register it again with 'serving' to retry, or DELETE it", "model")
-            elif entry.state in ("deploying", "profiling") and prof is not None:
-                return Refusal(409, "deployment_in_progress", f"model {model_id!r} is being onboarded; wait for it to be ready, or DELETE it", "model")
-            elif model_id in self.profiles and not replace:
-                return Refusal(409, "model_exists", f"model {model_id!r} is already registered; pass replace: true to update its profile", "model")
-            else:
-                if cost is not None:
-                    entry.cost = float(cost)
-                self.profiles[model_id] = prof
-                await self._persist()
-            self.version += 1
-            out = {"model": model_id, "state": entry.state, "version": self.version, "accuracy": None if prof is None else float(prof.mean())}
-            return out
+        return cfg, prof
+
+    async def _start_onboarding(self, model_id: str, cfg: PoolModelConfig, prof: np.ndarray | None, *, cost: float | None) -> _Entry | Refusal:
+        """A model to deploy: checked against its current state, recorded, then deploying (profiled on
+        the anchors afterwards unless ``prof`` is given). Under the lock."""
+        entry = self.models.get(model_id)
+        if entry is not None and entry.state in ("deploying", "profiling"):
+            return Refusal(409, "deployment_in_progress", f"model {model_id!r} is being {entry.state.replace('ing', 'ed')}; "
+                           f"DELETE /admin/models/{model_id} cancels it", "model")
+        if entry is not None and not (entry.state == "failed" and entry.app):
+            return Refusal(409, "model_exists", f"model {model_id!r} is already deployed; register its profile without 'serving'", "model")
+        if prof is None:
+            refused = await self._can_profile(model_id)
+            if refused is not None:
+                return refused
+        entry = _Entry("deploying", cfg.cost if cost is None else float(cost), deployment_name(model_id), app=f"pool-{model_id}")
+        record = {"model": model_id, "serving": cfg.model_dump(mode="json", exclude={"name"}), "cost": entry.cost, "app": entry.app,
+                  "profile": None if prof is None else [bool(x) for x in prof], "created": time.time()}
+        try:  # recorded before anything is deployed: a restarted registry takes it from here
+            await asyncio.to_thread(self.store.write_record, record)
+        except OSError as e:
+            return Refusal(409, "onboarding_dir_unwritable", f"the onboarding directory {self.store.root} is not writable ({e}); "
+                           "set onboarding.dir in the serve config", "serving")
+        if prof is None:
+            self.profiles.pop(model_id, None)  # a failed earlier try's given profile does not stand in for the anchors
+        else:
+            self.profiles[model_id] = prof
+        entry.task = asyncio.get_running_loop().create_task(self._onboard(model_id, entry, cfg, prof, adopt=False))
+        self.models[model_id] = entry
+        return entry
+
+    async def _set_profile(self, model_id: str, prof: np.ndarray, *, cost: float | None, replace: bool) -> _Entry | Refusal:
+        """A profile for a model already served: checked against its state, then set. Under the lock."""
+        entry = self.models.get(model_id)
+        if entry is None:
+            return Refusal(404, "model_not_found", f"model {model_id!r} is not deployed; add 'serving' (path, engine_kwargs, ...) to deploy it, or list it in the serve config's pool", "model")
+        if entry.state == "failed":
+            return Refusal(409, "deployment_failed", f"model {model_id!r} failed ({entry.error}); register it again with 'serving' to retry, or DELETE it", "model")
+        if entry.state in ("deploying", "profiling"):
+            return Refusal(409, "deployment_in_progress", f"model {model_id!r} is being onboarded; wait for it to be ready, or DELETE it", "model")
+        if model_id in self.profiles and not replace:
+            return Refusal(409, "model_exists", f"model {model_id!r} is already registered; pass replace: true to update its profile", "model")
+        if cost is not None:
+            entry.cost = float(cost)
+        self.profiles[model_id] = prof
+        await self._persist()
+        return entry
 
     async def _persist(self) -> None:
         if self.persist:
@@ -376,7 +404,7 @@ class Registry:
 
         found = await self._app_status(entry.app) if adopt else None
         if found is None or found[0] in ("DEPLOY_FAILED", "UNHEALTHY"):
-            app = build_llm_deployment(llm_config(cfg))
+            app = build_llm_deployment(cfg.build())
             # serve.run_many (public, DeveloperAPI) deploys without waiting for RUNNING; serve.run always
             # waits, and the wait could not be bounded or cancelled from here.
             target = serve.RunTarget(app, name=entry.app, route_prefix=None)
@@ -409,7 +437,7 @@ class Registry:
             entry.graded += n
 
         await run_anchors(
-            todo, ask=partial(ask_replica, handle, model_id=model_id, sampling=ob.sampling.model_dump()), model_id=model_id, cost=entry.cost,
+            todo, ask=partial(ask_chat, handle, model_id=model_id, sampling=ob.sampling.model_dump()), model_id=model_id, cost=entry.cost,
             store=store, concurrency=ob.concurrency, shard_size=ob.shard_size, timeout_s=ob.request_timeout_s, retries=ob.retries,
             on_written=written,
         )
@@ -453,32 +481,7 @@ class Registry:
         return {"model": model_id, "deleted": "model", "torn_down": entry.app}
 
 
-def _error_of(first: Any) -> Any:
-    """ray.serve.llm yields its engine's ErrorResponse (not the public subclass): matched by shape."""
-    items = first if isinstance(first, list) else [first]
-    return next((x for x in items if hasattr(x, "error") and not hasattr(x, "choices")), None)
 
-
-async def ask_replica(handle: Any, messages: list[dict[str, str]], *, model_id: str, sampling: dict[str, Any]) -> Any:
-    """One chat completion from a pool model's LLMServer (non-streaming: its generator yields one response)."""
-    from ray.serve.llm.openai_api_models import ChatCompletionRequest
-
-    from icl_router.serving.onboarding import Answer, RefusedByModel
-
-    t0 = time.perf_counter()
-    req = ChatCompletionRequest(model=model_id, messages=messages, **sampling)
-    gen = handle.options(stream=True).chat.remote(req)
-    try:
-        first = await gen.__anext__()
-    except BaseException:
-        gen.cancel()
-        raise
-    err = _error_of(first)
-    if err is not None:
-        code = int(err.error.code or 500)
-        if code < 500:
-            raise RefusedByModel(f"{model_id} refused an anchor with {code}: {err.error.message}")
-        raise RuntimeError(f"{model_id} answered {code}: {err.error.message}")
-    usage = getattr(first, "usage", None)
-    return Answer(first.choices[0].message.content or "", getattr(usage, "prompt_tokens", None), getattr(usage, "completion_tokens", None),
-                  time.perf_counter() - t0)
+def deployment_name(model_id: str) -> str:
+    """The Serve deployment of a pool model (ray.serve.llm names it ``LLMServer:<model id>``)."""
+    return "LLMServer:" + model_id.replace("/", "--").replace(".", "_")

@@ -1,4 +1,4 @@
-"""``icl-router onboard``: one-call onboarding from the command line, against the running service.
+"""The CLI's HTTP client of the admin API: `icl-router onboard` against the running service.
 
     icl-router onboard --config serve/demo.yaml --model m-new --path /models/m-new [--like m-old] [--cost 0.001]
 
@@ -46,18 +46,23 @@ def serving_block(cfg: ServeConfig, *, like: str | None, serving: str | None, pa
             raise ConfigError(f"--like {like!r}: the config's pool has {sorted(known)}")
         out = known[like].model_dump(mode="json", exclude={"name", "cost"})
     if serving is not None:
-        try:
-            given = yaml.safe_load(serving)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--serving: not YAML ({e.__class__.__name__}); give a mapping, e.g. '{{engine_kwargs: {{max_model_len: 2048}}}}'") from None
-        if not isinstance(given, dict):
-            raise ConfigError(f"--serving: a mapping of pool-model fields, got {type(given).__name__}")
-        out = deep_merge(out, given)
+        out = deep_merge(out, _serving_fields(serving))
     if path is not None:
         out["path"] = path
     if not out.get("path"):
         raise ConfigError("the model needs a path: give --path (a local model directory or a hub id), or --like a pool model to copy")
     return out
+
+
+def _serving_fields(text: str) -> dict[str, Any]:
+    """``--serving``: pool-model fields as a YAML mapping."""
+    try:
+        given = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--serving: not YAML ({e.__class__.__name__}); give a mapping, e.g. '{{engine_kwargs: {{max_model_len: 2048}}}}'") from None
+    if isinstance(given, dict):
+        return given
+    raise ConfigError(f"--serving: a mapping of pool-model fields, got {type(given).__name__}")
 
 
 def service_url(cfg: ServeConfig, url: str | None) -> str:

@@ -1,0 +1,111 @@
+"""What one ingress replica knows of the pool, shared by its handlers.
+
+The registry's last :class:`PoolSnapshot` (polled by version), the circuits of the router and
+of every pool model (closed again only by the background probes), the handles of the pool
+models, and whether the service has started: the router and one pool model answered once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from typing import Any
+
+from ray import serve
+
+from icl_router.config import ServeConfig
+from icl_router.serving.api_errors import ApiError
+from icl_router.serving.circuits import Circuits, probe_open
+from icl_router.serving.engine_calls import probe
+from icl_router.serving.failover import ROUTER
+from icl_router.serving.registry import EMPTY, PoolSnapshot
+
+log = logging.getLogger("ray.serve")
+
+
+async def awaited(response: Any) -> Any:
+    """A handle's response as a coroutine (``asyncio.wait_for`` and ``Circuits.call`` take one)."""
+    return await response
+
+
+class PoolView:
+    def __init__(self, cfg: ServeConfig, *, router: Any, registry: Any, handles: dict[str, Any]) -> None:
+        from icl_router.serving.metrics import ingress_metrics
+
+        self.cfg, self.router, self.registry, self.handles = cfg, router, registry, dict(handles)
+        self.metrics = ingress_metrics()
+        self.snap: PoolSnapshot = EMPTY
+        self.circuits = Circuits()
+        self.started = False  # the router and one pool model have answered once
+        self.retry_after = str(max(1, math.ceil(cfg.probe_interval_s)))
+
+    async def start(self) -> None:
+        """Probe rounds before taking traffic, then the background watcher.
+
+        A replica added to a running service (the registry lists ready models) repeats them, bounded,
+        until the router and a model answer; under load one probe can be slow, and a replica taking
+        traffic unstarted would answer 503 to every request."""
+        cfg = self.cfg
+        deadline = time.monotonic() + 10 * cfg.probe_timeout_s
+        while True:
+            try:
+                await asyncio.wait_for(self.tick(), 2 * cfg.probe_timeout_s)
+            except Exception as e:  # the pool is still starting: the watcher goes on
+                log.info("probe round before traffic: %s", type(e).__name__)
+            if self.started or not self.snap.ready or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(cfg.probe_interval_s)
+        self._watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
+        while True:
+            try:
+                await self.tick()
+            except Exception as e:  # never let the watcher die
+                log.warning("watcher: %s: %s", type(e).__name__, e)
+            await asyncio.sleep(self.cfg.probe_interval_s)
+
+    async def tick(self) -> None:
+        """One round: the pool's version (a new snapshot if it moved), the probes of open circuits, the gauges."""
+        try:
+            pool = await asyncio.wait_for(awaited(self.registry.get_version.remote()), self.cfg.probe_timeout_s)
+            if pool != (self.snap.epoch, self.snap.version):
+                await self.refresh()
+        except Exception as e:  # the registry restarting: keep the last pool
+            log.warning("registry poll failed: %s: %s", type(e).__name__, str(e)[:200])
+        self.circuits.forget([ROUTER, *self.snap.models])
+        ready = self.snap.ready
+        await asyncio.gather(
+            probe_open(self.circuits, [ROUTER], lambda _: awaited(self.router.health.remote()), timeout_s=self.cfg.probe_timeout_s),
+            probe_open(self.circuits, ready, lambda m: probe(self.handle(m), m), timeout_s=self.cfg.probe_timeout_s),
+        )
+        up = [m for m in ready if not self.circuits.is_open(m)]
+        if not self.started and up and not self.circuits.is_open(ROUTER):
+            self.started = True
+            log.info("ready: the router and %s answer", up)
+        self.metrics["open_circuits"].set(len(self.circuits.open_names([ROUTER, *ready])))
+        self.metrics["ready"].set(1 if self.ready() else 0)
+
+    async def refresh(self) -> PoolSnapshot:
+        self.snap = await asyncio.wait_for(awaited(self.registry.snapshot.remote()), self.cfg.registry_timeout_s)
+        return self.snap
+
+    def ready(self) -> bool:
+        return self.started and any(not self.circuits.is_open(m) for m in self.snap.ready)
+
+    def gate(self) -> None:
+        """A 503 with Retry-After until the service has started."""
+        if not self.started:
+            raise ApiError(503, "the service is starting: the router and the pool are not ready yet; retry after Retry-After seconds",
+                           code="not_ready", type_="server_error", headers={"Retry-After": self.retry_after})
+
+    def handle(self, model: str) -> Any:
+        if model not in self.handles:
+            entry = self.snap.models[model]
+            self.handles[model] = serve.get_deployment_handle(entry.deployment, app_name=entry.app)
+        return self.handles[model]
+
+    def forget_handle(self, model: str) -> None:
+        self.handles.pop(model, None)

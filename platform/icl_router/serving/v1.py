@@ -1,0 +1,240 @@
+"""The /v1 handler: chat, completions and the model list, OpenAI-compatible.
+
+``model: "icl-router"`` (or ``"auto"``) is routed: the router deployment scores the query, the
+policy and the decision layer pick a model, and the pool models are tried in order until one
+answers (``failover``). A pool model's own name passes straight through (``routing.fallback``
+lets another model answer if it fails). Routing travels back in ``x-icl-router-*`` headers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+from pydantic import ValidationError
+
+from icl_router.routing.policy import Policy
+from icl_router.serving.api_errors import ApiError, validation_error
+from icl_router.serving.auth import Keys
+from icl_router.serving.engine_calls import first_output
+from icl_router.serving.failover import (
+    POLICY_FIELDS,
+    Exhausted,
+    ModelRefused,
+    Plan,
+    RouterScores,
+    candidates,
+    failover,
+    fallback_header,
+    plan,
+    resolve,
+)
+from icl_router.serving.http_io import read_json, reply
+from icl_router.serving.pool_view import PoolView
+from icl_router.serving.protocol import HEADER, ROUTED, ChatBody, CompletionBody, RoutingOptions
+from icl_router.serving.registry import PoolSnapshot
+from icl_router.serving.sse import relay
+
+log = logging.getLogger("ray.serve")
+Kind = Literal["chat", "completions"]
+
+
+def policy_header(p: Plan) -> str:
+    pol, params = p.decision.policy, p.params
+    out = pol.kind + "".join(f";{k}={getattr(pol, k)}" for k in POLICY_FIELDS if getattr(pol, k) is not None)
+    if params is not None and p.decision.default is not None:
+        out += f";min_gain={params.min_gain};prior_weight={params.prior_weight}"
+        if p.task_layer:
+            out += ";layer=task"
+    return out
+
+
+def plan_headers(p: Plan) -> dict[str, str]:
+    d = p.decision
+    headers = {
+        HEADER + "route": "routed",
+        HEADER + "chosen": d.model,
+        HEADER + "order": ",".join(d.order),
+        HEADER + "p": ",".join(f"{m}={v:.4f}" for m, v in d.p.items()),
+        HEADER + "policy": policy_header(p),
+        HEADER + "scoring-ms": f"{p.scoring_ms:.2f}",
+    }
+    if d.default is not None:
+        headers[HEADER + "default"] = d.default
+    if p.timing:
+        headers[HEADER + "timing"] = ";".join(f"{k}={v}" for k, v in p.timing.items())
+    return headers
+
+
+def card(model: str) -> dict:
+    return {"id": model, "object": "model", "created": 0, "owned_by": "icl-router"}
+
+
+@dataclass
+class Route:
+    """Where one request goes: the order to try, the headers so far, and (a direct request that may
+    fall back) where to go next once the order runs out."""
+
+    order: list[str]
+    kind: Literal["routed", "direct"]
+    headers: dict[str, str]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    more: Callable[[], Awaitable[list[str]]] | None = None
+
+
+class V1Handler:
+    def __init__(self, view: PoolView, *, keys: Keys) -> None:
+        self.view, self.cfg, self.keys = view, view.cfg, keys
+        self.default_policy = Policy(**view.cfg.policy.model_dump())
+
+    # ---- the endpoints ------------------------------------------------------------------------
+
+    async def chat(self, request: Request) -> Response:
+        body: ChatBody = await self._read(request, ChatBody)
+        texts = [m.plain_text() for m in body.messages]
+        self._check_length(sum(map(len, texts)), "messages")
+        users = [t for m, t in zip(body.messages, texts) if m.role == "user" and t.strip()]
+        if not users and not any(t.strip() for t in texts):
+            raise ApiError(400, "messages hold no text: give at least one message with content", code="invalid_value", param="messages")
+        return await self._answer(request, "chat", body, users[-1] if users else "\n".join(texts))
+
+    async def completions(self, request: Request) -> Response:
+        body: CompletionBody = await self._read(request, CompletionBody)
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        self._check_length(sum(map(len, prompts)), "prompt")
+        if not any(p.strip() for p in prompts):
+            raise ApiError(400, "prompt is empty", code="invalid_value", param="prompt")
+        return await self._answer(request, "completions", body, prompts[0])
+
+    def models(self, request: Request) -> dict:
+        self.keys.check(request.headers.get("authorization"))
+        self.view.gate()
+        return {"object": "list", "data": [card(m) for m in [*ROUTED, *self.view.snap.ready]]}
+
+    def model(self, request: Request, model: str) -> dict:
+        self.keys.check(request.headers.get("authorization"))
+        self.view.gate()
+        if model not in ROUTED and model not in self.view.snap.ready:
+            raise self._unknown(model)
+        return card(model)
+
+    # ---- reading ------------------------------------------------------------------------------
+
+    async def _read(self, request: Request, cls: type) -> Any:
+        self.keys.check(request.headers.get("authorization"))
+        self.view.gate()
+        return await read_json(request, cls, limit=self.cfg.max_body_bytes)
+
+    def _check_length(self, n: int, param: str) -> None:
+        if n > self.cfg.max_prompt_chars:
+            raise ApiError(400, f"This prompt has {n} characters, over this service's limit of {self.cfg.max_prompt_chars}. Shorten the prompt.",
+                           code="context_length_exceeded", param=param)
+
+    def _unknown(self, model: str) -> ApiError:
+        known = [*ROUTED, *self.view.snap.ready]
+        return ApiError(404, f"The model `{model}` does not exist. Available: {', '.join(known)}.", code="model_not_found", param="model")
+
+    @staticmethod
+    def _engine_request(kind: Kind, body: ChatBody | CompletionBody) -> Any:
+        """vLLM's own request type, checked here: a request it cannot take is a 400, not a model failure."""
+        from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
+
+        payload = body.model_dump(exclude={"routing"}, exclude_none=True)
+        try:
+            return (ChatCompletionRequest if kind == "chat" else CompletionRequest)(**payload)
+        except ValidationError as e:
+            raise validation_error(e) from None
+        except Exception as e:  # vLLM's own checks (VLLMValidationError: e.g. stream_options without stream)
+            raise ApiError(400, f"{type(e).__name__}: {e}", code="invalid_value", param=getattr(e, "parameter", None)) from None
+
+    # ---- routing ------------------------------------------------------------------------------
+
+    async def _plan(self, text: str, r: RoutingOptions, snap: PoolSnapshot, *, exclude: str | None = None) -> Plan:
+        policy, params = resolve(r, snap, default=self.default_policy)
+        cands = candidates(r, snap, exclude=exclude)
+        pool = (snap.epoch, snap.version)
+
+        async def score(t: str) -> RouterScores:
+            return await self.view.router.score.remote(t, pool, r.task)
+
+        return await plan(text, candidates=cands, priors=snap.priors(), costs=snap.costs(), policy=policy, params=params, score=score,
+                          circuits=self.view.circuits, timeout_s=self.cfg.router_timeout_s, pinned="min_gain" in r.decision_overrides())
+
+    async def _route(self, body: ChatBody | CompletionBody, text: str) -> Route:
+        snap, r = self.view.snap, body.routing or RoutingOptions()
+        if body.model in ROUTED:
+            p = await self._plan(text, r, snap)
+            return Route(list(p.decision.order), "routed", plan_headers(p), list(p.skipped))
+        entry = snap.models.get(body.model)
+        if entry is None or entry.state != "ready":
+            raise self._unknown(body.model)
+        route = Route([body.model], "direct", {HEADER + "route": "direct", HEADER + "model": body.model})
+        if r.fallback:
+            resolve(r, snap, default=self.default_policy)  # checked now: a bad routing field is a 400 whether or not the model fails
+            if r.models:
+                candidates(r, snap, exclude=body.model)
+
+            async def more() -> list[str]:
+                try:
+                    p = await self._plan(text, r, snap, exclude=body.model)
+                except ApiError as e:  # nothing else to route to
+                    log.warning("no fallback for %s: %s", body.model, e.message)
+                    return []
+                route.headers.update({k: v for k, v in plan_headers(p).items() if k != HEADER + "route"})
+                route.skipped.extend(p.skipped)
+                return p.decision.order
+
+            route.more = more
+        return route
+
+    # ---- answering ----------------------------------------------------------------------------
+
+    async def _answer(self, request: Request, kind: Kind, body: ChatBody | CompletionBody, text: str) -> Response:
+        req = self._engine_request(kind, body)
+        route = await self._route(body, text)
+        headers = route.headers
+
+        async def call(model: str) -> tuple[Any, Any]:
+            gen = getattr(self.view.handle(model).options(stream=True), kind).remote(req.model_copy(update={"model": model}))
+            return await first_output(gen, model=model), gen
+
+        try:
+            served = await failover(route.order, call=call, circuits=self.view.circuits, timeout_s=self.cfg.first_output_timeout_s,
+                                    more=route.more, skipped=route.skipped)
+        except ModelRefused as e:
+            return reply(request, ApiError(e.status, e.message, code=e.code or "invalid_request_error", param=e.param), headers)
+        except Exhausted as e:
+            return self._unavailable(request, route, e.skipped)
+        headers[HEADER + "model"] = served.model
+        if served.skipped:
+            headers[HEADER + "fallback"] = fallback_header(served.skipped)
+            self._count_fallbacks(served.skipped)
+        self._count(served.model, route, "ok")
+        if not body.stream:
+            return Response(served.first.model_dump_json(), media_type="application/json", headers=headers)
+
+        def broken(reason: str) -> None:  # from here on the answer cannot move to another model
+            self.view.circuits.trip(served.model, reason)
+            self._count(served.model, route, "stream_broken")
+
+        stream = relay(served.first, served.rest, stall_s=self.cfg.first_output_timeout_s, cancel=served.rest.cancel, on_broken=broken)
+        return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
+
+    def _unavailable(self, request: Request, route: Route, skipped: list[tuple[str, str]]) -> Response:
+        self._count_fallbacks(skipped)
+        self._count(route.order[0], route, "unavailable")
+        route.headers[HEADER + "fallback"] = fallback_header(skipped)
+        why = ", ".join(f"{m} ({why})" for m, why in skipped)
+        return reply(request, ApiError(503, f"no pool model could answer: {why}", code="model_unavailable", type_="server_error",
+                                       headers={"Retry-After": self.view.retry_after}), route.headers)
+
+    def _count(self, model: str, route: Route, status: str) -> None:
+        self.view.metrics["answers"].inc(tags={"model": model, "route": route.kind, "status": status})
+
+    def _count_fallbacks(self, skipped: list[tuple[str, str]]) -> None:
+        for m, why in skipped:
+            self.view.metrics["fallbacks"].inc(tags={"from_model": m, "reason": why})
