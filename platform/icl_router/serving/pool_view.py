@@ -8,6 +8,7 @@ models, and whether the service has started: the router and one pool model answe
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import time
@@ -44,9 +45,11 @@ class PoolView:
     async def start(self) -> None:
         """Probe rounds before taking traffic, then the background watcher.
 
-        A replica added to a running service (the registry lists ready models) repeats them, bounded,
-        until the router and a model answer; under load one probe can be slow, and a replica taking
-        traffic unstarted would answer 503 to every request."""
+        A replica added to a running service (the registry says an ingress has started) repeats them,
+        bounded, until the router and a model answer: under load one probe can be slow, and a replica
+        taking traffic unstarted would answer 503 to every request. A replica of a service that is
+        starting takes traffic after one round, so clients get 503 with Retry-After at once while
+        the pool loads, instead of waiting on a replica that is not up."""
         cfg = self.cfg
         deadline = time.monotonic() + 10 * cfg.probe_timeout_s
         while True:
@@ -54,7 +57,7 @@ class PoolView:
                 await asyncio.wait_for(self.tick(), 2 * cfg.probe_timeout_s)
             except Exception as e:  # the pool is still starting: the watcher goes on
                 log.info("probe round before traffic: %s", type(e).__name__)
-            if self.started or not self.snap.ready or time.monotonic() > deadline:
+            if self.started or not self.snap.serving or time.monotonic() > deadline:
                 break
             await asyncio.sleep(cfg.probe_interval_s)
         self._watcher = asyncio.get_running_loop().create_task(self._watch())
@@ -85,8 +88,18 @@ class PoolView:
         if not self.started and up and not self.circuits.is_open(ROUTER):
             self.started = True
             log.info("ready: the router and %s answer", up)
+        if self.started and not self.snap.serving and self.snap.epoch:
+            await self._mark_serving()
         self.metrics["open_circuits"].set(len(self.circuits.open_names([ROUTER, *ready])))
         self.metrics["ready"].set(1 if self.ready() else 0)
+
+    async def _mark_serving(self) -> None:
+        """Tell the registry the service runs (once per registry replica: a restarted one forgets)."""
+        try:
+            await asyncio.wait_for(awaited(self.registry.mark_serving.remote()), self.cfg.probe_timeout_s)
+            self.snap = dataclasses.replace(self.snap, serving=True)
+        except Exception as e:  # the next round tries again
+            log.warning("registry.mark_serving failed: %s", type(e).__name__)
 
     async def refresh(self) -> PoolSnapshot:
         self.snap = await asyncio.wait_for(awaited(self.registry.snapshot.remote()), self.cfg.registry_timeout_s)

@@ -66,6 +66,7 @@ class PoolSnapshot:
     models: dict[str, ModelEntry]
     profiles: dict[str, tuple[bool, ...]]  # the routable models (ready, with a profile), registration order
     decision: DecisionParams | None = None  # the router directory's decision layer
+    serving: bool = False  # an ingress replica has started (router and a model answered) since this registry came up
 
     @property
     def k(self) -> int:
@@ -131,6 +132,7 @@ class Registry:
         self.profiles: dict[str, np.ndarray] = read_profiles(self.router_dir / PROFILES_FILE, self.anchor_ids)  # model -> bool [K]
         self.models = {m: _Entry("ready", float(c), deployment_name(m)) for m, c in costs.items()}
         self.epoch, self.version = uuid.uuid4().hex[:12], 0
+        self.serving = False
         self.lock = asyncio.Lock()
         unserved = sorted(set(self.profiles) - set(self.models))
         if unserved:
@@ -182,6 +184,10 @@ class Registry:
     def get_version(self) -> tuple[str, int]:
         return self.epoch, self.version
 
+    def mark_serving(self) -> None:
+        """An ingress replica has started: replicas added from now on join a running service."""
+        self.serving = True
+
     def snapshot(self) -> PoolSnapshot:
         entries = {
             m: ModelEntry(m, e.state, e.cost, e.deployment, e.app, float(self.profiles[m].mean()) if m in self.profiles else None, e.error,
@@ -189,7 +195,7 @@ class Registry:
             for m, e in self.models.items()
         }
         routable = {m: tuple(bool(x) for x in self.profiles[m]) for m, e in self.models.items() if e.state == "ready" and m in self.profiles}
-        return PoolSnapshot(self.epoch, self.version, tuple(self.anchor_ids), entries, routable, self.decision)
+        return PoolSnapshot(self.epoch, self.version, tuple(self.anchor_ids), entries, routable, self.decision, self.serving)
 
     # ---- registering ------------------------------------------------------------------
 
