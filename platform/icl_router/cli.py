@@ -1,4 +1,9 @@
-"""``icl-router``: parse, build, run. Each command imports its module only when called."""
+"""``icl-router``: parse, build, run. Each command imports its module only when called.
+
+Every command registers its own parser, as the bench modules do: an entry of ``COMMANDS``
+names its help, an ``add_args(parser)`` and a ``run(args)`` whose result is printed as JSON.
+The config jobs (``JOBS``) share one registration: ``--config`` plus ``key.sub=value`` overrides.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import importlib
 import json
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, get_args
 
 from icl_router.errors import UserError
@@ -26,47 +32,183 @@ BENCHES = {
 }
 
 
-def _config_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
+@dataclass(frozen=True)
+class Command:
+    help: str
+    add_args: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], Any]
+
+
+@dataclass(frozen=True)
+class Job:
+    """A command that is one typed config: ``run_fn(load_config(config_class, --config, overrides))``."""
+
+    module: str
+    run_fn: str
+    config_class: str  # a class name in icl_router.config
+    help: str
+    config_required: bool = True  # the demo runs on its defaults
+    output_flag: bool = False  # --output DIR is the override output=DIR
+
+
+JOBS = {
+    "embed": Job("icl_router.data.embed", "run_embed", "EmbedConfig", "embed queries with sentence-transformers on Ray Data"),
+    "anchors": Job("icl_router.data.anchors", "run_anchors", "AnchorsConfig", "select the K anchor queries"),
+    "profile": Job("icl_router.data.profile", "run_profile", "ProfileConfig", "run and grade the missing (query, model) pairs with vLLM on Ray Data"),
+    "train": Job("icl_router.train.driver", "run_train", "TrainConfig", "train the router (stage 1 or 2) with Ray Train + DeepSpeed"),
+    "demo": Job("icl_router.demo", "run_demo", "DemoConfig", "the whole platform end to end on the synthetic default", config_required=False, output_flag=True),
+    "evaluate": Job("icl_router.evaluation.run", "run_evaluate", "EvaluateConfig", "the standard protocol beside every baseline: report.json, report.md, plots",
+                    output_flag=True),
+    "value": Job("icl_router.value", "run_value", "ValueConfig", "estimate each candidate model's marginal routed gain from its profile: value.json, value.md, value.png",
+                 output_flag=True),
+}
+
+
+def config_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
     p.add_argument("--config", required=required, help="YAML config of the job")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override config values")
 
 
-def _cmd_import(a: argparse.Namespace) -> Any:
+def load_job_config(a: argparse.Namespace, config_class: str, *extra: str) -> Any:
+    from icl_router import config as config_mod
+
+    output = [f"output={a.output}"] if getattr(a, "output", None) else []  # evaluate's / demo's / value's --output
+    return config_mod.load_config(getattr(config_mod, config_class), a.config, [*a.overrides, *output, *extra])
+
+
+def job_command(job: Job) -> Command:
+    def add_args(p: argparse.ArgumentParser) -> None:
+        config_args(p, required=job.config_required)
+        if job.output_flag:
+            p.add_argument("--output", help="report directory (the override output=DIR)")
+
+    def run(a: argparse.Namespace) -> Any:
+        return getattr(importlib.import_module(job.module), job.run_fn)(load_job_config(a, job.config_class))
+
+    return Command(job.help, add_args, run)
+
+
+# ---- import, generate ---------------------------------------------------------------------------
+
+
+def _import_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--format", required=True, choices=get_args(DatasetFormat))
+    p.add_argument("--input", required=True, action="append", help="a file or folder; repeat to pool several")
+    p.add_argument("--output", required=True, help="dataset directory to create")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --output")
+    p.add_argument("--on-missing-label", choices=["error", "skip"], default="error",
+                   help="a null label cell: fail (default) or leave that (query, model) without an outcome")
+
+
+def _import_run(a: argparse.Namespace) -> Any:
     from icl_router.data.importers import import_dataset
 
     return import_dataset(a.format, a.input, a.output, overwrite=a.overwrite, on_missing_label=a.on_missing_label).summary()
 
 
-def _cmd_generate(a: argparse.Namespace) -> Any:
-    from icl_router.data.generate import GenerateConfig, generate_dataset
+def _generate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--output", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-queries", type=int, default=2000)
+    p.add_argument("--n-models", type=int, default=6)
+    p.add_argument("--overwrite", action="store_true")
+
+
+def _generate_run(a: argparse.Namespace) -> Any:
+    from icl_router.config import GenerateConfig
+    from icl_router.data.generate import generate_dataset
 
     cfg = GenerateConfig(seed=a.seed, n_queries=a.n_queries, n_models=a.n_models)
     return generate_dataset(a.output, cfg, overwrite=a.overwrite).summary()
 
 
-def _job(module: str, func: str, cls: str) -> Callable[[argparse.Namespace], Any]:
-    def run(a: argparse.Namespace) -> Any:
-        from icl_router import config as config_mod
-        from icl_router.config import load_config
-
-        output = [f"output={a.output}"] if getattr(a, "output", None) else []  # evaluate's / demo's --output
-        cfg = load_config(getattr(config_mod, cls), a.config, [*a.overrides, *output])
-        return getattr(importlib.import_module(module), func)(cfg)
-
-    return run
+# ---- serve, onboard -----------------------------------------------------------------------------
 
 
-def _cmd_route(a: argparse.Namespace) -> Any:
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    config_args(p)
+    p.add_argument("--port", type=int, help="HTTP port, overriding the config's (0: any free port)")
+
+
+def _serve_run(a: argparse.Namespace) -> Any:
+    from icl_router.serving.app import run_serve
+
+    return run_serve(load_job_config(a, "ServeConfig", *([f"port={a.port}"] if a.port is not None else [])))
+
+
+def _onboard_args(p: argparse.ArgumentParser) -> None:
+    config_args(p)
+    p.add_argument("--model", required=True, help="the new model's name")
+    p.add_argument("--path", help="the model: a local directory or a hub id (default: --like's)")
+    p.add_argument("--like", metavar="POOL_MODEL", help="serve it as this pool model of the config is served (engine_kwargs, autoscaling, ...)")
+    p.add_argument("--serving", metavar="YAML", help="pool-model fields over --like's, e.g. '{engine_kwargs: {max_model_len: 2048}}'")
+    p.add_argument("--cost", type=float, help="expected dollars per query")
+    p.add_argument("--url", help="the service (default: http://<host>:<port> of the config)")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds to follow the onboarding before giving up (it goes on in the service)")
+
+
+def _onboard_run(a: argparse.Namespace) -> Any:
+    from icl_router.serving.admin_client import onboard, serving_block
+
+    cfg = load_job_config(a, "ServeConfig")
+    serving = serving_block(cfg, like=a.like, serving=a.serving, path=a.path)
+    return onboard(cfg, model=a.model, serving=serving, cost=a.cost, url=a.url, timeout_s=a.timeout)
+
+
+# ---- router directories: router-anchors, register, route ---------------------------------------
+
+
+def _router_anchors_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--router", required=True, help="router directory")
+    p.add_argument("--dataset", required=True, help="the dataset the router was trained on (its queries.parquet holds the anchors)")
+
+
+def _router_anchors_run(a: argparse.Namespace) -> Any:
+    from icl_router.model.router_dir import anchor_queries, read_meta, write_anchor_queries
+    from icl_router.serving.onboarding import ungradable
+
+    table = anchor_queries(a.dataset, read_meta(a.router).anchor_query_ids)
+    path = write_anchor_queries(a.router, table)
+    return {"written": str(path), "anchors": len(table), "cannot_grade": ungradable(table)}
+
+
+def _register_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--router", required=True, help="router directory (icl_router.json, profiles.parquet, ...)")
+    p.add_argument("--dataset", required=True, help="dataset directory holding the models' outcomes on the router's anchors")
+    p.add_argument("--model", required=True, action="append", help="model id; repeat to register several")
+
+
+def _register_run(a: argparse.Namespace) -> Any:
+    from icl_router.routing.register import register_models
+
+    return register_models(a.router, a.dataset, a.model)
+
+
+POLICY_VALUES = ("threshold", "margin", "budget", "cost_weight")
+DECISION_VALUES = ("min_gain", "prior_weight", "default_model")
+
+
+def _route_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--router", required=True, help="router directory")
+    p.add_argument("--text", required=True, action="append", help="a query; repeat to route several")
+    p.add_argument("--policy", default="highest", choices=list(get_args(PolicyKind)), help="routing policy")
+    for name in ("threshold", "margin", "budget", "cost-weight", "min-gain", "prior-weight"):
+        p.add_argument(f"--{name}", type=float, help=f"the policy's or the decision layer's {name.replace('-', '_')}")
+    p.add_argument("--default-model", help="the guard's default model (default: the best prior)")
+    p.add_argument("--model", action="append", help="route among these pool models only; repeat")
+    p.add_argument("--task", action="append", help="the query's task (a task of the router's anchors): once for every --text, or once per --text")
+
+
+def _route_run(a: argparse.Namespace) -> Any:
     from transformers.utils import logging as hf_logging
 
     from icl_router.api import Router
     from icl_router.routing.decision import DecisionParams
     from icl_router.routing.policy import Policy
 
-    names = ("threshold", "margin", "budget", "cost_weight", "min_gain", "prior_weight", "default_model")
-    options = {n: getattr(a, n) for n in names if getattr(a, n) is not None}
-    Policy(a.policy, **{k: v for k, v in options.items() if k in ("threshold", "margin", "budget", "cost_weight")})  # refuse before loading
-    DecisionParams().replace(**{k: v for k, v in options.items() if k in ("min_gain", "prior_weight", "default_model")})
+    options = {n: getattr(a, n) for n in (*POLICY_VALUES, *DECISION_VALUES) if getattr(a, n) is not None}
+    Policy(a.policy, **{k: v for k, v in options.items() if k in POLICY_VALUES})  # refuse before loading
+    DecisionParams().replace(**{k: v for k, v in options.items() if k in DECISION_VALUES})
     tasks = a.task
     if tasks is not None and len(tasks) not in (1, len(a.text)):
         raise UserError(f"--task: give one (for every --text) or one per --text ({len(a.text)}), got {len(tasks)}")
@@ -76,115 +218,22 @@ def _cmd_route(a: argparse.Namespace) -> Any:
     return [{"text": t, "model": d.model, "default": d.default, "order": d.order, "p": {m: round(v, 4) for m, v in d.p.items()}} for t, d in zip(a.text, decisions)]
 
 
-def _cmd_onboard(a: argparse.Namespace) -> Any:
-    from icl_router.config import ServeConfig, load_config
-    from icl_router.serving.admin_client import onboard, serving_block
-
-    cfg = load_config(ServeConfig, a.config, a.overrides)
-    serving = serving_block(cfg, like=a.like, serving=a.serving, path=a.path)
-    return onboard(cfg, model=a.model, serving=serving, cost=a.cost, url=a.url, timeout_s=a.timeout)
+# ---- submit, bench ------------------------------------------------------------------------------
 
 
-def _cmd_router_anchors(a: argparse.Namespace) -> Any:
-    from icl_router.model.router_dir import anchor_queries, read_meta, write_anchor_queries
-    from icl_router.serving.onboarding import ungradable
-
-    table = anchor_queries(a.dataset, read_meta(a.router).anchor_query_ids)
-    path = write_anchor_queries(a.router, table)
-    return {"written": str(path), "anchors": len(table), "cannot_grade": ungradable(table)}
-
-
-def _cmd_bench(a: argparse.Namespace) -> Any:
-    return a.bench_run(a)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="icl-router", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("import", help="turn public routing data into a dataset directory")
-    p.add_argument("--format", required=True, choices=get_args(DatasetFormat))
-    p.add_argument("--input", required=True, action="append", help="a file or folder; repeat to pool several")
-    p.add_argument("--output", required=True, help="dataset directory to create")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --output")
-    p.add_argument(
-        "--on-missing-label",
-        choices=["error", "skip"],
-        default="error",
-        help="a null label cell: fail (default) or leave that (query, model) without an outcome",
-    )
-    p.set_defaults(run=_cmd_import)
-
-    p = sub.add_parser("generate", help="write the synthetic embedded-default dataset")
-    p.add_argument("--output", required=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n-queries", type=int, default=2000)
-    p.add_argument("--n-models", type=int, default=6)
-    p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(run=_cmd_generate)
-
-    jobs = {
-        "embed": ("icl_router.data.embed", "run_embed", "EmbedConfig", "embed queries with sentence-transformers on Ray Data"),
-        "anchors": ("icl_router.data.anchors", "run_anchors", "AnchorsConfig", "select the K anchor queries"),
-        "profile": ("icl_router.data.profile", "run_profile", "ProfileConfig", "run and grade the missing (query, model) pairs with vLLM on Ray Data"),
-        "train": ("icl_router.train.driver", "run_train", "TrainConfig", "train the router (stage 1 or 2) with Ray Train + DeepSpeed"),
-        "demo": ("icl_router.demo", "run_demo", "DemoConfig", "the whole platform end to end on the synthetic default"),
-        "evaluate": ("icl_router.evaluation.run", "run_evaluate", "EvaluateConfig", "the standard protocol beside every baseline: report.json, report.md, plots"),
-        "value": ("icl_router.value", "run_value", "ValueConfig", "estimate each candidate model's marginal routed gain from its profile: value.json, value.md, value.png"),
-    }
-    for name, (module, func, cls, help_) in jobs.items():
-        p = sub.add_parser(name, help=help_)
-        _config_args(p, required=name != "demo")  # the demo runs on its defaults
-        if name in ("evaluate", "demo", "value"):  # --output DIR is the override output=DIR
-            p.add_argument("--output", help="report directory (the override output=DIR)")
-        p.set_defaults(run=_job(module, func, cls))
-
-    p = sub.add_parser("serve", help="the OpenAI-compatible routing service on Ray Serve; prints its URL, runs until Ctrl-C")
-    _config_args(p)
-    p.add_argument("--port", type=int, help="HTTP port, overriding the config's (0: any free port)")
-    serve_job = _job("icl_router.serving.app", "run_serve", "ServeConfig")
-    p.set_defaults(run=lambda a: serve_job(argparse.Namespace(**{**vars(a), "overrides": [*a.overrides, *([f"port={a.port}"] if a.port is not None else [])]})))
-
-    p = sub.add_parser("onboard", help="one call: a running service deploys a model, profiles it on the router's anchors and routes to it")
-    _config_args(p)
-    p.add_argument("--model", required=True, help="the new model's name")
-    p.add_argument("--path", help="the model: a local directory or a hub id (default: --like's)")
-    p.add_argument("--like", metavar="POOL_MODEL", help="serve it as this pool model of the config is served (engine_kwargs, autoscaling, ...)")
-    p.add_argument("--serving", metavar="YAML", help="pool-model fields over --like's, e.g. '{engine_kwargs: {max_model_len: 2048}}'")
-    p.add_argument("--cost", type=float, help="expected dollars per query")
-    p.add_argument("--url", help="the service (default: http://<host>:<port> of the config)")
-    p.add_argument("--timeout", type=float, default=3600, help="seconds to follow the onboarding before giving up (it goes on in the service)")
-    p.set_defaults(run=_cmd_onboard)
-
-    p = sub.add_parser("router-anchors", help="write a router directory's anchors.parquet (anchor texts, gold, graders) from its dataset")
-    p.add_argument("--router", required=True, help="router directory")
-    p.add_argument("--dataset", required=True, help="the dataset the router was trained on (its queries.parquet holds the anchors)")
-    p.set_defaults(run=_cmd_router_anchors)
-
-    p = sub.add_parser("register", help="add models to a trained router's pool from their anchor outcomes (no training)")
-    p.add_argument("--router", required=True, help="router directory (icl_router.json, profiles.parquet, ...)")
-    p.add_argument("--dataset", required=True, help="dataset directory holding the models' outcomes on the router's anchors")
-    p.add_argument("--model", required=True, action="append", help="model id; repeat to register several")
-    p.set_defaults(run=lambda a: importlib.import_module("icl_router.routing.register").register_models(a.router, a.dataset, a.model))
-
-    p = sub.add_parser("route", help="route queries with a trained router directory in this process (the Python API)")
-    p.add_argument("--router", required=True, help="router directory")
-    p.add_argument("--text", required=True, action="append", help="a query; repeat to route several")
-    p.add_argument("--policy", default="highest", choices=list(get_args(PolicyKind)), help="routing policy")
-    for name in ("threshold", "margin", "budget", "cost-weight", "min-gain", "prior-weight"):
-        p.add_argument(f"--{name}", type=float, help=f"the policy's or the decision layer's {name.replace('-', '_')}")
-    p.add_argument("--default-model", help="the guard's default model (default: the best prior)")
-    p.add_argument("--model", action="append", help="route among these pool models only; repeat")
-    p.add_argument("--task", action="append", help="the query's task (a task of the router's anchors): once for every --text, or once per --text")
-    p.set_defaults(run=_cmd_route)
-
+def _submit_args(p: argparse.ArgumentParser) -> None:
     from icl_router import submit  # light: Ray is imported only when a job is submitted
 
-    p = sub.add_parser("submit", help="run a job on a Ray cluster (Jobs API), stream its logs, exit with its status")
-    submit.add_args(p, job_configs={name: cls for name, (_, _, cls, _) in jobs.items()})
-    p.set_defaults(run=submit.run)
+    submit.add_args(p, job_configs={name: job.config_class for name, job in JOBS.items()})
 
-    p = sub.add_parser("bench", help="benchmarks: both sides in one run, JSON as the last line")
+
+def _submit_run(a: argparse.Namespace) -> Any:
+    from icl_router import submit
+
+    return submit.run(a)
+
+
+def _bench_args(p: argparse.ArgumentParser) -> None:
     bsub = p.add_subparsers(dest="bench", required=True)
     for name, module in BENCHES.items():
         # bench modules import their heavy dependencies inside run(): importing them here stays light,
@@ -195,7 +244,36 @@ def build_parser() -> argparse.ArgumentParser:
             raise ImportError(f"bench {name!r}: icl_router.bench.{module} does not import ({e}); fix the install or BENCHES in cli.py") from e
         bp = bsub.add_parser(name, help=(mod.__doc__ or "").strip().splitlines()[0] if mod.__doc__ else None)
         mod.add_args(bp)
-        bp.set_defaults(run=_cmd_bench, bench_run=mod.run)
+        bp.set_defaults(bench_run=mod.run)
+
+
+def _bench_run(a: argparse.Namespace) -> Any:
+    return a.bench_run(a)
+
+
+COMMANDS: dict[str, Command] = {
+    "import": Command("turn public routing data into a dataset directory", _import_args, _import_run),
+    "generate": Command("write the synthetic embedded-default dataset", _generate_args, _generate_run),
+    **{name: job_command(job) for name, job in JOBS.items()},
+    "serve": Command("the OpenAI-compatible routing service on Ray Serve; prints its URL, runs until Ctrl-C", _serve_args, _serve_run),
+    "onboard": Command("one call: a running service deploys a model, profiles it on the router's anchors and routes to it",
+                       _onboard_args, _onboard_run),
+    "router-anchors": Command("write a router directory's anchors.parquet (anchor texts, gold, graders) from its dataset",
+                              _router_anchors_args, _router_anchors_run),
+    "register": Command("add models to a trained router's pool from their anchor outcomes (no training)", _register_args, _register_run),
+    "route": Command("route queries with a trained router directory in this process (the Python API)", _route_args, _route_run),
+    "submit": Command("run a job on a Ray cluster (Jobs API), stream its logs, exit with its status", _submit_args, _submit_run),
+    "bench": Command("benchmarks: both sides in one run, JSON as the last line", _bench_args, _bench_run),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="icl-router", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, command in COMMANDS.items():
+        p = sub.add_parser(name, help=command.help)
+        command.add_args(p)
+        p.set_defaults(run=command.run)
     return parser
 
 

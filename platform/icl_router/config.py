@@ -9,6 +9,10 @@ Layering: a section given as a mapping is merged onto its default, both for
 ``base:`` files (the file's own keys win) and for a config section whose default
 differs from its class's defaults (``EvaluateConfig.icl_router_text`` is the text
 router: ``icl_router_text: {k: 50}`` keeps it the text router with K=50).
+
+A leaf of the package: this module imports only ``kinds`` (the closed sets of names) and
+``errors``. A config's ``build()`` imports the object it builds when called, and nothing it
+builds imports this module, so no import loop runs through here.
 """
 
 from __future__ import annotations
@@ -21,8 +25,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from icl_router.errors import UserError
-from icl_router.kinds import Accelerator, DatasetFormat, PolicyKind, ProfileLayout, QueryInput
-from icl_router.routing.online import Scoring
+from icl_router.kinds import Accelerator, DatasetFormat, PolicyKind, ProfileLayout, QueryInput, Scoring
 
 
 class ConfigError(UserError):
@@ -197,13 +200,39 @@ class RayConfig(Config):
     temp_dir: str | None = None
 
 
+class PolicyConfig(Config):
+    """A routing policy (icl_router.routing.policy): the service's default (a request may override it), or the one ``value`` assumes."""
+
+    kind: PolicyKind = "highest"
+    threshold: float | None = None
+    margin: float | None = None
+    budget: float | None = None
+    cost_weight: float | None = None  # kind cost: points of p one dollar per query is worth
+
+    def build(self) -> Any:
+        """The ``routing.policy.Policy`` this describes."""
+        from icl_router.routing.policy import Policy
+
+        return Policy(self.kind, threshold=self.threshold, margin=self.margin, budget=self.budget, cost_weight=self.cost_weight)
+
+    @model_validator(mode="after")
+    def _check(self) -> PolicyConfig:
+        from icl_router.routing.policy import PolicyError
+
+        try:
+            self.build()
+        except PolicyError as e:
+            raise ValueError(str(e)) from None
+        return self
+
+
 # ---------------------------------------------------------------------------
 # Job configs
 
 
 class EmbedConfig(Config):
     dataset: str
-    embedder: str = "all-MiniLM-L6-v2"  # bundled; or a sentence-transformers path / hub id; <model>@<variant>: data/embed.py
+    embedder: str = "all-MiniLM-L6-v2"  # bundled; or a sentence-transformers path / hub id; <model>@<variant>: data/embedder.py
     batch_size: int = 64
     num_actors: int = 2
     cpus_per_actor: float = 1.0
@@ -420,16 +449,6 @@ class ValueEvalConfig(Config):
     seed: int = 0
 
 
-class ValuePolicyConfig(Config):
-    """The policy the service routes with (routing.policy.Policy); the router directory's decision layer applies."""
-
-    kind: Literal["highest", "threshold", "margin", "budget", "cost"] = "highest"
-    threshold: float | None = None
-    margin: float | None = None
-    budget: float | None = None  # dollars per query
-    cost_weight: float | None = None  # points of p one dollar per query is worth (kind: cost)
-
-
 class ValueConfig(Config):
     """``icl-router value``: the marginal routed gain of each candidate model, and the loss from removing each pool model."""
 
@@ -438,7 +457,7 @@ class ValueConfig(Config):
     pool: list[str] | None = None  # the current pool: these registered models (null: every registered model)
     candidates: list[ValueCandidateConfig] = []
     evaluation: ValueEvalConfig = ValueEvalConfig()
-    policy: ValuePolicyConfig = ValuePolicyConfig()
+    policy: PolicyConfig = PolicyConfig()  # the policy the service routes with; the router directory's decision layer applies
     costs: dict[str, float] = {}  # dollars per query by model; default: the mean ``cost`` of its outcomes in ``dataset``
     estimator: Literal["eb", "naive", "eb-pair", "eb-mix", "crossfit"] = "eb"  # routing/marginal.py; bench value measures each
     noise_scale: float = Field(default=1.0, gt=0)  # eb / eb-pair: noise variance = noise_scale * p (1 - p) / n_eff (1: a kernel average's own)
@@ -486,20 +505,16 @@ class GenerateConfig(Config):
 
     @model_validator(mode="after")
     def _check(self) -> GenerateConfig:
-        from icl_router.data.generate import FAMILIES, MODELS  # the generator's own tables
-
-        families = self.families if self.families is not None else list(FAMILIES)
-        if not 1 <= self.n_models <= len(MODELS):
-            raise ValueError(f"n_models must be between 1 and {len(MODELS)} (the synthetic pool)")
+        # the families and models that exist are the generator's tables: data/generate.check_pool
+        if self.n_models < 1:
+            raise ValueError("n_models must be at least 1")
         if self.n_queries < 1:
             raise ValueError("n_queries must be at least 1")
-        unknown = set(families) - set(FAMILIES)
-        if unknown:
-            raise ValueError(f"families {sorted(unknown)} do not exist; choose from {list(FAMILIES)}")
-        if not set(self.ood_families) <= set(families):
-            raise ValueError("ood_families must be a subset of families")
-        if not set(families) - set(self.ood_families):
-            raise ValueError("at least one family must be in-distribution (not in ood_families)")
+        if self.families is not None:
+            if not set(self.ood_families) <= set(self.families):
+                raise ValueError("ood_families must be a subset of families")
+            if not set(self.families) - set(self.ood_families):
+                raise ValueError("at least one family must be in-distribution (not in ood_families)")
         if not 0.0 < self.train_fraction < 1.0:
             raise ValueError("train_fraction must be strictly between 0 and 1, e.g. 0.7")
         return self
@@ -697,26 +712,6 @@ class ScorerServeConfig(Config):
     autoscaling: AutoscalingConfig = AutoscalingConfig(max_replicas=2)
 
 
-class PolicyConfig(Config):
-    """The default routing policy (icl_router.routing.policy); a request may override it."""
-
-    kind: PolicyKind = "highest"
-    threshold: float | None = None
-    margin: float | None = None
-    budget: float | None = None
-    cost_weight: float | None = None  # kind cost: points of p one dollar per query is worth
-
-    @model_validator(mode="after")
-    def _check(self) -> PolicyConfig:
-        from icl_router.routing.policy import Policy, PolicyError
-
-        try:
-            Policy(self.kind, threshold=self.threshold, margin=self.margin, budget=self.budget, cost_weight=self.cost_weight)
-        except PolicyError as e:
-            raise ValueError(str(e)) from None
-        return self
-
-
 API_KEYS_ENV = "ICL_ROUTER_API_KEYS"
 ADMIN_KEYS_ENV = "ICL_ROUTER_ADMIN_KEYS"
 
@@ -800,7 +795,7 @@ class DemoConfig(Config):
     n_queries: int = 1500
     n_models: int = 7  # of the synthetic pool
     held_out: str = "synth-logic-8b"  # trained without, then registered from its profile alone
-    embedder: str = "all-MiniLM-L6-v2"  # or a variant, e.g. all-MiniLM-L6-v2@onnx-int8 (data/embed.py)
+    embedder: str = "all-MiniLM-L6-v2"  # or a variant, e.g. all-MiniLM-L6-v2@onnx-int8 (data/embedder.py)
     k: int = 200  # anchors
     stage1_epochs: int = 2
     stage2_epochs: int = 4

@@ -23,3 +23,7 @@ ProfileLayout = Literal["pairs", "fused"]
 
 # Where a model runs (configs of the profiling job and of the service's pool).
 Accelerator = Literal["cpu", "gpu"]
+
+# Which path scores a query (routing/online.py): the router LM with the evidence, the evidence
+# head alone, or auto (the evidence head when the router LM is silent).
+Scoring = Literal["auto", "full", "evidence"]

@@ -175,10 +175,7 @@ def model_costs(cfg: ValueConfig, models: list[str], policy: Policy) -> np.ndarr
 
 
 def make_policy(cfg: ValueConfig) -> Policy:
-    try:
-        return Policy(**cfg.policy.model_dump())
-    except ValueError as e:
-        raise ConfigError(f"policy: {e}") from None
+    return cfg.policy.build()  # checked when the config loaded
 
 
 # ---------------------------------------------------------------------------

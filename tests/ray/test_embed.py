@@ -7,7 +7,8 @@ import pytest
 
 from icl_router import schemas as S
 from icl_router.config import EmbedConfig
-from icl_router.data.embed import BUNDLED, load_embedder, run_embed
+from icl_router.data.embed import run_embed
+from icl_router.data.embedder import BUNDLED, load_embedder
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]  # the tier marker comes from the directory (tests/conftest.py); each test here runs a minute or more
 

@@ -15,7 +15,7 @@ import torch
 from icl_router.config import AnchorsConfig, SplitConfig, TrainConfig
 from icl_router.data.anchors import run_anchors
 from icl_router.data.dataset import Dataset
-from icl_router.data.embed import BUNDLED, load_embedder
+from icl_router.data.embedder import BUNDLED, load_embedder
 from icl_router.data.importers import import_dataset
 from icl_router.model.router_dir import load_router_dir
 from icl_router.routing.scorer import Scorer

@@ -11,7 +11,7 @@ K = 6
 
 @pytest.fixture
 def router_dir(tmp_path, tiny_router_lm):
-    from icl_router.data.embed import BUNDLED
+    from icl_router.data.embedder import BUNDLED
     from icl_router.model.prompt import PromptLayout
     from icl_router.model.router import ICLRouter
     from icl_router.model.router_dir import RouterMeta, save_router_dir

@@ -1,4 +1,4 @@
-"""Embedder variants (data/embed.py): names, which may share anchors, and the derived forms' vectors."""
+"""Embedder variants (data/embedder.py): names, which may share anchors, and the derived forms' vectors."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from icl_router.data.embed import (
+from icl_router.data.embedder import (
     BUNDLED,
     EmbedderError,
     EmbedderName,

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from icl_router import cli
 from icl_router import schemas as S
+from icl_router.config import ConfigError
 from icl_router.data.dataset import Dataset
 from icl_router.data.generate import MODELS, GenerateConfig, generate_dataset, generate_tables
 
@@ -125,12 +126,14 @@ def test_code_queries_gold_is_what_python_computes(seeded):
         assert str(got) == r[S.GOLD], r[S.TEXT]
 
 
-def test_config_rejects_impossible_pools():
-    with pytest.raises(ValidationError, match="n_models"):
-        GenerateConfig(n_models=len(MODELS) + 1)
-    with pytest.raises(ValidationError, match="subset"):
-        GenerateConfig(ood_families=["poetry"])
-    with pytest.raises(ValidationError, match="in-distribution"):
+def test_impossible_pools_are_refused():
+    with pytest.raises(ConfigError, match="n_models"):
+        generate_tables(GenerateConfig(n_models=len(MODELS) + 1))
+    with pytest.raises(ConfigError, match="subset"):
+        generate_tables(GenerateConfig(ood_families=["poetry"]))
+    with pytest.raises(ConfigError, match="poetry"):
+        generate_tables(GenerateConfig(families=["poetry", "units"], ood_families=["units"]))
+    with pytest.raises(ValidationError, match="in-distribution"):  # no table needed: refused with the config
         GenerateConfig(families=["units"], ood_families=["units"])
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from icl_router.data.embed import BUNDLED, EmbedderError
+from icl_router.data.embedder import BUNDLED, EmbedderError
 from icl_router.model.prompt import PromptLayout
 from icl_router.model.router import ICLRouter
 from icl_router.model.router_dir import RouterMeta, save_router_dir

@@ -147,7 +147,7 @@ def test_embedder_variant_is_recorded(saved, tmp_path):
 
 def test_query_embedder_of_another_variant_is_refused(saved, tmp_path):
     """A router whose anchors came from one variant never gets query vectors from a variant that gives others."""
-    from icl_router.data.embed import EmbedderError, check_embedder
+    from icl_router.data.embedder import EmbedderError, check_embedder
 
     meta = load_router_dir(saved[2]).meta
     check_embedder(meta.embedder_name, "emb@onnx", where="r")  # same vectors as the reference

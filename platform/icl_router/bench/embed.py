@@ -4,7 +4,7 @@
 encode loop, same texts. Both sides include loading the model (the pool loads one copy per
 actor; that is part of its cost) and exclude starting Ray.
 
-``--mode variants``: per-query latency of embedder variants (data/embed.py) beside the
+``--mode variants``: per-query latency of embedder variants (data/embedder.py) beside the
 reference (``--embedder``), one thread each, at batch sizes 1 and up, the variants taking
 turns batch by batch so all see the same machine load; and each variant's cosine to the
 reference's vectors on the same texts.
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> dict:
 def run_variants(args: argparse.Namespace) -> dict:
     import torch
 
-    from icl_router.data.embed import BUNDLED, load_embedder, parse_embedder
+    from icl_router.data.embedder import BUNDLED, load_embedder, parse_embedder
 
     names = [args.embedder, *[v for v in args.variants.split(",") if v and v != args.embedder]]
     if any(parse_embedder(n).model == BUNDLED for n in names):
@@ -112,7 +112,8 @@ def run_pool(args: argparse.Namespace) -> dict:
 
     from icl_router import schemas as S
     from icl_router.config import EmbedConfig, RayConfig
-    from icl_router.data.embed import embed_texts, load_embedder
+    from icl_router.data.embed import embed_texts
+    from icl_router.data.embedder import load_embedder
     from icl_router.raycluster import ensure_ray
 
     texts, source = load_texts(Path(args.texts), args.n)

@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from icl_router import schemas as S
-from icl_router.config import GenerateConfig
+from icl_router.config import ConfigError, GenerateConfig
 from icl_router.data.dataset import Dataset, write_dataset_atomically
 
 FAMILIES = ("arithmetic", "units", "geography", "code", "logic", "spelling")
@@ -166,9 +166,24 @@ TEMPLATES = {"arithmetic": _arithmetic, "units": _units, "geography": _geography
 # -- the dataset ------------------------------------------------------------------------
 
 
+def check_pool(cfg: GenerateConfig) -> list[str]:
+    """The families ``cfg`` asks for, checked against the generator's tables (ConfigError names the key)."""
+    families = cfg.families if cfg.families is not None else list(FAMILIES)
+    if cfg.n_models > len(MODELS):
+        raise ConfigError(f"generate.n_models must be between 1 and {len(MODELS)} (the synthetic pool), got {cfg.n_models}")
+    unknown = set(families) - set(FAMILIES)
+    if unknown:
+        raise ConfigError(f"generate.families {sorted(unknown)} do not exist; choose from {list(FAMILIES)}")
+    if not set(cfg.ood_families) <= set(families):
+        raise ConfigError(f"generate.ood_families must be a subset of the families {families}")
+    if not set(families) - set(cfg.ood_families):
+        raise ConfigError("generate: at least one family must be in-distribution (not in ood_families)")
+    return families
+
+
 def generate_tables(cfg: GenerateConfig) -> tuple[pa.Table, pa.Table]:
     """(queries, outcomes) in the dataset contract; pure function of ``cfg``."""
-    families = cfg.families if cfg.families is not None else list(FAMILIES)
+    families = check_pool(cfg)
     r, rng = random.Random(cfg.seed), np.random.default_rng(cfg.seed)
     family_idx = rng.integers(0, len(families), cfg.n_queries)
     level = rng.integers(0, len(LEVELS), cfg.n_queries)

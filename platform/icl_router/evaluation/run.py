@@ -97,7 +97,7 @@ def ensure_embeddings(ds: Dataset, *, embedder: str, name: str, view: Any = None
     todo = [(i, t) for i, t in zip(q.column(S.QUERY_ID).to_pylist(), q.column(S.TEXT).to_pylist()) if i not in done]
     if not todo:
         return
-    from icl_router.data.embed import BUNDLED, load_embedder
+    from icl_router.data.embedder import BUNDLED, load_embedder
 
     if embedder == BUNDLED:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the bundled model must never reach for the hub

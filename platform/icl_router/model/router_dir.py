@@ -64,15 +64,14 @@ class RouterMeta:
     stage: int = 2
     format_version: int = FORMAT_VERSION
     extra: dict = field(default_factory=dict)  # provenance: dataset, steps, final loss, ...
-    # Which form of the embedder produced ``anchor_emb`` (data/embed.py VARIANTS; directories written
-    # before variants existed lack it and were made by sentence-transformers). Queries must be embedded
-    # by a variant giving the same vectors (data/embed.py: load_query_embedder). The anchors are never
-    # re-embedded at load: the directory holds their vectors, not their texts, and the projector and
-    # LM were trained on those vectors.
+    # Which form of the embedder produced ``anchor_emb`` (data/embedder.py VARIANTS; absent from the
+    # JSON: the reference). Queries must be embedded by a variant giving the same vectors
+    # (load_query_embedder). The anchors are never re-embedded at load: the directory holds their
+    # vectors, not their texts, and the projector and LM were trained on those vectors.
     embedder_variant: str = "sentence-transformers"
 
     def __post_init__(self) -> None:
-        from icl_router.data.embed import REFERENCE, VARIANTS, parse_embedder
+        from icl_router.data.embedder import REFERENCE, VARIANTS, parse_embedder
 
         spec = parse_embedder(self.embedder)
         if spec.variant != REFERENCE:
@@ -85,7 +84,7 @@ class RouterMeta:
     @property
     def embedder_name(self) -> str:
         """The embedder as a name ``load_embedder`` takes: ``<model>[@<variant>]``."""
-        from icl_router.data.embed import EmbedderName
+        from icl_router.data.embedder import EmbedderName
 
         return str(EmbedderName(self.embedder, self.embedder_variant))
 

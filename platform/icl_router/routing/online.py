@@ -20,11 +20,11 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 
-Scoring = Literal["auto", "full", "evidence"]
+from icl_router.kinds import Scoring
 
 
 class Scored(NamedTuple):
@@ -45,7 +45,7 @@ class OnlineRouter:
         import torch
 
         from icl_router import schemas as S
-        from icl_router.data.embed import REFERENCE, load_query_embedder, parse_embedder
+        from icl_router.data.embedder import REFERENCE, load_query_embedder, parse_embedder
         from icl_router.model.router_dir import load_router_dir, read_anchor_queries
         from icl_router.routing.decision import DecisionParams
 

@@ -89,7 +89,7 @@ class Route:
 class V1Handler:
     def __init__(self, view: PoolView, *, keys: Keys) -> None:
         self.view, self.cfg, self.keys = view, view.cfg, keys
-        self.default_policy = Policy(**view.cfg.policy.model_dump())
+        self.default_policy: Policy = view.cfg.policy.build()
 
     # ---- the endpoints ------------------------------------------------------------------------
 
