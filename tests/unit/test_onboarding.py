@@ -160,8 +160,10 @@ def _registry(tmp_path, anchors: pa.Table | None):
 
 
 def _model_dir(tmp_path):
+    """A directory that passes the model-path check (a config of a head size vLLM on CPU serves)."""
     d = tmp_path / "models" / "m-new"
     d.mkdir(parents=True)
+    (d / "config.json").write_text(json.dumps({"model_type": "qwen2", "hidden_size": 128, "num_attention_heads": 4}))
     return str(d)
 
 

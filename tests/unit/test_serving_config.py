@@ -71,9 +71,10 @@ def test_bad_values_fail_naming_the_key(override, key, tmp_path):
 def test_reserved_and_duplicate_pool_names_fail():
     base = {"router": {"path": "r"}, "pool": [{"name": "m", "path": "p"}]}
     ServeConfig.model_validate(base)
-    for pool in ([{"name": "auto", "path": "p"}], [{"name": "m", "path": "p"}, {"name": "m", "path": "q"}], []):
+    for pool in ([{"name": "auto", "path": "p"}], [{"name": "m", "path": "p"}, {"name": "m", "path": "q"}]):
         with pytest.raises(ValueError):
             ServeConfig.model_validate({**base, "pool": pool})
+    assert ServeConfig.model_validate({**base, "pool": []}).pool == []  # every model then joins by onboarding
 
 
 def test_app_args_take_a_config_path_with_overrides_or_inline_fields():

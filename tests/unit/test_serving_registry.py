@@ -76,20 +76,26 @@ def test_a_profile_read_from_a_datasets_anchor_outcomes(registry):
         ("m-weak", {"profile": [True] * K}, 409, "model_exists", "model", "replace: true"),
         ("auto", {"profile": [True] * K}, 400, "invalid_value", "model", "reserved"),
         # the admin `serving` block: checked against the pool-model config before anything is deployed
-        ("m-weak", {"profile": [True] * K, "serving": {"path": "/tmp"}}, 409, "model_exists", "model", "already"),
+        ("m-weak", {"profile": [True] * K, "serving": {"path": "MODEL_DIR"}}, 409, "model_exists", "model", "already"),
         ("m-new", {"profile": [True] * K, "serving": {}}, 400, "invalid_value", "serving.path", "required"),
         ("m-new", {"profile": [True] * K, "serving": {"path": "/tmp", "colour": 1}}, 400, "invalid_value", "serving.colour", "unknown"),
         ("m-new", {"profile": [True] * K, "serving": {"path": "/tmp", "engine_kwargs": 5}}, 400, "invalid_value", "serving.engine_kwargs", "dictionary"),
         ("m-new", {"profile": [True] * K, "serving": {"path": "/tmp", "accelerator_type": "H100"}}, 400, "invalid_value", "serving", "accelerator=gpu"),
         ("m-new", {"profile": [True] * K, "serving": {"path": "/tmp", "name": "x"}}, 400, "invalid_value", "serving.name", "remove"),
         ("m-new", {"profile": [True] * K, "serving": {"path": "no such model"}}, 400, "invalid_value", "serving.path", "hub id"),
-        ("m-new", {"profile": [True] * K, "serving": {"path": "/no/such/dir"}}, 400, "invalid_value", "serving.path", "local model directory"),
+        ("m-new", {"profile": [True] * K, "serving": {"path": "/no/such/dir"}}, 400, "invalid_value", "serving.path", "expected a model directory"),
+        ("m-new", {"profile": [True] * K, "serving": {"path": "/tmp"}}, 400, "invalid_value", "serving.path", "no config.json"),
     ],
 )
-def test_refusals_name_the_field_and_change_nothing(registry, model, kw, status, code, param, text):
+def test_refusals_name_the_field_and_change_nothing(registry, tmp_path, model, kw, status, code, param, text):
     from icl_router.serving.registry import Refusal
 
     reg, _, _ = registry
+    if kw.get("serving", {}).get("path") == "MODEL_DIR":  # a directory that passes the model-path check
+        d = tmp_path / "model-dir"
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({"model_type": "qwen2", "hidden_size": 128, "num_attention_heads": 4}))
+        kw = {**kw, "serving": {"path": str(d)}}
     before = reg.snapshot()
     out = _register(reg, model, kw.pop("profile", None), **kw)
     assert isinstance(out, Refusal) and (out.status, out.code, out.param) == (status, code, param), out

@@ -32,8 +32,8 @@ PRICES = {"tiny-a": (1e-6, 3e-6), "tiny-b": (2e-6, 5e-6)}  # (per input token, p
 def test_outcome_grades_and_prices_a_row():
     """The postprocess alone (no vLLM): score from the grader, cost from the token counts."""
     row = {S.QUERY_ID: "q", S.GRADER: "gsm8k", S.GOLD: "# 18", "num_input_tokens": 30, "num_generated_tokens": 7, "time_taken_llm": 0.25}
-    right = _outcome({**row, "generated_text": '{"reasoning": "16-3-4=9, 9*2", "answer": "18"}'}, model_id="m", cost_in=1e-6, cost_out=3e-6)
-    wrong = _outcome({**row, "generated_text": '{"answer": "19"}'}, model_id="m", cost_in=1e-6, cost_out=3e-6)
+    right = _outcome({**row, "generated_text": '{"reasoning": "16-3-4=9, 9*2", "answer": "18"}'}, model_id="m", cost_in=1e-6, cost_out=3e-6, style="json")
+    wrong = _outcome({**row, "generated_text": '{"answer": "19"}'}, model_id="m", cost_in=1e-6, cost_out=3e-6, style="json")
     assert (right[S.CORRECT], wrong[S.CORRECT]) == (True, False)
     # scores are float verdicts and the latency a float copied from the row: compared as values
     assert (right[S.SCORE], wrong[S.SCORE]) == pytest.approx((1.0, 0.0), abs=1e-12)
@@ -209,3 +209,11 @@ def test_a_killed_job_keeps_its_shards_and_the_rerun_does_only_the_rest(profiled
     assert _pair_counts(ds) == {(q, m): 1 for q in all_ids for m in PRICES}
     assert {p: p.stat().st_mtime_ns for p in before} == before  # earlier files were never rewritten
     assert len(_profile_files(ds)) > len(before) + 2  # the rerun wrote its own shards
+
+
+def test_the_head_sizes_refused_on_cpu_are_the_ones_vllm_cannot_serve():
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    from icl_router.pretrained import VLLM_CPU_HEAD_SIZES
+
+    assert list(VLLM_CPU_HEAD_SIZES) == CPUAttentionBackend.get_supported_head_sizes()

@@ -1,4 +1,7 @@
-"""Generation throughput: one tiny model, same prompts, Ray Data + vLLM (the profile job's path) vs a transformers loop.
+"""Generation throughput: one model, same prompts, Ray Data + vLLM (the profile job's path) vs a transformers loop.
+
+The model is a real pretrained LM by default (SmolLM2-135M-Instruct, converted by ``make models``),
+or ``--model tiny``: a random-weight tiny Qwen2, for the plumbing alone.
 
 Both sides use the same number of CPU threads (``--threads``) and decode greedily exactly
 ``max_tokens`` tokens per prompt (vLLM ``ignore_eos``, transformers ``min_new_tokens``).
@@ -29,6 +32,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--questions", default=str(ZEROEVAL), help="ZeroEval matrix.jsonl (GSM8K questions); generated ones if absent")
     p.add_argument("--threads", type=int, default=1, help="CPU threads of each side (vLLM's OMP_NUM_THREADS, torch.set_num_threads)")
     p.add_argument("--address", default=None, help="Ray cluster address; default: a local cluster")
+    p.add_argument("--model", default="runs/models/smollm2-135m-instruct", help="a model directory, or 'tiny' (a random-weight tiny Qwen2)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="of both sides")
 
 
 def load_questions(path: Path, n: int) -> tuple[list[str], str]:
@@ -57,10 +62,10 @@ def run_vllm(model: Path, prompts: list[str], args: argparse.Namespace) -> tuple
     from icl_router.data.profile import engine_config
 
     m = CandidateModelConfig(
-        name="tiny",
+        name="bench",
         path=str(model),
         sampling=SamplingConfig(max_tokens=args.max_tokens),
-        engine_kwargs={"dtype": "float32", "enforce_eager": True, "max_model_len": 1024},
+        engine_kwargs={"dtype": args.dtype, "enforce_eager": True, "max_model_len": 2048},
         env_vars={"OMP_NUM_THREADS": str(args.threads)},
     )
     sampling = {**m.sampling.model_dump(), "ignore_eos": True}
@@ -86,7 +91,7 @@ def run_hf(model: Path, prompts: list[str], args: argparse.Namespace) -> tuple[d
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(str(model), padding_side="left")
-    lm = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32).eval()
+    lm = AutoModelForCausalLM.from_pretrained(str(model), dtype=getattr(torch, args.dtype)).eval()
     texts, tokens, gen_s = {}, 0, 0.0
     for start in range(0, len(prompts), args.batch_size):
         chats = [[{"role": "user", "content": p}] for p in prompts[start : start + args.batch_size]]
@@ -104,13 +109,16 @@ def run_hf(model: Path, prompts: list[str], args: argparse.Namespace) -> tuple[d
 def run(args: argparse.Namespace) -> dict:
     from icl_router.config import RayConfig
     from icl_router.data.profile import build_prompt
+    from icl_router.pretrained import check_model_path
     from icl_router.raycluster import ensure_ray
     from icl_router.testing import make_tiny_causal_lm
 
     questions, source = load_questions(Path(args.questions), args.n)
     prompts = [build_prompt("gsm8k", q) for q in questions]
+    if args.model != "tiny":
+        check_model_path(args.model, what="--model")
     with tempfile.TemporaryDirectory(prefix="bench-profile-") as tmp:
-        model = make_tiny_causal_lm(Path(tmp) / "tiny", seed=0, texts=questions)
+        model = make_tiny_causal_lm(Path(tmp) / "tiny", seed=0, texts=questions) if args.model == "tiny" else Path(args.model).resolve()
         ensure_ray(RayConfig(address=args.address, num_cpus=8))
         v_texts, v_tokens, v_s, (v_steady_s, v_steady_tokens) = run_vllm(model, prompts, args)
         h_texts, h_tokens, h_s, h_gen_s = run_hf(model, prompts, args)
@@ -130,6 +138,8 @@ def run(args: argparse.Namespace) -> dict:
         "tokens": {"vllm": v_tokens, "hf": h_tokens},
         "same_text_fraction": round(same / len(prompts), 3),  # greedy on both sides: mostly equal; float32 ties may flip
         "threads": args.threads,
+        "model": args.model,
+        "dtype": args.dtype,
         "questions": source,
         "cpus": os.cpu_count(),
     }

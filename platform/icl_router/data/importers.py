@@ -5,6 +5,11 @@ Formats:
 - ``zeroeval``: JSONL ``{"id", "task", "question", "gold", "labels": {model: 0|1}}``.
 - ``routerbench``: JSONL ``{"id", "task", "prompt", "labels", "cost"}``; ``prompt`` is a
   Python list literal holding the prompt string.
+- ``local``: LLMRouter's JSONL for the questions, with the outcomes that the packaged real LMs
+  (``icl-router models``) got on them here instead of LLMRouter's labels: the file
+  ``icl_router/resources/local-outcomes.parquet`` (query ids and labels, no text; written by
+  ``icl-router export-outcomes`` after ``icl-router profile --config jobs/profile/local.yaml``).
+  Only the questions it has outcomes for are kept.
 - ``iclrouter``: the authors' release of arXiv 2510.09719 (github NavairaRehman/ICL-Router,
   data on huggingface lalalamdbf/ICL-Router): ``train_router.json`` / ``test_router.json``
   (JSON lists of ``{query, model, is_correct_direct, task, index}``, one row per (query,
@@ -26,6 +31,7 @@ import ast
 import hashlib
 import json
 import math
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +55,9 @@ METRIC_GRADERS = {
     "commongen_coverage": "commongen",
 }
 ZEROEVAL_GRADERS = {"gsm": "gsm8k", "math-l5": "math", "crux": "crux"}
+
+# The outcomes of the packaged real LMs on LLMRouter's questions (format ``local``).
+LOCAL_OUTCOMES = "local-outcomes.parquet"
 
 # Queries that only the stage-1 question files know: text without outcomes, by design.
 STAGE1 = "stage1"
@@ -168,13 +177,53 @@ def _split_of(path: Path) -> str:
 # -- the formats -------------------------------------------------------------------
 
 
+def _humaneval_gold(question: str, gold: str | None) -> str | None:
+    """LLMRouter's HumanEval gold is the test code alone (it defines ``check`` and never calls it);
+    with the question, which is HumanEval's prompt, it becomes the gradable ``{prompt, test,
+    entry_point}`` (the entry point is the prompt's last function)."""
+    names = re.findall(r"^def\s+(\w+)\s*\(", question, re.MULTILINE)
+    if gold is None or not names or not re.search(r"^def\s+check\s*\(", gold, re.MULTILINE):
+        return gold
+    return json.dumps({"prompt": question, "test": gold, "entry_point": names[-1]})
+
+
 def _llmrouter(path: Path) -> Iterator[_Query]:
     for where, rec in _read_jsonl(path):
         metric = _get(rec, "metric", str, where, required=False)
+        question, grader = _get(rec, "question", str, where), METRIC_GRADERS.get(metric, metric)
+        gold = _gold(rec)
         yield _Query(
-            _get(rec, "id", str, where), _get(rec, "question", str, where), _get(rec, "task", str, where), _split_of(path),
-            where, _labels(rec, where), gold=_gold(rec), grader=METRIC_GRADERS.get(metric, metric), metric=metric,
+            _get(rec, "id", str, where), question, _get(rec, "task", str, where), _split_of(path),
+            where, _labels(rec, where), gold=_humaneval_gold(question, gold) if grader == "code" else gold, grader=grader, metric=metric,
         )
+
+
+def read_local_outcomes() -> dict[str, dict[str, float]]:
+    """query_id -> {model_id: score} of the committed outcomes file."""
+    from importlib.resources import as_file, files
+
+    import pyarrow.parquet as pq
+
+    with as_file(files("icl_router") / "resources" / LOCAL_OUTCOMES) as path:
+        table = pq.read_table(path)
+    labels: dict[str, dict[str, float]] = {}
+    for q, m, s in zip(*(table.column(c).to_pylist() for c in (S.QUERY_ID, S.MODEL_ID, S.SCORE))):
+        labels.setdefault(q, {})[m] = s
+    return labels
+
+
+def _local(files: list[Path]) -> list[_Query]:
+    labels = read_local_outcomes()
+    rows = [q for path in files for q in _llmrouter(path) if q.query_id in labels]
+    missing = set(labels) - {q.query_id for q in rows}
+    if missing:
+        raise DatasetError(
+            f"{len(missing)} questions of {LOCAL_OUTCOMES} are not in the input (e.g. {sorted(missing)[:3]}); "
+            "give --input ../shared/data/routing/llmrouter (LLMRouter's train.jsonl and test.jsonl)"
+        )
+    for q in rows:
+        q.labels, q.cost = dict(labels[q.query_id]), {}
+    return rows
 
 
 def _zeroeval(path: Path) -> Iterator[_Query]:
@@ -352,8 +401,31 @@ def import_dataset(fmt: DatasetFormat, inputs: list[str], output: str | Path, *,
     files = _expand(fmt, inputs)
     if fmt == "iclrouter":
         rows = _iclrouter(files)
+    elif fmt == "local":
+        rows = _local(files)
     else:
         read = {"llmrouter": _llmrouter, "zeroeval": _zeroeval, "routerbench": _routerbench}[fmt]
         rows = [q for path in files for q in read(path)]
     queries, outcomes = _tables(_pool(rows), on_missing_label)
     return write_dataset_atomically(output, queries, outcomes, overwrite=overwrite)
+
+
+def export_outcomes(dataset: str | Path, models: list[str], output: str | Path) -> dict[str, Any]:
+    """The models' outcomes in ``dataset`` without any question text (query_id, model_id, score,
+    correct; sample 0, in the dataset's query order): what ``local`` reads, safe to commit or share."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    ds = Dataset(dataset)
+    order = {q: i for i, q in enumerate(ds.read_queries().column(S.QUERY_ID).to_pylist())}
+    table = ds.read_outcomes(models)
+    table = table.filter(pc.equal(table.column(S.SAMPLE), 0)).select([S.QUERY_ID, S.MODEL_ID, S.SCORE, S.CORRECT])
+    absent = sorted(set(models) - set(table.column(S.MODEL_ID).to_pylist()))
+    if absent:
+        raise DatasetError(f"--model {absent}: no outcomes in {ds.root}; profile them first (icl-router profile)")
+    rows = sorted(table.to_pylist(), key=lambda r: (r[S.MODEL_ID], order[r[S.QUERY_ID]]))
+    out = pa.Table.from_pylist(rows, schema=table.schema)
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(out, output)
+    return {"output": str(output), "rows": len(out), "accuracy": {m: round(sum(r[S.CORRECT] for r in rows if r[S.MODEL_ID] == m)
+                                                                       / max(1, sum(r[S.MODEL_ID] == m for r in rows)), 4) for m in models}}

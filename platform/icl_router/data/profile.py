@@ -25,18 +25,33 @@ from icl_router.config import VLLM_CPU_ENV, CandidateModelConfig, ProfileConfig
 from icl_router.data.dataset import Dataset, DatasetError
 from icl_router.data.splits import make_split
 from icl_router.graders import GRADERS, grade
+from icl_router.kinds import PromptStyle
+from icl_router.pretrained import prepare_model_path
 from icl_router.raycluster import ensure_ray
 
-# ZeroEval's protocol: the graders read the "answer" field of a JSON object (graders/extract.py).
+# Prompt style ``json``, ZeroEval's protocol: the graders read the "answer" field of a JSON object
+# (graders/extract.py). Style ``short``: the answer alone, and the whole response is graded.
 _JSON = '\n\nThink step by step, then reply with a JSON object: {"reasoning": "your steps", "answer": "WHAT"}.'
-PROMPTS: dict[str, str] = {
-    "gsm8k": "{question}" + _JSON.replace("WHAT", "the final number only"),
-    "math": "{question}" + _JSON.replace("WHAT", "the final answer, in LaTeX if needed"),
-    "multiple_choice": "{question}" + _JSON.replace("WHAT", "the letter of the correct option"),
-    "crux": "{question}" + _JSON.replace("WHAT", "the output, as a Python literal"),
-    "exact_match": "{question}" + _JSON.replace("WHAT", "a short answer"),
-    "f1": "{question}" + _JSON.replace("WHAT", "a short answer"),
-    "code": "{question}\n\nWrite the complete Python function in one ```python code block.",
+_CODE = "{question}\n\nWrite the complete Python function in one ```python code block."
+PROMPTS: dict[PromptStyle, dict[str, str]] = {
+    "json": {
+        "gsm8k": "{question}" + _JSON.replace("WHAT", "the final number only"),
+        "math": "{question}" + _JSON.replace("WHAT", "the final answer, in LaTeX if needed"),
+        "multiple_choice": "{question}" + _JSON.replace("WHAT", "the letter of the correct option"),
+        "crux": "{question}" + _JSON.replace("WHAT", "the output, as a Python literal"),
+        "exact_match": "{question}" + _JSON.replace("WHAT", "a short answer"),
+        "f1": "{question}" + _JSON.replace("WHAT", "a short answer"),
+        "code": _CODE,
+    },
+    "short": {
+        "gsm8k": "{question}\n\nGive only the final number.",
+        "math": "{question}\n\nGive only the final answer.",
+        "multiple_choice": "{question}\n\nAnswer with the letter of the correct option only.",
+        "crux": "{question}\n\nReply with the output only, as a Python literal.",
+        "exact_match": "{question}\n\nAnswer with a few words only.",
+        "f1": "{question}\n\nAnswer with a few words only.",
+        "code": _CODE,
+    },
 }
 
 def _log(msg: str) -> None:
@@ -75,15 +90,15 @@ def select_queries(ds: Dataset, cfg: ProfileConfig, *, query_ids: list[str] | No
     return table
 
 
-def build_prompt(grader: str, question: str) -> str:
-    return PROMPTS[grader].replace("{question}", question)  # not format(): the templates hold JSON braces
+def build_prompt(grader: str, question: str, *, style: PromptStyle = "json") -> str:
+    return PROMPTS[style][grader].replace("{question}", question)  # not format(): the templates hold JSON braces
 
 
-def _request(row: dict[str, Any], *, sampling: dict[str, Any]) -> dict[str, Any]:
+def _request(row: dict[str, Any], *, sampling: dict[str, Any], style: PromptStyle, max_tokens: dict[str, int]) -> dict[str, Any]:
     """Ray Data preprocess: one chat request per query; id, grader and gold ride along to grading."""
     return {
-        "messages": [{"role": "user", "content": build_prompt(row[S.GRADER], row[S.TEXT])}],
-        "sampling_params": sampling,
+        "messages": [{"role": "user", "content": build_prompt(row[S.GRADER], row[S.TEXT], style=style)}],
+        "sampling_params": {**sampling, **({"max_tokens": max_tokens[row[S.TASK]]} if row[S.TASK] in max_tokens else {})},
         S.QUERY_ID: row[S.QUERY_ID],
         S.GRADER: row[S.GRADER],
         S.GOLD: row[S.GOLD],
@@ -92,11 +107,12 @@ def _request(row: dict[str, Any], *, sampling: dict[str, Any]) -> dict[str, Any]
 
 def graded_outcome(
     row: dict[str, Any], response: str, *, model_id: str, cost: float | None, latency_s: float | None,
-    prompt_tokens: int | None, completion_tokens: int | None,
+    prompt_tokens: int | None, completion_tokens: int | None, style: PromptStyle = "json",
 ) -> dict[str, Any]:
-    """One query's outcome row: ``response`` graded against the row's grader and gold (the profile job
-    and the service's onboarding both write these; code answers run in the sandbox)."""
-    score = float(grade(row[S.GRADER], response, row[S.GOLD]))
+    """One query's outcome row: ``response`` graded against the row's grader and gold, read as the
+    prompt style asked for it (the profile job and the service's onboarding both write these; code
+    answers run in the sandbox)."""
+    score = float(grade(row[S.GRADER], response, row[S.GOLD], plain=style == "short"))
     return {
         S.QUERY_ID: row[S.QUERY_ID],
         S.MODEL_ID: model_id,
@@ -111,13 +127,13 @@ def graded_outcome(
     }
 
 
-def _outcome(row: dict[str, Any], *, model_id: str, cost_in: float, cost_out: float) -> dict[str, Any]:
+def _outcome(row: dict[str, Any], *, model_id: str, cost_in: float, cost_out: float, style: PromptStyle) -> dict[str, Any]:
     """Ray Data postprocess: grade one response into an outcome row."""
     n_in, n_out = int(row["num_input_tokens"]), int(row["num_generated_tokens"])
     # latency per row: the engine's time from submitting this request to its last token (other
     # requests of the batch run alongside, so the sum over rows exceeds the wall time)
     return graded_outcome(row, row["generated_text"], model_id=model_id, cost=n_in * cost_in + n_out * cost_out,
-                          latency_s=float(row["time_taken_llm"]), prompt_tokens=n_in, completion_tokens=n_out)
+                          latency_s=float(row["time_taken_llm"]), prompt_tokens=n_in, completion_tokens=n_out, style=style)
 
 
 def engine_config(m: CandidateModelConfig, *, batch_size: int) -> Any:
@@ -142,15 +158,17 @@ def engine_config(m: CandidateModelConfig, *, batch_size: int) -> Any:
     )
 
 
-def generate_outcomes(todo: pa.Table, m: CandidateModelConfig, *, batch_size: int, shard_size: int) -> Iterator[pa.Table]:
+def generate_outcomes(
+    todo: pa.Table, m: CandidateModelConfig, *, batch_size: int, shard_size: int, style: PromptStyle, max_tokens: dict[str, int],
+) -> Iterator[pa.Table]:
     """Outcome tables of ``shard_size`` rows (the last may be smaller), in completion order."""
     import ray
     from ray.data.llm import build_processor
 
     processor = build_processor(
         engine_config(m, batch_size=batch_size),
-        preprocess=partial(_request, sampling=m.sampling.model_dump()),
-        postprocess=partial(_outcome, model_id=m.name, cost_in=m.cost_per_input_token, cost_out=m.cost_per_output_token),
+        preprocess=partial(_request, sampling=m.sampling.model_dump(), style=style, max_tokens=max_tokens),
+        postprocess=partial(_outcome, model_id=m.name, cost_in=m.cost_per_input_token, cost_out=m.cost_per_output_token, style=style),
     )
     blocks = [todo.slice(i, shard_size) for i in range(0, len(todo), shard_size)]
     yield from processor(ray.data.from_arrow(blocks)).iter_batches(batch_size=shard_size, batch_format="pyarrow")
@@ -161,7 +179,10 @@ def run_profile(cfg: ProfileConfig, *, query_ids: list[str] | None = None) -> di
     ds = Dataset(cfg.dataset)
     selected = select_queries(ds, cfg, query_ids=query_ids).select([S.QUERY_ID, S.TEXT, S.TASK, S.GRADER, S.GOLD])
     summary: dict[str, Any] = {"dataset": str(ds.root), "queries": len(selected), "ran": 0, "models": {}}
-    for i, m in enumerate(cfg.models, 1):
+    # every path checked (and a .gguf converted) before any engine starts
+    models = [m.model_copy(update={"path": prepare_model_path(m.path, accelerator=m.accelerator, what=f"models[{i}].path")})
+              for i, m in enumerate(cfg.models)]
+    for i, m in enumerate(models, 1):
         done = pa.array(list(set(ds.read_outcomes([m.name]).column(S.QUERY_ID).to_pylist())), pa.string())
         todo = selected.filter(pc.invert(pc.is_in(selected.column(S.QUERY_ID), done)))
         info = {"skipped": len(selected) - len(todo), "ran": 0, "files": 0, "accuracy": None, "seconds": 0.0}
@@ -171,7 +192,8 @@ def run_profile(cfg: ProfileConfig, *, query_ids: list[str] | None = None) -> di
             continue
         ensure_ray(cfg.ray)
         t0, correct = time.perf_counter(), 0
-        for shard in generate_outcomes(todo, m, batch_size=cfg.batch_size, shard_size=cfg.shard_size):
+        for shard in generate_outcomes(todo, m, batch_size=cfg.batch_size, shard_size=cfg.shard_size, style=cfg.prompt_style,
+                                        max_tokens=cfg.max_tokens):
             (path,) = ds.append_outcomes(shard)  # a fresh run id per shard: never overwrites
             info["ran"] += len(shard)
             info["files"] += 1

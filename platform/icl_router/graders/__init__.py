@@ -28,6 +28,8 @@ GRADERS: dict[str, Callable[..., float]] = {
 
 
 def grade(grader: str, response: str, gold: str | dict, **kw) -> float:
+    """``plain=True``: the whole response is the answer (prompt style ``short``), else the answer is
+    pulled out as ZeroEval does (``extract``)."""
     try:
         fn = GRADERS[grader]
     except KeyError:

@@ -39,6 +39,6 @@ def gold_letter(gold: str | int | dict) -> str:
     return letter
 
 
-def grade_multiple_choice(response: str, gold: str | int | dict) -> float:
-    answer = extract_answer(response)
+def grade_multiple_choice(response: str, gold: str | int | dict, *, plain: bool = False) -> float:
+    answer = extract_answer(response, plain=plain)
     return float(extract_letter(answer if answer is not None else response) == gold_letter(gold))

@@ -24,8 +24,8 @@ def _literal(text: str):
         return False, None
 
 
-def grade_crux(response: str, gold: str, *, literal: bool = False) -> float:
-    answer = extract_answer(response)
+def grade_crux(response: str, gold: str, *, literal: bool = False, plain: bool = False) -> float:
+    answer = extract_answer(response, plain=plain)
     if answer is None:
         return 0.0
     if answer.strip("'\"").replace("\n", "\\n") == gold.strip("'\""):

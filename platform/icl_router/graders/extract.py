@@ -57,9 +57,12 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
-def extract_answer(response: str) -> str | None:
+def extract_answer(response: str, *, plain: bool = False) -> str | None:
     """The answer as a string (a JSON value other than a string as Python's ``str`` of it,
-    as ZeroEval compares them), or None when the response holds none."""
+    as ZeroEval compares them), or None when the response holds none. ``plain``: the model was
+    asked for the answer alone (prompt style ``short``), so the whole response is the answer."""
+    if plain:
+        return response.strip()
     obj = first_json_object(response)
     if obj is not None and "answer" in obj:
         return str(obj["answer"])

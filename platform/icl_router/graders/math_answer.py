@@ -156,6 +156,6 @@ def equivalent(answer: str, gold: str) -> bool:
     return _equiv_expr(a, b)
 
 
-def grade_math(response: str, gold: str) -> float:
-    answer = extract_answer(response)
+def grade_math(response: str, gold: str, *, plain: bool = False) -> float:
+    answer = extract_answer(response, plain=plain)
     return float(answer is not None and equivalent(answer, gold))

@@ -30,8 +30,8 @@ def first_number(text: str) -> float | None:
     return float(m.group()) if m else None
 
 
-def grade_gsm8k(response: str, gold: str) -> float:
-    answer = extract_answer(response)
+def grade_gsm8k(response: str, gold: str, *, plain: bool = False) -> float:
+    answer = extract_answer(response, plain=plain)
     if answer is None:
         return 0.0
     got, want = first_number(answer), first_number(gold_number_text(gold))

@@ -23,8 +23,8 @@ def _aliases(gold: str | list | dict) -> list[str]:
     return [gold] if isinstance(gold, str) else [str(g) for g in gold]
 
 
-def _prediction(response: str) -> str:
-    answer = extract_answer(response)
+def _prediction(response: str, *, plain: bool = False) -> str:
+    answer = extract_answer(response, plain=plain)
     return answer if answer is not None else response
 
 
@@ -39,11 +39,11 @@ def f1(prediction: str, gold: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def grade_exact_match(response: str, gold: str | list | dict) -> float:
-    pred = normalize_answer(_prediction(response))
+def grade_exact_match(response: str, gold: str | list | dict, *, plain: bool = False) -> float:
+    pred = normalize_answer(_prediction(response, plain=plain))
     return float(any(pred == normalize_answer(g) for g in _aliases(gold)))
 
 
-def grade_f1(response: str, gold: str | list | dict) -> float:
-    pred = _prediction(response)
+def grade_f1(response: str, gold: str | list | dict, *, plain: bool = False) -> float:
+    pred = _prediction(response, plain=plain)
     return max(f1(pred, g) for g in _aliases(gold))

@@ -59,6 +59,7 @@ def compose(cfg: ServeConfig) -> Any:
     from ray.serve.llm import build_llm_deployment
 
     from icl_router.model.router_dir import read_anchor_queries, read_meta
+    from icl_router.pretrained import prepare_model_path
     from icl_router.serving.ingress import Ingress
     from icl_router.serving.registry import Registry
     from icl_router.serving.router_deployment import RouterDeployment
@@ -70,7 +71,11 @@ def compose(cfg: ServeConfig) -> Any:
     embedder = cfg.router.embedder
     if embedder and Path(embedder).exists():
         embedder = str(Path(embedder).resolve())
-    pool = [m.model_copy(update={"path": str(Path(m.path).resolve())}) if Path(m.path).exists() else m for m in cfg.pool]
+    # every path checked (a .gguf converted) before anything deploys; replicas run elsewhere: absolute paths
+    pool = []
+    for i, m in enumerate(cfg.pool):
+        path = prepare_model_path(m.path, accelerator=m.accelerator, what=f"pool[{i}].path ({m.name})")
+        pool.append(m.model_copy(update={"path": str(Path(path).resolve()) if Path(path).exists() else path}))
     pools = {m.name: build_llm_deployment(m.build()) for m in pool}
     registry = Registry.bind(router_dir, costs={m.name: m.cost for m in pool}, persist=cfg.persist_profiles, deploy_timeout_s=cfg.deploy_timeout_s,
                              onboarding=onboarding.model_dump(mode="json"))

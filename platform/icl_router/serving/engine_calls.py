@@ -54,14 +54,15 @@ async def probe(handle: Any, model: str) -> None:
         gen.cancel()
 
 
-async def ask_chat(handle: Any, messages: list[dict[str, str]], *, model_id: str, sampling: dict[str, Any]) -> Any:
-    """One chat completion (non-streaming) as an ``onboarding.Answer``; a 4xx is ``RefusedByModel``."""
+async def ask_chat(handle: Any, messages: list[dict[str, str]], *, model_id: str, sampling: dict[str, Any], max_tokens: int | None = None) -> Any:
+    """One chat completion (non-streaming) as an ``onboarding.Answer``; a 4xx is ``RefusedByModel``.
+    ``max_tokens``: this question's limit over ``sampling``'s (the profile job's per-task limit)."""
     from ray.serve.llm.openai_api_models import ChatCompletionRequest
 
     from icl_router.serving.onboarding import Answer, RefusedByModel
 
     t0 = time.perf_counter()
-    req = ChatCompletionRequest(model=model_id, messages=messages, **sampling)
+    req = ChatCompletionRequest(model=model_id, messages=messages, **{**sampling, **({"max_tokens": max_tokens} if max_tokens else {})})
     try:
         first = await first_output(handle.options(stream=True).chat.remote(req), model=model_id)
     except ModelRefused as e:

@@ -50,6 +50,7 @@ import pyarrow.compute as pc
 
 from icl_router import schemas as S
 from icl_router.data.dataset import Dataset, conform, correctness_matrix
+from icl_router.kinds import PromptStyle
 
 RECORDS_DIR = "registrations"
 
@@ -89,11 +90,11 @@ def ungradable(anchors: pa.Table | None) -> str | None:
     return None
 
 
-def messages(row: dict[str, Any]) -> list[dict[str, str]]:
+def messages(row: dict[str, Any], *, style: PromptStyle = "json") -> list[dict[str, str]]:
     """The chat request of one anchor, as the profile job builds it (the grader's prompt)."""
     from icl_router.data.profile import build_prompt
 
-    return [{"role": "user", "content": build_prompt(row[S.GRADER], row[S.TEXT])}]
+    return [{"role": "user", "content": build_prompt(row[S.GRADER], row[S.TEXT], style=style)}]
 
 
 class OnboardingStore:
@@ -168,18 +169,19 @@ class OnboardingStore:
         return sorted(out, key=lambda r: r.get("created", 0.0))
 
 
-def outcome_row(row: dict[str, Any], answer: Answer, *, model_id: str, cost: float | None) -> dict[str, Any]:
+def outcome_row(row: dict[str, Any], answer: Answer, *, model_id: str, cost: float | None, style: PromptStyle = "json") -> dict[str, Any]:
     """Grade one answer into an outcome row, as the profile job grades (``cost``: the pool's expected
     dollars per query; the service prices queries, not tokens)."""
     from icl_router.data.profile import graded_outcome
 
     return graded_outcome(row, answer.text, model_id=model_id, cost=cost, latency_s=answer.latency_s,
-                          prompt_tokens=answer.prompt_tokens, completion_tokens=answer.completion_tokens)
+                          prompt_tokens=answer.prompt_tokens, completion_tokens=answer.completion_tokens, style=style)
 
 
 async def run_anchors(
     todo: list[dict[str, Any]], *, ask: Callable[[list[dict[str, str]]], Awaitable[Answer]], model_id: str, cost: float | None,
     store: OnboardingStore, concurrency: int, shard_size: int, timeout_s: float, retries: int, on_written: Callable[[int], None],
+    style: PromptStyle = "json", max_tokens: dict[str, int] | None = None,
 ) -> None:
     """Ask, grade and append the outcomes of ``todo`` (anchor rows), ``concurrency`` in flight, ``shard_size``
     rows per file; ``on_written(n)`` after each file. An anchor that fails ``retries + 1`` times (or that the
@@ -199,7 +201,9 @@ async def run_anchors(
         for _ in range(retries + 1):
             try:
                 async with sem:
-                    answer = await asyncio.wait_for(ask(messages(row)), timeout_s)
+                    limit = (max_tokens or {}).get(row.get(S.TASK))  # the profile job's per-task limit
+                    call = ask(messages(row, style=style)) if limit is None else ask(messages(row, style=style), max_tokens=limit)
+                    answer = await asyncio.wait_for(call, timeout_s)
                 break
             except RefusedByModel:
                 raise
@@ -207,7 +211,7 @@ async def run_anchors(
                 last = e
         else:
             raise OnboardingError(f"anchor {row[S.QUERY_ID]!r}: no answer after {retries + 1} tries ({type(last).__name__}: {str(last)[:300]})")
-        pending.append(await asyncio.to_thread(outcome_row, row, answer, model_id=model_id, cost=cost))
+        pending.append(await asyncio.to_thread(outcome_row, row, answer, model_id=model_id, cost=cost, style=style))
         await flush(final=False)
 
     tasks = [asyncio.ensure_future(one(r)) for r in todo]

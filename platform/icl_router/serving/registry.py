@@ -226,7 +226,13 @@ class Registry:
             return Refusal(400, "invalid_value", err.message, err.param)
         except (TypeError, ValueError) as e:
             return Refusal(400, "invalid_value", f"serving: {e}", "serving")
-        if not (Path(cfg.path).is_dir() or (HUB_ID.match(cfg.path) and not Path(cfg.path).exists())):
+        from icl_router.pretrained import ModelPathError, check_model_path
+
+        try:
+            check_model_path(cfg.path, accelerator=cfg.accelerator, what="serving.path")
+        except ModelPathError as e:
+            return Refusal(400, "invalid_value", str(e), "serving.path")
+        if not (Path(cfg.path).exists() or HUB_ID.match(cfg.path)):
             return Refusal(400, "invalid_value", f"serving.path: {cfg.path!r} is neither a local model directory nor a hub id (org/name)", "serving.path")
         return cfg
 
@@ -286,6 +292,12 @@ class Registry:
         cfg = self._serving(model_id, serving) if serving is not None else None
         if isinstance(cfg, Refusal):
             return cfg
+        if cfg is not None and cfg.path.endswith(".gguf"):  # converted once, beside the onboarding outcomes
+            from icl_router.pretrained import prepare_model_path
+
+            root = self.store.root / "models"
+            path = await asyncio.to_thread(prepare_model_path, cfg.path, accelerator=cfg.accelerator, what="serving.path", root=root)
+            cfg = cfg.model_copy(update={"path": path})
         prof: np.ndarray | Refusal | None = None
         if dataset is not None:
             from icl_router.data.dataset import Dataset
@@ -445,7 +457,7 @@ class Registry:
         await run_anchors(
             todo, ask=partial(ask_chat, handle, model_id=model_id, sampling=ob.sampling.model_dump()), model_id=model_id, cost=entry.cost,
             store=store, concurrency=ob.concurrency, shard_size=ob.shard_size, timeout_s=ob.request_timeout_s, retries=ob.retries,
-            on_written=written,
+            on_written=written, style=ob.prompt_style, max_tokens=ob.max_tokens,
         )
         prof = await asyncio.to_thread(store.profile, model_id)
         if prof is None:  # every anchor was answered: only a concurrent writer could leave one out
