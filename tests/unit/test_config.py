@@ -136,7 +136,7 @@ def test_quick_is_standard_with_only_its_differences():
 
 def test_the_suite_runs_every_dataset_and_its_quick_variant_one_seed():
     suite = load_config(EvaluateConfig, JOBS / "evaluate" / "suite.yaml")
-    assert [d.name for d in suite.datasets] == ["llmrouter", "zeroeval", "routerbench", "synthetic"] and suite.seeds == [0, 1, 2]
+    assert [d.name for d in suite.datasets] == ["llmrouter", "zeroeval", "routerbench", "local", "synthetic"] and suite.seeds == [0, 1, 2]
     assert all(d.split.ood_tasks for d in suite.datasets) and suite.routerbench is not None
     quick = load_config(EvaluateConfig, JOBS / "evaluate" / "suite-quick.yaml")
     assert quick.datasets == suite.datasets and quick.seeds == [0]
@@ -167,19 +167,21 @@ def test_the_demo_trains_with_the_job_files_and_its_own_settings(tmp_path):
     demo = DemoConfig(seed=3, stage1_epochs=3, stage2_epochs=2, stage1_lr=2e-3, stage2_lr=5e-4, num_workers=1)
     for stage in (1, 2):
         job = load_config(TrainConfig, JOBS / f"train-stage{stage}" / "config.yaml")
-        cfg = _train_config(demo, tmp_path, stage=stage, models=["m1", "m2"])
-        assert (cfg.stage, cfg.models, cfg.seed, cfg.scaling.num_workers, cfg.ray) == (stage, ["m1", "m2"], 3, 1, demo.ray)
+        cfg = _train_config(demo, tmp_path, stage=stage)
+        assert (cfg.stage, cfg.models, cfg.seed, cfg.scaling.num_workers, cfg.ray) == (stage, None, 3, 1, demo.ray)
         assert cfg.dataset == str(tmp_path / "data") and cfg.output.startswith(str(tmp_path))
+        # the demo's split: its in-distribution and out-of-distribution tasks, its seed
+        assert (cfg.split.id_tasks, cfg.split.ood_tasks, cfg.split.seed) == (demo.id_tasks, demo.ood_tasks, 3)
         # everything else is the job file's
-        same = {"batch_size", "max_text_tokens", "checkpoint_every", "split", "deepspeed", "embedder", "max_steps"}
+        same = {"batch_size", "max_text_tokens", "checkpoint_every", "deepspeed", "embedder", "max_steps"}
         assert {k: getattr(cfg, k) for k in same} == {k: getattr(job, k) for k in same}
         assert cfg.router.model_copy(update={"anchor_evidence": False}) == job.router.model_copy(update={"anchor_evidence": False})
-    s1 = _train_config(demo, tmp_path, stage=1, models=["m1"])
+    s1 = _train_config(demo, tmp_path, stage=1)
     assert [(p.epochs, p.lr_projector, p.lr_router) for p in s1.phases] == [(1, 2e-3, 0.0), (2, 2e-3, 2e-3)]  # epoch 1 projector alone
-    s2 = _train_config(demo, tmp_path, stage=2, models=["m1"])
+    s2 = _train_config(demo, tmp_path, stage=2)
     assert [(p.epochs, p.lr_projector, p.lr_router) for p in s2.phases] == [(2, 5e-4, 5e-4)]
     assert s2.init_from == str(tmp_path / "router-stage1") and s2.router.anchor_evidence == demo.anchor_evidence
-    one = _train_config(demo.model_copy(update={"stage1_epochs": 1}), tmp_path, stage=1, models=["m1"])
+    one = _train_config(demo.model_copy(update={"stage1_epochs": 1}), tmp_path, stage=1)
     assert [(p.epochs, p.lr_router) for p in one.phases] == [(1, 0.0)]
 
 

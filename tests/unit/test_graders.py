@@ -174,6 +174,12 @@ def test_humaneval_canonical_pass_and_mutants_fail():
 def test_short_prompt_style_grades_the_whole_response():
     # asked for the answer alone (prompt style short), a small model answers without JSON
     assert grade("gsm8k", " 18", "#### 18", plain=True) == 1.0
+    assert grade("gsm8k", "$18 a day", "#### 18", plain=True) == 1.0
+    # worked out in words: read after "the answer is" / "####", never the question's numbers it restates
+    assert grade("gsm8k", "She has 16 eggs, eats 3 and bakes 4, so 9 are left. The answer is 18.", "#### 18", plain=True) == 1.0
+    assert grade("gsm8k", "She has 18 eggs... so the answer is 20.", "#### 18", plain=True) == 0.0
+    # prose cut off by max_tokens gives no answer, even when its last figure equals the gold
+    assert grade("gsm8k", "To solve this we first find the eggs: she lays 16 and eats 3, then sells 18", "#### 18", plain=True) == 0.0
     assert grade("gsm8k", " 18", "#### 18") == 0.0  # ZeroEval's reading finds no answer field
     assert grade("crux", "[1, 2]", "[1, 2]", plain=True) == 1.0
     assert grade("f1", "Jane Austen", "jane austen", plain=True) == 1.0

@@ -13,6 +13,9 @@ SERVE = Path(__file__).resolve().parents[2] / "serve"
 def test_demo_config_is_a_cpu_pool_with_explicit_autoscaling():
     cfg = load_config(ServeConfig, SERVE / "demo.yaml")
     assert len(cfg.pool) in (2, 3) and all(m.accelerator == "cpu" and m.accelerator_type is None for m in cfg.pool)
+    # the two real pretrained LMs `make models` converts, asked the anchors as their outcomes were recorded
+    assert [m.name for m in cfg.pool] == ["smollm2-135m-instruct", "gemma-3-270m"]
+    assert all(m.path == f"runs/models/{m.name}" for m in cfg.pool) and cfg.onboarding.prompt_style == "short"
     assert cfg.router.autoscaling.max_replicas >= 2 and cfg.router.autoscaling.target_ongoing_requests > 0
     assert cfg.port != 8000 and cfg.ray.num_cpus >= 3 + 2 * (len(cfg.pool) - 1)
 
