@@ -53,17 +53,19 @@ class Router:
         self.costs: dict[str, float] = dict(costs or {})
 
     @classmethod
-    def load(cls, router_dir: str | Path, *, embedder: str | None = None, scoring: str = "auto", costs: dict[str, float] | None = None) -> Router:
+    def load(cls, router_dir: str | Path, *, embedder: str | None = None, scoring: str = "auto", costs: dict[str, float] | None = None,
+             device: str = "auto", dtype: str = "auto") -> Router:
         """Load ``router_dir`` (icl-router train output) with its registered pool and the embedder its
         anchors were embedded with (``embedder`` names another variant); ``scoring``: ``full`` (the
         router LM with its evidence), ``evidence`` (the evidence head alone, no LM forward) or
-        ``auto`` (the evidence path when the router's LM is silent, as the service chooses)."""
+        ``auto`` (the evidence path when the router's LM is silent, as the service chooses);
+        ``device`` / ``dtype``: the device rule (cuda in bfloat16 where a GPU is visible, else cpu / float32)."""
         from icl_router.model.router_dir import PROFILES_FILE, read_meta, read_profiles
         from icl_router.routing.online import OnlineRouter
 
         anchors = read_meta(router_dir).anchor_query_ids
         try:
-            online = OnlineRouter(router_dir, embedder=embedder, scoring=scoring)
+            online = OnlineRouter(router_dir, embedder=embedder, scoring=scoring, device=device, dtype=dtype)
         except ValueError as e:
             raise RouterError(str(e)) from None
         online.sync({m: p.tolist() for m, p in read_profiles(Path(router_dir) / PROFILES_FILE, anchors).items()})

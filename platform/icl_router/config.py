@@ -25,7 +25,17 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from icl_router.errors import UserError
-from icl_router.kinds import Accelerator, DatasetFormat, PolicyKind, ProfileLayout, PromptStyle, QueryInput, Scoring
+from icl_router.kinds import (
+    Accelerator,
+    DatasetFormat,
+    Device,
+    DType,
+    PolicyKind,
+    ProfileLayout,
+    PromptStyle,
+    QueryInput,
+    Scoring,
+)
 
 
 class ConfigError(UserError):
@@ -272,6 +282,9 @@ class RouterConfig(Config):
     """Which causal LM routes. ``name_or_path: null`` builds the tiny router."""
 
     name_or_path: str | None = None  # e.g. Qwen/Qwen2.5-7B-Instruct or a local path
+    # the device rule (model/device.py): auto is cuda where the process sees a GPU, bfloat16 there, else cpu and float32
+    device: Device = "auto"
+    dtype: DType = "auto"
     tiny: TinyRouterConfig = TinyRouterConfig()
     query_input: QueryInput = "vector"
     profile_layout: ProfileLayout = "pairs"
@@ -296,7 +309,7 @@ class PhaseConfig(Config):
 
 class DeepSpeedConfig(Config):
     zero_stage: Literal[0, 1, 2, 3] = 2
-    bf16: bool = False  # true on GPUs; CPUs train in fp32
+    bf16: bool | None = None  # null: follow router.dtype (the device rule); set, it must agree with it
     gradient_clipping: float = 1.0
     weight_decay: float = 0.0
 
@@ -346,9 +359,28 @@ class TrainConfig(Config):
         for i, ph in enumerate(self.phases):
             if ph.lr_projector <= 0 and ph.lr_router <= 0:
                 raise ValueError(f"phases[{i}] trains nothing (lr_projector and lr_router are 0): give one of them a rate > 0 or drop the phase")
-        if self.deepspeed.bf16 and not self.scaling.use_gpu:
-            raise ValueError("deepspeed.bf16 needs scaling.use_gpu=true; CPUs train in fp32")
+        gpu, dev = self.scaling.use_gpu, self.router.device
+        if dev == "cuda" and not gpu:
+            raise ValueError("router.device is cuda but scaling.use_gpu is false: a Ray Train worker sees a GPU only when it asks for one")
+        if dev == "cpu" and gpu:
+            raise ValueError("router.device is cpu with scaling.use_gpu: true, which leaves the workers' GPUs idle: set router.device: auto")
+        if self.router.dtype == "float16":
+            raise ValueError("router.dtype float16 is for serving; train in bfloat16 (GPUs) or float32")
+        if self.train_dtype == "bfloat16" and not gpu:
+            raise ValueError("bfloat16 training (router.dtype or deepspeed.bf16) needs scaling.use_gpu=true; CPUs train in fp32")
+        if self.deepspeed.bf16 is not None and self.deepspeed.bf16 != (self.train_dtype == "bfloat16"):
+            raise ValueError(f"deepspeed.bf16={self.deepspeed.bf16} disagrees with router.dtype={self.router.dtype!r} "
+                             f"(scaling.use_gpu={gpu}): drop deepspeed.bf16 and set router.dtype")
         return self
+
+    @property
+    def train_dtype(self) -> str:
+        """The router's training dtype under the device rule: router.dtype, else deepspeed.bf16, else bfloat16 on GPUs."""
+        if self.router.dtype != "auto":
+            return self.router.dtype
+        if self.deepspeed.bf16 is not None:
+            return "bfloat16" if self.deepspeed.bf16 else "float32"
+        return "bfloat16" if self.scaling.use_gpu else "float32"
 
 
 # ---------------------------------------------------------------------------
@@ -703,6 +735,9 @@ class ScorerServeConfig(Config):
     batch_wait_timeout_s: float = 0.0  # 0: batch what queued during the previous batch, never wait
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+    # the device rule (model/device.py): auto loads on cuda in bfloat16 in a replica with num_gpus > 0, else cpu / float32
+    device: Device = "auto"
+    dtype: DType = "auto"
     threads: int | None = Field(default=None, ge=1)  # torch intra-op threads per replica; default: num_cpus (at least 1)
     embed_cache: int = Field(default=4096, ge=0)  # query embeddings kept per replica, keyed by exact text (LRU); 0: none
     embed_dtype: Literal["float32", "bfloat16"] = "float32"  # bfloat16: faster query embedding on CPUs with bf16, slightly moved vectors
@@ -712,6 +747,12 @@ class ScorerServeConfig(Config):
     placement: Literal["deployment", "ingress"] = "deployment"
     max_ongoing_requests: int = 32
     autoscaling: AutoscalingConfig = AutoscalingConfig(max_replicas=2)
+
+    @model_validator(mode="after")
+    def _check(self) -> ScorerServeConfig:
+        if self.device == "cuda" and self.num_gpus <= 0:
+            raise ValueError("router.device is cuda but router.num_gpus is 0: a replica sees a GPU only when it asks for one; set num_gpus: 1")
+        return self
 
 
 API_KEYS_ENV = "ICL_ROUTER_API_KEYS"

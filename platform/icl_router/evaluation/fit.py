@@ -75,7 +75,8 @@ def fit(
     from icl_router.train.loop import PlainEngine, build_router, make_optimizer, train_steps
 
     torch.manual_seed(cfg.seed)
-    router = build_router(cfg, anchor_emb=data.anchor_emb, init_dir=init_dir)
+    device = torch.device("cuda" if cfg.scaling.use_gpu else "cpu")  # train_config resolved the device rule
+    router = build_router(cfg, anchor_emb=data.anchor_emb, init_dir=init_dir, device=device)
     engine = PlainEngine(router, make_optimizer(router, cfg), clip=cfg.deepspeed.gradient_clipping)
     val_labels = None if val is None else rs.labels[val][:, [rs.models.index(m) for m in data.models]]
     checks: list[tuple[int, np.ndarray, dict]] = []  # (step, hits [V], weights) of every evaluation: the pick needs them all

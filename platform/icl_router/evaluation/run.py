@@ -167,7 +167,13 @@ class Routed:
 
 
 def train_config(rc: EvalRouterConfig, *, seed: int, max_steps: int | None = None) -> TrainConfig:
+    """The in-process training's config; under the device rule it trains on cuda (bfloat16) where this process sees a GPU."""
+    from icl_router.config import ScalingConfig
+    from icl_router.model.device import resolve_device
+
+    gpu = resolve_device(rc.router.device, where="icl_router.router.device").type == "cuda"
     return TrainConfig(
+        scaling=ScalingConfig(num_workers=1, use_gpu=gpu),
         stage=2,
         dataset="<in-memory>",
         output="<in-memory>",
@@ -187,9 +193,11 @@ def get_router(rc: EvalRouterConfig, rs: RoutingSet, *, seed: int, seed_i: int, 
     val = np.zeros(0, dtype=np.int64)
     stored = None
     if rc.checkpoints is not None and models is None:
+        from icl_router.model.device import resolve
         from icl_router.model.router_dir import load_router_dir
 
-        loaded = load_router_dir(rc.checkpoints[seed_i])
+        device, dtype = resolve(rc.router.device, rc.router.dtype, where="icl_router.router")
+        loaded = load_router_dir(rc.checkpoints[seed_i], device=device, dtype=dtype)
         if loaded.meta.anchor_query_ids != rs.anchor_ids:
             raise ConfigError(
                 f"checkpoint {rc.checkpoints[seed_i]} was trained with other anchors than seed {seed}'s; "

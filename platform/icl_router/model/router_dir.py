@@ -270,4 +270,7 @@ def load_router_dir(path: str | Path, *, dtype: torch.dtype = torch.float32, dev
         raise RouterDirError(f"{path / PROJECTOR_FILE} does not fit this router LM: {str(e).splitlines()[0]}") from None
     pool = read_profiles(path / PROFILES_FILE, meta.anchor_query_ids)
     read_anchor_queries(path)  # cross-checked when present
-    return LoadedRouter(router.to(device=device, dtype=dtype).eval(), meta, pool)
+    router = router.to(device=device, dtype=dtype).eval()
+    if router.evidence is not None:  # a handful of weights over similarities at small temperatures: kept in float32 whatever the LM's dtype
+        router.evidence.float()
+    return LoadedRouter(router, meta, pool)

@@ -41,16 +41,19 @@ class OnlineRouter:
     """Embeds and scores queries for one process; ``sync`` keeps its pool equal to the registry's."""
 
     def __init__(self, router_dir: str | Path, *, embedder: str | None = None, scoring: Scoring = "auto", threads: int = 1,
-                 embed_cache: int = 4096, embed_dtype: str = "float32") -> None:
+                 embed_cache: int = 4096, embed_dtype: str = "float32", device: str = "auto", dtype: str = "auto") -> None:
         import torch
 
         from icl_router import schemas as S
         from icl_router.data.embedder import REFERENCE, load_query_embedder, parse_embedder
+        from icl_router.model.device import resolve
         from icl_router.model.router_dir import load_router_dir, read_anchor_queries
         from icl_router.routing.decision import DecisionParams
 
         torch.set_num_threads(max(1, threads))
-        loaded = load_router_dir(router_dir)
+        # the device rule: a replica that asked for a GPU loads the router there, in bfloat16 (model/device.py)
+        self.device, self.dtype = resolve(device, dtype)
+        loaded = load_router_dir(router_dir, device=self.device, dtype=self.dtype)
         self.meta = loaded.meta
         if scoring == "auto":
             ev = loaded.router.evidence
@@ -79,8 +82,9 @@ class OnlineRouter:
         self.embedder, self.embedder_name, self.direct = None, None, False
         if self.query_emb or self.stored is not None:
             self.embedder_name = embedder or loaded.meta.embedder_name
-            self.embedder = load_query_embedder(loaded.meta.embedder_name, embedder, where=f"router {router_dir}", threads=threads)
-            if parse_embedder(self.embedder_name).variant == REFERENCE:
+            self.embedder = load_query_embedder(loaded.meta.embedder_name, embedder, where=f"router {router_dir}", threads=threads,
+                                                device=str(self.device))
+            if parse_embedder(self.embedder_name).variant == REFERENCE and self.device.type == "cpu":  # the direct call is a CPU shortcut
                 self.direct = self._check_direct(embed_dtype)
         self.cache: OrderedDict[str, np.ndarray] = OrderedDict()  # exact query text -> embedding (LRU)
         self.cache_size = embed_cache

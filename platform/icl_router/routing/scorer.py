@@ -99,7 +99,8 @@ class Scorer:
                 stacked = tuple(
                     (torch.cat([c[li][0] for c in caches]), torch.cat([c[li][1] for c in caches])) for li in range(len(caches[0]))
                 )  # per layer [T, kv, P, d]
-                self._stacked = (order, stacked, torch.from_numpy(np.stack([self._profiles[m] for m in order])))
+                profiles = torch.from_numpy(np.stack([self._profiles[m] for m in order])).to(stacked[0][0].device)
+                self._stacked = (order, stacked, profiles)
             return self._stacked
 
     @torch.no_grad()
@@ -111,7 +112,7 @@ class Scorer:
             unknown = [m for m in models if m not in pos]
             if unknown:
                 raise KeyError(f"models {unknown} are not registered; registered: {order}")
-            idx = torch.tensor([pos[m] for m in models], dtype=torch.long)
+            idx = torch.tensor([pos[m] for m in models], dtype=torch.long, device=profiles.device)
             stacked = tuple((k.index_select(0, idx), v.index_select(0, idx)) for k, v in stacked)
             profiles = profiles[idx]
         T, Q = stacked[0][0].shape[0], len(texts)
@@ -121,7 +122,7 @@ class Scorer:
         if self.router.layout.query_input == "vector":
             if query_emb is None:
                 raise ValueError("this router reads the query as a vector (query_input='vector'): pass query_emb [Q, E]")
-            qe = torch.as_tensor(np.asarray(query_emb, dtype=np.float32))
+            qe = torch.as_tensor(np.asarray(query_emb, dtype=np.float32)).to(self.router.anchor_emb.device)  # on the router's device
             if qe.shape != (Q, self.router.anchor_emb.shape[1]):
                 raise ValueError(f"query_emb must be [Q={Q}, E={self.router.anchor_emb.shape[1]}], got {tuple(qe.shape)}")
         seqs = [self.router.layout.suffix(t).ids for t in texts]
@@ -131,9 +132,9 @@ class Scorer:
         ev = self.router.evidence
         for lo in range(0, Q, step):
             rows = torch.from_numpy(by_len[lo : lo + step])
-            chunk, chunk_qe = [seqs[i] for i in rows.tolist()], None if qe is None else qe[rows]
+            chunk, chunk_qe = [seqs[i] for i in rows.tolist()], None if qe is None else qe[rows.to(qe.device)]
             if ev is not None and ev.lm_silent:  # the LM's logit counts for nothing: do not run it
-                d = ev(qe[rows], self.router.anchor_emb, profiles)  # [T, q]
+                d = ev(chunk_qe, self.router.anchor_emb, profiles)  # [T, q]
                 out[rows] = torch.sigmoid(d.float()).T.cpu()
                 continue
             if self.shared_attention:
@@ -141,7 +142,7 @@ class Scorer:
             else:
                 d = self._packed_forward(stacked, chunk, chunk_qe)  # [T, q]
             if ev is not None:
-                d = ev.combine(d, ev(qe[rows], self.router.anchor_emb, profiles))  # [T, q]
+                d = ev.combine(d, ev(chunk_qe, self.router.anchor_emb, profiles))  # [T, q]
             out[rows] = torch.sigmoid(d.float()).T.cpu()
         return out.numpy()
 

@@ -82,7 +82,8 @@ def compose(cfg: ServeConfig) -> Any:
     r = cfg.router
     threads = r.threads or max(1, int(r.num_cpus))
     if r.placement == "ingress":  # the router lives in each ingress replica, which scales as the router would
-        local = dict(router_dir=router_dir, embedder=embedder, threads=threads, embed_cache=r.embed_cache, embed_dtype=r.embed_dtype, scoring=r.scoring)
+        local = dict(router_dir=router_dir, embedder=embedder, threads=threads, embed_cache=r.embed_cache, embed_dtype=r.embed_dtype, scoring=r.scoring,
+                     device=r.device, dtype=r.dtype)
         return Ingress.options(
             autoscaling_config=r.autoscaling.model_dump(),
             max_ongoing_requests=r.max_ongoing_requests,
@@ -94,7 +95,7 @@ def compose(cfg: ServeConfig) -> Any:
         ray_actor_options={"num_cpus": r.num_cpus, "num_gpus": r.num_gpus},
     ).bind(
         router_dir, registry=registry, embedder=embedder, max_batch_size=r.max_batch_size, batch_wait_timeout_s=r.batch_wait_timeout_s,
-        threads=threads, embed_cache=r.embed_cache, embed_dtype=r.embed_dtype, scoring=r.scoring,
+        threads=threads, embed_cache=r.embed_cache, embed_dtype=r.embed_dtype, scoring=r.scoring, device=r.device, dtype=r.dtype,
     )
     return Ingress.options(num_replicas=cfg.ingress_replicas, max_ongoing_requests=cfg.ingress_max_ongoing_requests).bind(
         router, registry, pools, cfg=cfg

@@ -84,14 +84,16 @@ class RouterDeployment:
 
     async def __init__(
         self, router_dir: str, *, registry: Any, embedder: str | None, max_batch_size: int, batch_wait_timeout_s: float,
-        threads: int = 1, embed_cache: int = 4096, embed_dtype: str = "float32", scoring: str = "auto",
+        threads: int = 1, embed_cache: int = 4096, embed_dtype: str = "float32", scoring: str = "auto", device: str = "auto", dtype: str = "auto",
     ) -> None:
         from icl_router.routing.online import OnlineRouter
 
         # threads: the replica's share of the cores; more intra-op threads than that spin against
-        # vLLM's engine and the other replicas on a small machine
-        online = OnlineRouter(router_dir, embedder=embedder, scoring=scoring, threads=threads, embed_cache=embed_cache, embed_dtype=embed_dtype)
-        log.info("router replica: scoring %s, embedder %s", online.scoring, online.embedder_name)
+        # vLLM's engine and the other replicas on a small machine. device / dtype: the device rule
+        # (a replica given a GPU loads the router there, in bfloat16)
+        online = OnlineRouter(router_dir, embedder=embedder, scoring=scoring, threads=threads, embed_cache=embed_cache, embed_dtype=embed_dtype,
+                              device=device, dtype=dtype)
+        log.info("router replica: scoring %s, embedder %s, on %s in %s", online.scoring, online.embedder_name, online.device, online.dtype)
         self.router = PoolRouter(online, registry)
         self._batch.set_max_batch_size(max_batch_size)
         self._batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
@@ -137,11 +139,12 @@ class InProcessRouter:
 
     @classmethod
     async def create(cls, router_dir: str, *, registry: Any, embedder: str | None, threads: int = 1, embed_cache: int = 4096,
-                     embed_dtype: str = "float32", scoring: str = "auto") -> InProcessRouter:
+                     embed_dtype: str = "float32", scoring: str = "auto", device: str = "auto", dtype: str = "auto") -> InProcessRouter:
         from icl_router.routing.online import OnlineRouter
 
         online = await asyncio.to_thread(
-            OnlineRouter, router_dir, embedder=embedder, scoring=scoring, threads=threads, embed_cache=embed_cache, embed_dtype=embed_dtype
+            OnlineRouter, router_dir, embedder=embedder, scoring=scoring, threads=threads, embed_cache=embed_cache, embed_dtype=embed_dtype,
+            device=device, dtype=dtype,
         )
         log.info("router in the ingress replica: scoring %s, embedder %s", online.scoring, online.embedder_name)
         self = cls(PoolRouter(online, registry))

@@ -1,8 +1,9 @@
 """Both training stages on Ray Train: a TorchTrainer whose workers run DeepSpeed.
 
 The driver reads the dataset into a RoutingSet, prepares the initial router (a
-tiny one is built here; a hub id or a previous stage's directory is loaded by
-each worker) and starts ``TorchTrainer(train_loop, ...)``. Every worker calls
+tiny one is built here from a config; a hub id or a previous stage's directory is
+loaded by each worker: the driver never loads a router LM, which on a GPU cluster
+is a 7B model on a head without a GPU) and starts ``TorchTrainer(train_loop, ...)``. Every worker calls
 ``deepspeed.initialize`` on the ICLRouter with a torch AdamW (``loop.make_optimizer``:
 projector and LM in two parameter groups whose learning rates follow the configured
 phases; a part at rate 0 computes no gradients in that phase),
@@ -10,8 +11,10 @@ runs the pure steps of ``icl_router.train.steps`` on its shard of a schedule
 that is fixed by the seed, and reports a checkpoint every ``checkpoint_every``
 steps. After a worker dies, Ray Train restarts the group (``FailureConfig``),
 the workers load the latest checkpoint and continue at its step, so the run
-ends at the same step with the same batches. The last checkpoint also holds the
-exported router directory, which the driver copies to ``output``.
+ends at the same step with the same batches. At the last step the rank-0 worker
+exports the router directory into the checkpoint and, for stage 2, checks it against
+the untrained router and fits the decision layer there, on its own device under the
+device rule (``model/device.py``); the driver copies the directory to ``output``.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ INIT_DIR = "init-lm"
 STATE_FILE = "train_state.json"
 DS_TAG = "ds"
 ROUTER_SUBDIR = "router"
+KEPT_FILE = "kept.json"  # beside the exported router in the last checkpoint: what the rank-0 keep-check decided
 
 
 def _say(line: str) -> None:
@@ -49,6 +53,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     import deepspeed
     import ray
     import ray.train
+    import ray.train.torch
     import torch
 
     from icl_router.model.router_dir import RouterMeta, save_router_dir
@@ -63,13 +68,14 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
 
-    router = build_router(cfg, anchor_emb=data.anchor_emb, init_dir=loop_config["init_dir"])
+    device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")  # this worker's GPU, under the device rule
+    router = build_router(cfg, anchor_emb=data.anchor_emb, init_dir=loop_config["init_dir"], device=device)
     ds_config = {
         "train_micro_batch_size_per_gpu": cfg.batch_size,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": cfg.deepspeed.gradient_clipping,
         "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
-        "bf16": {"enabled": cfg.deepspeed.bf16},
+        "bf16": {"enabled": cfg.train_dtype == "bfloat16"},
         "steps_per_print": 1 << 30,
     }
     # every part requires gradients here, so ZeRO partitions all of them; train_steps then
@@ -112,6 +118,13 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                         meta = RouterMeta(**loop_config["meta"], extra={"steps": r.step, "final_loss": metrics["loss"]})
                         pool = dict(zip(data.models, data.profiles))
                         save_router_dir(engine.module, Path(d) / ROUTER_SUBDIR, meta=meta, pool=pool)
+            if last and rank == 0:  # after the gather: the other ranks wait at the report, not inside a collective
+                kept = {}
+                if cfg.stage == 2 and loop_config.get("rs_ref") is not None:
+                    rs, val = ray.get(loop_config["rs_ref"])
+                    if len(val):
+                        kept = keep_and_fit_decision(cfg, Path(d) / ROUTER_SUBDIR, rs=rs, val=val, data=data, init_dir=loop_config["init_dir"], device=device)
+                (Path(d) / KEPT_FILE).write_text(json.dumps(kept))
             # one name on every rank, so the ranks' DeepSpeed shards land in one checkpoint folder
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=f"checkpoint-step-{r.step:08d}")
         recent = []
@@ -141,21 +154,24 @@ def prepare_data(cfg: TrainConfig) -> tuple[TrainData, dict[str, Any], Any, np.n
     return data, meta, rs, val
 
 
-def keep_and_fit_decision(cfg: TrainConfig, router_dir: Path, *, rs: Any, val: np.ndarray, data: TrainData, init_dir: Path | None) -> dict[str, Any]:
+def keep_and_fit_decision(cfg: TrainConfig, router_dir: Path, *, rs: Any, val: np.ndarray, data: TrainData, init_dir: str | Path | None,
+                          device: Any = "cpu") -> dict[str, Any]:
     """Check the trained router against the untrained one on the held-out queries and keep the trained
     one only when it routes them better by more than one standard error (``earliest_within_se``: the
     untrained router's LM is silent); then fit the decision layer on the train queries that trained
-    nothing of the kept router, and write both into ``router_dir``."""
+    nothing of the kept router, and write both into ``router_dir``. Runs in the rank-0 worker, both
+    routers on its ``device`` in the training dtype (the driver never loads a router LM)."""
     from dataclasses import asdict
 
     from icl_router.evaluation.baselines import earliest_within_se, routed_hits
+    from icl_router.model.device import DTYPES
     from icl_router.model.router_dir import load_router_dir, save_router_dir, write_decision
     from icl_router.routing.decision_fit import fit_router_decision
     from icl_router.routing.scorer import Scorer
     from icl_router.train.loop import build_router, truncate_texts
 
-    loaded = load_router_dir(router_dir)
-    fresh = build_router(cfg, anchor_emb=data.anchor_emb, init_dir=str(init_dir) if init_dir else None).eval()
+    loaded = load_router_dir(router_dir, device=device, dtype=DTYPES[cfg.train_dtype])
+    fresh = build_router(cfg, anchor_emb=data.anchor_emb, init_dir=str(init_dir) if init_dir else None, device=device).eval()
     labels = rs.labels[:, [rs.models.index(m) for m in data.models]]
     pool = dict(zip(data.models, data.profiles))
 
@@ -243,7 +259,8 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     ensure_ray(cfg.ray)
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "data_ref": ray.put(data), "init_dir": str(init_dir) if init_dir else None, "meta": meta},
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "data_ref": ray.put(data), "init_dir": str(init_dir) if init_dir else None, "meta": meta,
+                           "rs_ref": ray.put((rs, val)) if cfg.stage == 2 else None},
         scaling_config=RayScaling(
             num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,
@@ -264,11 +281,11 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         exported = Path(d) / ROUTER_SUBDIR
         if not exported.is_dir():
             raise RuntimeError(f"the last checkpoint {result.checkpoint.path} holds no exported router")
+        if (Path(d) / KEPT_FILE).is_file():
+            kept = json.loads((Path(d) / KEPT_FILE).read_text())
         staging = output.with_name(f".{output.name}.staging-{uuid.uuid4().hex[:8]}")
         shutil.copytree(exported, staging)
         try:
-            if cfg.stage == 2 and len(val):
-                kept = keep_and_fit_decision(cfg, staging, rs=rs, val=val, data=data, init_dir=init_dir)
             # the anchor queries with gold and grader: a service profiles new models on them (after the
             # decision step, which may rewrite the directory whole)
             write_anchor_queries(staging, anchor_queries(cfg.dataset, meta["anchor_query_ids"]))

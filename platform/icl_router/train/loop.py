@@ -51,13 +51,15 @@ def total_steps(cfg: TrainConfig, data: TrainData, *, world: int) -> tuple[int, 
 # Building the router in a worker
 
 
-def build_router(cfg: TrainConfig, *, anchor_emb: np.ndarray, init_dir: str | None) -> Any:
-    """The ICLRouter to train: from ``init_from`` (a router directory), a hub id / path, or the tiny LM."""
+def build_router(cfg: TrainConfig, *, anchor_emb: np.ndarray, init_dir: str | None, device: torch.device | str = "cpu") -> Any:
+    """The ICLRouter to train, on ``device`` in the config's training dtype (the device rule,
+    ``TrainConfig.train_dtype``): from ``init_from`` (a router directory), a hub id / path, or the tiny LM."""
+    from icl_router.model.device import DTYPES
     from icl_router.model.prompt import PromptLayout
     from icl_router.model.router import ICLRouter
     from icl_router.model.tiny import load_router_lm
 
-    dtype = torch.bfloat16 if cfg.deepspeed.bf16 else torch.float32
+    dtype = DTYPES[cfg.train_dtype]
     torch.manual_seed(cfg.seed)  # the same fresh projector on every rank
     projector_state = None
     if cfg.init_from:
@@ -71,7 +73,7 @@ def build_router(cfg: TrainConfig, *, anchor_emb: np.ndarray, init_dir: str | No
     router = ICLRouter(lm, layout, anchor_emb=torch.tensor(anchor_emb), anchor_evidence=cfg.router.anchor_evidence)
     if projector_state is not None:
         router.projector.load_state_dict(projector_state)
-    return router.to(dtype)
+    return router.to(device=device, dtype=dtype)
 
 
 def truncate_texts(texts: list[str], tokenizer: Any, *, max_tokens: int) -> list[str]:
