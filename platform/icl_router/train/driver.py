@@ -40,6 +40,7 @@ STATE_FILE = "train_state.json"
 DS_TAG = "ds"
 ROUTER_SUBDIR = "router"
 KEPT_FILE = "kept.json"  # beside the exported router in the last checkpoint: what the rank-0 keep-check decided
+UNTRAINED_SUBDIR = "untrained"  # the untrained router, when the keep-check keeps it (the export stays as trained)
 
 
 def _say(line: str) -> None:
@@ -123,7 +124,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 if cfg.stage == 2 and loop_config.get("rs_ref") is not None:
                     rs, val = ray.get(loop_config["rs_ref"])
                     if len(val):
-                        kept = keep_and_fit_decision(cfg, Path(d) / ROUTER_SUBDIR, rs=rs, val=val, data=data, init_dir=loop_config["init_dir"], device=device)
+                        kept = keep_and_fit_decision(cfg, Path(d) / ROUTER_SUBDIR, rs=rs, val=val, data=data, init_dir=loop_config["init_dir"],
+                                                     device=device, untrained_to=Path(d) / UNTRAINED_SUBDIR)
                 (Path(d) / KEPT_FILE).write_text(json.dumps(kept))
             # one name on every rank, so the ranks' DeepSpeed shards land in one checkpoint folder
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=f"checkpoint-step-{r.step:08d}")
@@ -155,12 +157,14 @@ def prepare_data(cfg: TrainConfig) -> tuple[TrainData, dict[str, Any], Any, np.n
 
 
 def keep_and_fit_decision(cfg: TrainConfig, router_dir: Path, *, rs: Any, val: np.ndarray, data: TrainData, init_dir: str | Path | None,
-                          device: Any = "cpu") -> dict[str, Any]:
+                          device: Any = "cpu", untrained_to: Path | None = None) -> dict[str, Any]:
     """Check the trained router against the untrained one on the held-out queries and keep the trained
     one only when it routes them better by more than one standard error (``earliest_within_se``: the
     untrained router's LM is silent); then fit the decision layer on the train queries that trained
-    nothing of the kept router, and write both into ``router_dir``. Runs in the rank-0 worker, both
-    routers on its ``device`` in the training dtype (the driver never loads a router LM)."""
+    nothing of the kept router, and write it into the kept router's directory: ``router_dir``, or
+    ``untrained_to`` (default: ``router_dir``, replaced) when the untrained one is kept, so the trained
+    export can stay as it was. Runs in the rank-0 worker, both routers on its ``device`` in the
+    training dtype (the driver never loads a router LM). ``out["dir"]``: the kept directory."""
     from dataclasses import asdict
 
     from icl_router.evaluation.baselines import earliest_within_se, routed_hits
@@ -191,8 +195,10 @@ def keep_and_fit_decision(cfg: TrainConfig, router_dir: Path, *, rs: Any, val: n
     if not keep_trained:
         meta = loaded.meta
         meta.extra = {**meta.extra, "kept": "untrained", "trained_val_acc": round(trained_acc, 2)}
+        router_dir = untrained_to or router_dir
         save_router_dir(fresh, router_dir, meta=meta, pool=loaded.pool)
-    out = {"kept": "trained" if keep_trained else "untrained", "val_acc": {"trained": round(trained_acc, 2), "untrained": round(fresh_acc, 2)}}
+    out = {"kept": "trained" if keep_trained else "untrained", "val_acc": {"trained": round(trained_acc, 2), "untrained": round(fresh_acc, 2)},
+           "dir": str(router_dir)}
     if cfg.decision is None:
         return out
     if keep_trained:
@@ -283,6 +289,8 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
             raise RuntimeError(f"the last checkpoint {result.checkpoint.path} holds no exported router")
         if (Path(d) / KEPT_FILE).is_file():
             kept = json.loads((Path(d) / KEPT_FILE).read_text())
+        if kept.pop("dir", None) and kept.get("kept") == "untrained":  # the keep-check kept the untrained router, beside the export
+            exported = Path(d) / UNTRAINED_SUBDIR
         staging = output.with_name(f".{output.name}.staging-{uuid.uuid4().hex[:8]}")
         shutil.copytree(exported, staging)
         try:
