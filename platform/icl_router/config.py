@@ -686,11 +686,30 @@ VLLM_CPU_ENV = {
 }
 
 
+class EndpointConfig(Config):
+    """An OpenAI-compatible endpoint the service does not own (serving/endpoint.py): a provider's API,
+    another team's vLLM server. Its key is read from ``api_key_env`` in the replica, never written here."""
+
+    base_url: str  # up to the OpenAI paths, e.g. https://api.example.com/v1 (requests go to <base_url>/chat/completions)
+    model: str  # the endpoint's own name for the model
+    api_key_env: str | None = None  # the environment variable holding its key; null: the endpoint takes none
+    timeout_s: float = Field(default=600.0, gt=0)  # one request, streaming included (the service's own first-output timeout still applies)
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> EndpointConfig:
+        if not self.base_url.startswith(("http://", "https://")):
+            raise ValueError(f"base_url must start with http:// or https://, got {self.base_url!r}")
+        return self
+
+
 class PoolModelConfig(Config):
-    """One pool model served by ``ray.serve.llm`` (real vLLM); ``name`` is its model id in requests and profiles."""
+    """One pool model: served by ``ray.serve.llm`` (real vLLM) from ``path``, or an OpenAI-compatible
+    ``endpoint`` the service does not own; ``name`` is its model id in requests and profiles."""
 
     name: str
-    path: str  # a local directory or a hub id (LLMConfig model_source)
+    path: str | None = None  # a local directory or a hub id (LLMConfig model_source)
+    endpoint: EndpointConfig | None = None  # instead of path: a hosted OpenAI-compatible model
     cost: float = 0.0  # expected dollars per query, for the cost-aware policies
     accelerator: Accelerator = "cpu"
     accelerator_type: str | None = None  # GPU only, e.g. A10G, L4, H100
@@ -717,6 +736,12 @@ class PoolModelConfig(Config):
 
     @model_validator(mode="after")
     def _check(self) -> PoolModelConfig:
+        if (self.path is None) == (self.endpoint is None):
+            raise ValueError(f"pool model {self.name!r}: give exactly one of path (a model vLLM serves) or endpoint ({{base_url, model, api_key_env}})")
+        if self.endpoint is not None:
+            vllm_only = [k for k in ("accelerator_type", "engine_kwargs", "env_vars") if getattr(self, k)] + (["accelerator"] if self.accelerator != "cpu" else [])
+            if vllm_only:
+                raise ValueError(f"pool model {self.name!r}: {vllm_only} configure a vLLM replica; an endpoint model takes none of them")
         if self.accelerator == "cpu" and (self.accelerator_type or self.engine_kwargs.get("tensor_parallel_size", 1) != 1):
             raise ValueError(f"pool model {self.name!r}: accelerator_type and tensor_parallel_size > 1 need accelerator=gpu")
         if self.cost < 0:
@@ -755,6 +780,16 @@ class ScorerServeConfig(Config):
         return self
 
 
+class KeyLimits(Config):
+    """A key's limits (serving/limits.py); null: none. The rate is the whole service's (each ingress
+    replica admits its share); spend is in the pool's cost units (the answering model's ``cost``)."""
+
+    requests_per_minute: float | None = Field(default=None, gt=0)
+    burst: int | None = Field(default=None, ge=1)  # requests admitted at once after a quiet spell; default: a minute's worth
+    budget: float | None = Field(default=None, ge=0)
+    budget_window_s: float | None = Field(default=None, gt=0)  # spend starts again from 0 this often; null: one window since the start
+
+
 API_KEYS_ENV = "ICL_ROUTER_API_KEYS"
 ADMIN_KEYS_ENV = "ICL_ROUTER_ADMIN_KEYS"
 
@@ -771,6 +806,8 @@ class AuthConfig(Config):
     admin_keys: list[str] = []
     admin_keys_env: str | None = ADMIN_KEYS_ENV
     open: bool = False
+    limits: dict[str, KeyLimits] = {}  # key name -> its limits (an API key's name: ``name:key`` entries, or key-<hash>)
+    default_limits: KeyLimits = KeyLimits()  # every API key without its own entry
 
 
 class OnboardingConfig(Config):

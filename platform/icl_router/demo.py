@@ -209,7 +209,9 @@ def serve_and_onboard(cfg: DemoConfig, out: Path) -> dict[str, Any]:
 
         with ThreadPoolExecutor(len(serving)) as pool:
             joined = dict(zip(serving, pool.map(join, serving)))
-        api_keys = scfg.auth.api_keys
+        from icl_router.serving.auth import parse_keys
+
+        api_keys = list(parse_keys(scfg.auth.api_keys))  # the bare keys: a config entry may be name:key
         routed = _route_questions(url, cfg.questions, api_key=api_keys[0] if api_keys else None, max_tokens=cfg.max_tokens)
     finally:
         serve.shutdown()

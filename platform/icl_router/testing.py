@@ -300,3 +300,67 @@ def free_port_base(start: int) -> int:
         except OSError:
             continue
     raise RuntimeError(f"no free port range from {start}")
+
+
+@dataclass
+class OpenAIServer:
+    """A real OpenAI-compatible server on loopback (vLLM's own), started by ``openai_server``."""
+
+    base_url: str  # .../v1
+    model: str
+    proc: object
+    log: Path
+
+    def stop(self) -> None:
+        """Stop it (SIGTERM, then SIGKILL after a bounded wait): a pool endpoint going down."""
+        import subprocess
+
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=30)
+
+
+@contextmanager
+def openai_server(model_dir: str | Path, *, root: str | Path, name: str = "tiny-endpoint", ready_s: float = 300) -> Iterator[OpenAIServer]:
+    """vLLM's OpenAI server (``python -m vllm.entrypoints.openai.api_server``) serving ``model_dir`` as
+    ``name`` on a free loopback port, with the fast CPU settings (../shared/ENVIRONMENT.md); waits, bounded,
+    for GET /v1/models, and stops it on exit. Its output goes to ``root``/openai-server.log."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(root)
+    log = root / "openai-server.log"
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+           "VLLM_CPU_KVCACHE_SPACE": "1", "TMPDIR": os.environ.get("TMPDIR", str(root))}
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--served-model-name", name,
+           "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager", "--max-model-len", "512"]
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    server = OpenAIServer(f"http://127.0.0.1:{port}/v1", name, proc, log)
+    try:
+        t0 = time.monotonic()
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the OpenAI server exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(server.base_url + "/models", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() - t0 > ready_s:
+                raise TimeoutError(f"the OpenAI server did not answer within {ready_s:g} s:\n{log.read_text()[-3000:]}")
+            time.sleep(1)
+        yield server
+    finally:
+        server.stop()

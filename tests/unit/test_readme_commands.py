@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[2]
 DOCS = {"README.md": REPO / "README.md", "cluster/README.md": REPO / "cluster" / "README.md"}
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 INLINE = re.compile(r"`(icl-router [^`]+)`")
-PLACEHOLDER = re.compile(r"\.\.\.|<[a-z_]+>|\[key|\bJOB\b|\bDIR\b|http://HEAD:")  # a synopsis, not a command to type
+PLACEHOLDER = re.compile(r"\.\.\.|<[a-z_]+>|\[(?:key|-)|\bJOB\b|\bDIR\b|http://HEAD:")  # a synopsis, not a command to type
 
 
 def blocks(text: str, lang: str) -> list[str]:
@@ -138,7 +138,10 @@ def check_line(line: str, *, tmp_path: Path, demo: ServeConfig, rendered: list[d
         port = int(re.search(r":(\d+)/", url).group(1))
         assert port == demo.port, f"{line}: port {port}, serve/demo.yaml serves {demo.port}"
         keys = [a.split("Bearer ", 1)[1] for a in argv if "Bearer " in a]
-        assert all(k in (*demo.auth.api_keys, *demo.auth.admin_keys) for k in keys), f"{line}: {keys} are not the demo's keys"
+        from icl_router.serving.auth import parse_keys
+
+        known = parse_keys([*demo.auth.api_keys, *demo.auth.admin_keys])
+        assert all(k in known for k in keys), f"{line}: {keys} are not the demo's keys"
     elif head == "ray":  # Ray's own CLI: the sub-command exists (its click group), the files it names too
         from ray.scripts.scripts import cli
 
@@ -210,6 +213,23 @@ def test_every_runbook_command_names_what_exists(tmp_path, demo, rendered, monke
             check_icl_router(_split(line[line.index("icl-router ") :])[1:], tmp_path)
         else:
             check_line(line, tmp_path=tmp_path, demo=demo, rendered=rendered)
+
+
+def test_every_command_in_docs_parses(tmp_path, demo, monkeypatch):
+    """docs/*.md: their fenced shell blocks and indented `icl-router` / `curl` lines, checked the same way."""
+    monkeypatch.chdir(REPO)
+    n = 0
+    for doc in sorted((REPO / "docs").glob("*.md")):
+        text = doc.read_text()
+        lines = [ln for b in blocks(text, "bash") for ln in shell_lines(b)]
+        indented = re.sub(r"\\\n\s*", " ", text)
+        lines += [m.strip() for m in re.findall(r"^    ((?:icl-router|curl) .*)$", indented, re.M)]
+        for line in lines:
+            if PLACEHOLDER.search(line) or line.startswith("icl-router serve: "):  # a synopsis, or a printed message
+                continue
+            check_line(line, tmp_path=tmp_path, demo=demo, rendered=None)
+            n += 1
+    assert n >= 15
 
 
 def test_python_blocks_compile_and_import_what_exists():

@@ -127,3 +127,23 @@ def test_serve_timeouts_and_limits_are_checked():
     with pytest.raises(ValueError, match="cost_weight"):
         ServeConfig.model_validate({**base, "policy": {"kind": "cost"}})
     assert ServeConfig.model_validate({**base, "policy": {"kind": "cost", "cost_weight": 100}}).policy.cost_weight == 100
+
+
+def test_a_pool_model_is_a_path_or_an_endpoint():
+    from icl_router.config import PoolModelConfig
+
+    ep = {"base_url": "https://api.example.com/v1", "model": "gpt-x", "api_key_env": "EXAMPLE_KEY"}
+    m = PoolModelConfig(name="hosted", endpoint=ep, cost=0.004)
+    assert m.path is None and m.endpoint.model == "gpt-x"
+    bad = {
+        "give exactly one of path": {"name": "m"},
+        "give exactly one of path ": {"name": "m", "path": "/m", "endpoint": ep},
+        r"\['engine_kwargs'\] configure a vLLM replica": {"name": "m", "endpoint": ep, "engine_kwargs": {"dtype": "float32"}},
+        "base_url must start with http": {"name": "m", "endpoint": {**ep, "base_url": "api.example.com"}},
+        "endpoint.modle: unknown key": {"name": "m", "endpoint": {**ep, "modle": "x"}},
+    }
+    for msg, data in bad.items():
+        with pytest.raises(ConfigError, match=msg.strip()):
+            from icl_router.config import build_config
+
+            build_config(PoolModelConfig, data)

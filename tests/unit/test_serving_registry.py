@@ -85,6 +85,13 @@ def test_a_profile_read_from_a_datasets_anchor_outcomes(registry):
         ("m-new", {"profile": [True] * K, "serving": {"path": "no such model"}}, 400, "invalid_value", "serving.path", "hub id"),
         ("m-new", {"profile": [True] * K, "serving": {"path": "/no/such/dir"}}, 400, "invalid_value", "serving.path", "expected a model directory"),
         ("m-new", {"profile": [True] * K, "serving": {"path": "/tmp"}}, 400, "invalid_value", "serving.path", "no config.json"),
+        # an endpoint model (serving/endpoint.py): its block is checked the same way
+        ("m-new", {"profile": [True] * K, "serving": {"endpoint": {"base_url": "ftp://x", "model": "m"}}}, 400, "invalid_value", "serving.endpoint", "http"),
+        ("m-new", {"profile": [True] * K, "serving": {"endpoint": {"base_url": "http://x/v1"}}}, 400, "invalid_value", "serving.endpoint.model", "required"),
+        ("m-new", {"profile": [True] * K, "serving": {"path": "/tmp", "endpoint": {"base_url": "http://x/v1", "model": "m"}}}, 400, "invalid_value",
+         "serving", "exactly one of path"),
+        ("m-new", {"profile": [True] * K, "serving": {"endpoint": {"base_url": "http://x/v1", "model": "m"}, "engine_kwargs": {"dtype": "f"}}}, 400,
+         "invalid_value", "serving", "endpoint model takes none"),
     ],
 )
 def test_refusals_name_the_field_and_change_nothing(registry, tmp_path, model, kw, status, code, param, text):
@@ -133,3 +140,27 @@ def test_the_snapshot_carries_the_router_directorys_decision_layer(tmp_path):
     _router_dir(tmp_path, decision=params.to_json())
     reg = Registry.func_or_class(str(tmp_path), costs={"m-weak": 1.0})
     assert reg.snapshot().decision == params
+
+
+def test_the_registry_keeps_the_services_spend_per_key(tmp_path):
+    """Each ingress replica sends its spend each round and reads the totals back (serving/limits.py)."""
+    from icl_router.serving.registry import Registry
+
+    _router_dir(tmp_path)
+    reg = Registry.func_or_class(str(tmp_path), costs={"m-weak": 0.5}, limits={"limits": {"team-a": {"budget": 1.0}}})
+    assert reg.add_spend({"team-a": 0.25}) == {"team-a": 0.25}
+    assert reg.add_spend({"team-a": 0.5, "key-x": 0.1}) == {"team-a": 0.75, "key-x": 0.1}
+    assert reg.add_spend({}) == {"team-a": 0.75, "key-x": 0.1}
+
+
+def test_an_endpoint_models_deployment_is_its_forwarder(tmp_path):
+    from icl_router.config import PoolModelConfig
+    from icl_router.serving.endpoint import pool_deployment_name
+    from icl_router.serving.registry import Registry
+
+    _router_dir(tmp_path)
+    ep = PoolModelConfig(name="hosted", endpoint={"base_url": "http://127.0.0.1:9/v1", "model": "m"})
+    vllm = PoolModelConfig(name="m-weak", path="/tmp")
+    assert (pool_deployment_name(ep), pool_deployment_name(vllm)) == ("Endpoint:hosted", "LLMServer:m-weak")
+    reg = Registry.func_or_class(str(tmp_path), costs={"m-weak": 1.0, "hosted": 2.0}, deployments={"hosted": pool_deployment_name(ep)})
+    assert reg.snapshot().models["hosted"].deployment == "Endpoint:hosted" and reg.snapshot().models["m-weak"].deployment == "LLMServer:m-weak"

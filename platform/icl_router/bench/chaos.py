@@ -98,8 +98,11 @@ def _chaos(args: argparse.Namespace, cfg, start, wait_ready, openai) -> dict:  #
     url = start(cfg)
     base = url.removesuffix("/v1")
     ready_s = wait_ready(url, app_name=cfg.app_name, timeout_s=args.ready_timeout_s)
-    key = cfg.auth.api_keys[0] if cfg.auth.api_keys else "none"
-    admin = cfg.auth.admin_keys[0] if cfg.auth.admin_keys else None
+    from icl_router.serving.auth import Keys
+
+    keys = Keys.from_config(cfg.auth)  # the bare keys (a config entry may be name:key)
+    key = next(iter(keys.api), "none")
+    admin = next(iter(keys.admin), None)
     client = openai.OpenAI(base_url=url, api_key=key, timeout=120, max_retries=0)
     phase, stop = ["normal"], threading.Event()
     rows: list[tuple[str, float, bool, str]] = []  # (phase, ms, ok, model or error)

@@ -70,7 +70,9 @@ def run(args: argparse.Namespace) -> dict:
 
         url = start(cfg)
         wait_ready(url, app_name=cfg.app_name, timeout_s=1800)
-    key = args.api_key or (cfg.auth.api_keys[0] if cfg.auth.api_keys else "none")
+    from icl_router.serving.auth import Keys
+
+    key = args.api_key or next(iter(Keys.from_config(cfg.auth).api), "none")  # the bare key (a config entry may be name:key)
     client = openai.OpenAI(base_url=url, api_key=key, timeout=60, max_retries=0)
 
     def call(i: int, routed: bool) -> tuple[float, dict]:

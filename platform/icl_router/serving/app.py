@@ -56,10 +56,9 @@ def compose(cfg: ServeConfig) -> Any:
 
     Keys.from_config(cfg.auth).warn_open()  # no key and not opened on purpose: refuse here, before anything deploys
 
-    from ray.serve.llm import build_llm_deployment
-
     from icl_router.model.router_dir import read_anchor_queries, read_meta
     from icl_router.pretrained import prepare_model_path
+    from icl_router.serving.endpoint import pool_deployment_name, pool_model_app
     from icl_router.serving.ingress import Ingress
     from icl_router.serving.registry import Registry
     from icl_router.serving.router_deployment import RouterDeployment
@@ -74,11 +73,16 @@ def compose(cfg: ServeConfig) -> Any:
     # every path checked (a .gguf converted) before anything deploys; replicas run elsewhere: absolute paths
     pool = []
     for i, m in enumerate(cfg.pool):
+        if m.endpoint is not None:  # a hosted model: nothing to check or convert here
+            pool.append(m)
+            continue
         path = prepare_model_path(m.path, accelerator=m.accelerator, what=f"pool[{i}].path ({m.name})")
         pool.append(m.model_copy(update={"path": str(Path(path).resolve()) if Path(path).exists() else path}))
-    pools = {m.name: build_llm_deployment(m.build()) for m in pool}
+    pools = {m.name: pool_model_app(m) for m in pool}  # a vLLM replica, or an endpoint's forwarder: the same handle calls
+    limits = {"limits": {k: v.model_dump() for k, v in cfg.auth.limits.items()}, "default_limits": cfg.auth.default_limits.model_dump()}
     registry = Registry.bind(router_dir, costs={m.name: m.cost for m in pool}, persist=cfg.persist_profiles, deploy_timeout_s=cfg.deploy_timeout_s,
-                             onboarding=onboarding.model_dump(mode="json"))
+                             onboarding=onboarding.model_dump(mode="json"), deployments={m.name: pool_deployment_name(m) for m in pool},
+                             limits=limits)
     r = cfg.router
     threads = r.threads or max(1, int(r.num_cpus))
     if r.placement == "ingress":  # the router lives in each ingress replica, which scales as the router would

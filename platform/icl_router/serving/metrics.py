@@ -30,6 +30,12 @@ def ingress_metrics() -> dict:
         ),
         "open_circuits": metrics.Gauge("icl_router_open_circuits", description="parts (pool models, the router) this ingress skips now"),
         "ready": metrics.Gauge("icl_router_ready", description="1 once the router and a pool model answered, else 0"),
+        "limited": metrics.Counter(
+            "icl_router_limited", description="requests refused by a key's limit, by key name and reason (rate, budget)", tag_keys=("key", "reason")
+        ),
+        "spend": metrics.Counter(
+            "icl_router_spend", description="spend in the pool's cost units, by key name and answering model", tag_keys=("key", "model")
+        ),
     }
 
 

@@ -21,6 +21,7 @@ from icl_router.serving.api_errors import ApiError
 from icl_router.serving.circuits import Circuits, probe_open
 from icl_router.serving.engine_calls import probe
 from icl_router.serving.failover import ROUTER
+from icl_router.serving.limits import RateLimiter, SpendLedger
 from icl_router.serving.registry import EMPTY, PoolSnapshot
 
 log = logging.getLogger("ray.serve")
@@ -41,6 +42,10 @@ class PoolView:
         self.circuits = Circuits()
         self.started = False  # the router and one pool model have answered once
         self.retry_after = str(max(1, math.ceil(cfg.probe_interval_s)))
+        # per-key limits (serving/limits.py): this replica admits its share of each rate; spend goes to the registry each round
+        replicas = cfg.ingress_replicas if cfg.router.placement == "deployment" else max(1, cfg.router.autoscaling.min_replicas)
+        self.rate = RateLimiter(cfg.auth, time.monotonic, share=1.0 / replicas)
+        self.ledger = SpendLedger(cfg.auth, time.monotonic)
 
     async def start(self) -> None:
         """Probe rounds before taking traffic, then the background watcher.
@@ -78,6 +83,7 @@ class PoolView:
                 await self.refresh()
         except Exception as e:  # the registry restarting: keep the last pool
             log.warning("registry poll failed: %s: %s", type(e).__name__, str(e)[:200])
+        await self._sync_spend()
         self.circuits.forget([ROUTER, *self.snap.models])
         ready = self.snap.ready
         await asyncio.gather(
@@ -92,6 +98,35 @@ class PoolView:
             await self._mark_serving()
         self.metrics["open_circuits"].set(len(self.circuits.open_names([ROUTER, *ready])))
         self.metrics["ready"].set(1 if self.ready() else 0)
+
+    async def _sync_spend(self) -> None:
+        """Send this replica's spend since the last round, take the service's totals back (a failed round keeps it for the next)."""
+        unsent = self.ledger.take_unsent()
+        try:
+            totals = await asyncio.wait_for(awaited(self.registry.add_spend.remote(unsent)), self.cfg.probe_timeout_s)
+        except Exception as e:
+            self.ledger.merge(self.ledger.totals, unsent_back=unsent)
+            log.warning("registry.add_spend failed: %s", type(e).__name__)
+            return
+        self.ledger.merge(totals)
+
+    def limit(self, key: str) -> None:
+        """A 429 (rate, with Retry-After) or 402 (budget) naming the key's limit, counted by key name; else nothing."""
+        over, reason = self.rate.admit(key), "rate"
+        if over is None:
+            over, reason = self.ledger.admit(key), "budget"
+        if over is None:
+            return
+        self.metrics["limited"].inc(tags={"key": key, "reason": reason})
+        raise over
+
+    def spent(self, key: str, model: str) -> None:
+        """An answer served for ``key`` by ``model``: the model's cost joins the key's spend."""
+        entry = self.snap.models.get(model)
+        cost = entry.cost if entry is not None else 0.0
+        self.ledger.add(key, cost)
+        if cost:
+            self.metrics["spend"].inc(cost, tags={"key": key, "model": model})
 
     async def _mark_serving(self) -> None:
         """Tell the registry the service runs (once per registry replica: a restarted one forgets)."""

@@ -33,10 +33,12 @@ import numpy as np
 from pydantic import ValidationError
 from ray import serve
 
-from icl_router.config import OnboardingConfig, PoolModelConfig
+from icl_router.config import AuthConfig, OnboardingConfig, PoolModelConfig
 from icl_router.routing.decision import DecisionParams
 from icl_router.serving.api_errors import validation_error
+from icl_router.serving.endpoint import pool_deployment_name
 from icl_router.serving.engine_calls import ask_chat
+from icl_router.serving.limits import SpendTotals
 from icl_router.serving.protocol import ROUTED
 
 log = logging.getLogger("ray.serve")
@@ -114,7 +116,7 @@ class _Entry:
 class Registry:
     def __init__(
         self, router_dir: str, *, costs: dict[str, float], persist: bool = False, deploy_timeout_s: float = 900.0,
-        onboarding: dict | None = None,
+        onboarding: dict | None = None, deployments: dict[str, str] | None = None, limits: dict | None = None,
     ) -> None:
         from icl_router.model.router_dir import (
             PROFILES_FILE,
@@ -130,7 +132,10 @@ class Registry:
         self.anchor_ids = list(meta.anchor_query_ids)
         self.decision = DecisionParams.from_json(meta.decision) if meta.decision is not None else None
         self.profiles: dict[str, np.ndarray] = read_profiles(self.router_dir / PROFILES_FILE, self.anchor_ids)  # model -> bool [K]
-        self.models = {m: _Entry("ready", float(c), deployment_name(m)) for m, c in costs.items()}
+        deployments = deployments or {}
+        self.models = {m: _Entry("ready", float(c), deployments.get(m, deployment_name(m))) for m, c in costs.items()}
+        # the service's spend per key name (serving/limits.py): the ingress replicas send theirs each round
+        self.spend = SpendTotals(AuthConfig.model_validate({**(limits or {}), "open": True}), time.monotonic)
         self.epoch, self.version = uuid.uuid4().hex[:12], 0
         self.serving = False
         self.lock = asyncio.Lock()
@@ -156,7 +161,7 @@ class Registry:
                 log.warning("registration record of %s ignored: the serve config's pool has the model", model_id)
                 continue
             cfg = PoolModelConfig(name=model_id, **rec["serving"])
-            entry = _Entry("deploying", float(rec["cost"]), deployment_name(model_id), app=rec["app"])
+            entry = _Entry("deploying", float(rec["cost"]), pool_deployment_name(cfg), app=rec["app"])
             self.models[model_id] = entry
             if rec.get("error"):
                 entry.state, entry.error = "failed", rec["error"]
@@ -183,6 +188,10 @@ class Registry:
 
     def get_version(self) -> tuple[str, int]:
         return self.epoch, self.version
+
+    def add_spend(self, deltas: dict[str, float]) -> dict[str, float]:
+        """An ingress replica's spend since its last round (key name -> cost units); the service's totals back."""
+        return self.spend.add(deltas)
 
     def mark_serving(self) -> None:
         """An ingress replica has started: replicas added from now on join a running service."""
@@ -219,6 +228,9 @@ class Registry:
         """The ``serving`` block as a pool-model config, checked before anything is deployed."""
         if "name" in serving:
             return Refusal(400, "invalid_value", f"serving.name: the model is named by 'model' ({model_id!r}); remove serving.name", "serving.name")
+        if "path" not in serving and "endpoint" not in serving:
+            return Refusal(400, "invalid_value", "serving.path: required: give path (a model to serve with vLLM) or endpoint "
+                           "({base_url, model, api_key_env}: an OpenAI-compatible API)", "serving.path")
         try:
             cfg = PoolModelConfig(name=model_id, **serving)
         except ValidationError as e:
@@ -228,6 +240,8 @@ class Registry:
             return Refusal(400, "invalid_value", f"serving: {e}", "serving")
         from icl_router.pretrained import ModelPathError, check_model_path
 
+        if cfg.path is None:  # an endpoint model: its block was checked as a config
+            return cfg
         try:
             check_model_path(cfg.path, accelerator=cfg.accelerator, what="serving.path")
         except ModelPathError as e:
@@ -326,7 +340,7 @@ class Registry:
             refused = await self._can_profile(model_id)
             if refused is not None:
                 return refused
-        entry = _Entry("deploying", cfg.cost if cost is None else float(cost), deployment_name(model_id), app=f"pool-{model_id}")
+        entry = _Entry("deploying", cfg.cost if cost is None else float(cost), pool_deployment_name(cfg), app=f"pool-{model_id}")
         record = {"model": model_id, "serving": cfg.model_dump(mode="json", exclude={"name"}), "cost": entry.cost, "app": entry.app,
                   "profile": None if prof is None else [bool(x) for x in prof], "created": time.time()}
         try:  # recorded before anything is deployed: a restarted registry takes it from here
@@ -418,11 +432,11 @@ class Registry:
         """Run the model's LLMServer as its own app (the main app is untouched) and wait until it runs; not
         RUNNING within ``deploy_timeout_s`` (or failed): raises with the reason. ``adopt``: an app that
         already exists (a previous registry replica deployed it) is waited for, not deployed again."""
-        from ray.serve.llm import build_llm_deployment
+        from icl_router.serving.endpoint import pool_model_app
 
         found = await self._app_status(entry.app) if adopt else None
         if found is None or found[0] in ("DEPLOY_FAILED", "UNHEALTHY"):
-            app = build_llm_deployment(cfg.build())
+            app = pool_model_app(cfg)  # a vLLM replica, or an endpoint's forwarder
             # serve.run_many (public, DeveloperAPI) deploys without waiting for RUNNING; serve.run always
             # waits, and the wait could not be bounded or cancelled from here.
             target = serve.RunTarget(app, name=entry.app, route_prefix=None)

@@ -125,8 +125,10 @@ class V1Handler:
     # ---- reading ------------------------------------------------------------------------------
 
     async def _read(self, request: Request, cls: type) -> Any:
-        self.keys.check(request.headers.get("authorization"))
+        key = self.keys.check(request.headers.get("authorization"))
         self.view.gate()
+        self.view.limit(key)  # the key's rate and budget, before the body is read
+        request.state.key = key
         return await read_json(request, cls, limit=self.cfg.max_body_bytes)
 
     def _check_length(self, n: int, param: str) -> None:
@@ -214,6 +216,7 @@ class V1Handler:
             headers[HEADER + "fallback"] = fallback_header(served.skipped)
             self._count_fallbacks(served.skipped)
         self._count(served.model, route, "ok")
+        self.view.spent(request.state.key, served.model)
         if not body.stream:
             return Response(served.first.model_dump_json(), media_type="application/json", headers=headers)
 
