@@ -306,7 +306,7 @@ class Registry:
         cfg = self._serving(model_id, serving) if serving is not None else None
         if isinstance(cfg, Refusal):
             return cfg
-        if cfg is not None and cfg.path.endswith(".gguf"):  # converted once, beside the onboarding outcomes
+        if cfg is not None and cfg.path is not None and cfg.path.endswith(".gguf"):  # converted once, beside the onboarding outcomes
             from icl_router.pretrained import prepare_model_path
 
             root = self.store.root / "models"
