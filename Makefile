@@ -38,7 +38,7 @@ lint: setup
 
 # What CI runs: lint, the real models' conversion, then every tier (unit, ray, vllm; slow included).
 test: setup lint models
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=25 tests
 
 # The unit tier without its few slow tests (no Ray, no vLLM): the quick check while editing.
 test-fast: setup

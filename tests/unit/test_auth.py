@@ -63,11 +63,16 @@ def test_serve_refuses_before_starting_anything(tmp_path, monkeypatch):
 
     from icl_router.serving.app import build_app, start
 
+    import icl_router.raycluster
+
     monkeypatch.delenv("ICL_ROUTER_API_KEYS", raising=False)
     monkeypatch.delenv("ICL_ROUTER_ADMIN_KEYS", raising=False)
+    started = []  # Ray may already be up in this process (an earlier tier): count starts, not state
+    monkeypatch.setattr(ray, "init", lambda *a, **k: started.append("ray.init"))
+    monkeypatch.setattr(icl_router.raycluster, "ensure_ray", lambda *a, **k: started.append("ensure_ray"))
     cfg = ServeConfig.model_validate({"router": {"path": str(tmp_path)}, "pool": [{"name": "m", "path": "/m"}]})
     with pytest.raises(ConfigError, match="no API key and no admin key"):
         start(cfg)
     with pytest.raises(ConfigError, match="no API key and no admin key"):
         build_app({"config": str(SERVE / "production.yaml")})
-    assert not ray.is_initialized()
+    assert started == []

@@ -178,7 +178,7 @@ def test_bad_registrations_get_a_clear_4xx_and_change_nothing(service):
     cases = [
         ({"model": "tiny-new"}, "serving", "neither a profile nor a serving path"),  # no serving path, no profile
         ({"model": "tiny-new", "serving": service.serving, "profile": [True] * (K - 1)}, "profile", f"K={K}"),  # wrong length
-        ({"model": "tiny-new", "serving": {**service.serving, "path": str(service.root / "nowhere")}}, "serving.path", "local model directory"),
+        ({"model": "tiny-new", "serving": {**service.serving, "path": str(service.root / "nowhere")}}, "serving.path", "no such file or directory"),
     ]
     for body, param, text in cases:
         status, out = http_json(_admin(service), method="POST", body=body, key=ADMIN_KEY)

@@ -415,10 +415,12 @@ def test_hostile_inputs_get_4xx_and_the_service_keeps_serving(service, client):
 
 @pytest.mark.timeout(420)
 def test_a_registration_that_cannot_deploy_fails_by_its_deadline_and_can_be_retried_or_deleted(service):
-    """A directory that is no model: the deployment never runs; by deploy_timeout_s the registration
-    has failed with the reason and its app is torn down; a retry is accepted; DELETE cancels it."""
+    """A directory that passes the path check (a config.json vLLM CPU takes) but holds no weights: the
+    deployment never runs; by deploy_timeout_s the registration has failed with the reason and its app is
+    torn down; a retry is accepted; DELETE cancels it."""
     empty = service.root / "not-a-model"
     empty.mkdir(exist_ok=True)
+    (empty / "config.json").write_text((service.root / "tiny-a" / "config.json").read_text())
     body = {"model": "broken", "profile": PROFILE_B, "serving": {"path": str(empty), "engine_kwargs": {"max_model_len": 256}}}
     status, _, out = _http(_admin(service), method="POST", body=body, key=ADMIN_KEY)
     assert status == 202 and out["state"] == "deploying"
