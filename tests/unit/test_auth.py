@@ -61,9 +61,8 @@ def test_serve_refuses_before_starting_anything(tmp_path, monkeypatch):
     """`icl-router serve` and the RayService's app builder stop at the keys, before Ray or vLLM start."""
     import ray
 
-    from icl_router.serving.app import build_app, start
-
     import icl_router.raycluster
+    from icl_router.serving.app import build_app, start
 
     monkeypatch.delenv("ICL_ROUTER_API_KEYS", raising=False)
     monkeypatch.delenv("ICL_ROUTER_ADMIN_KEYS", raising=False)
