@@ -826,6 +826,18 @@ class OnboardingConfig(Config):
     retries: int = Field(default=2, ge=0)  # ... retried this many times, then the onboarding fails with the reason
 
 
+class TracingConfig(Config):
+    """OpenTelemetry spans of the ingress (serving/tracing.py), exported over OTLP. No endpoint: no
+    span is made and opentelemetry is not imported (nothing costs)."""
+
+    otlp_endpoint: str | None = None  # e.g. http://otel-collector:4318/v1/traces (http/protobuf) or otel-collector:4317 (grpc)
+    protocol: Literal["http/protobuf", "grpc"] = "http/protobuf"
+    service_name: str = "icl-router"
+    sample_ratio: float = Field(default=1.0, ge=0, le=1)  # share of requests traced (parent-based: a traced caller's choice wins)
+    headers: dict[str, str] = {}  # sent with every export (e.g. a collector's auth); values may be $ENV references
+    export_interval_s: float = Field(default=2.0, gt=0)  # batch export delay
+
+
 class ServeConfig(Config):
     """``icl-router serve``: the OpenAI-compatible routing service on Ray Serve."""
 
@@ -849,6 +861,7 @@ class ServeConfig(Config):
     ingress_replicas: int = 1
     ingress_max_ongoing_requests: int = 256
     ray: RayConfig = RayConfig(num_cpus=8)  # ray.serve.llm: a model replica takes {CPU: 2}
+    tracing: TracingConfig = TracingConfig()  # OpenTelemetry spans over OTLP; off without an endpoint
 
     @model_validator(mode="after")
     def _check(self) -> ServeConfig:

@@ -181,3 +181,15 @@ class OnlineRouter:
             p, mass, task_rows = li.p.astype(np.float32), li.mass, li.task_rows
         t2 = time.perf_counter()
         return Scored(models, p, mass, {"embed": round((t1 - t0) * 1e3, 3), "score": round((t2 - t1) * 1e3, 3), "cached": cached}, task_rows)
+
+    def nearest(self, text: str, k: int = 5) -> list[tuple[int, float]]:
+        """(anchor position, cosine) of the ``k`` anchors nearest ``text``, nearest first (its embedding from the
+        cache when it was just scored); [] for a router that embeds no query (a text router without a decision layer)."""
+        if self.embedder is None or k <= 0:
+            return []
+        from icl_router.routing.decision import cosine
+
+        emb, _ = self.embed([text])
+        sim = cosine(emb, self.anchor_emb)[0]
+        top = np.argsort(-sim, kind="stable")[:k]
+        return [(int(i), round(float(sim[i]), 4)) for i in top]

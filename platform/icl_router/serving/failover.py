@@ -41,6 +41,7 @@ class RouterScores:
     ms: dict[str, float] = field(default_factory=dict)  # where the router replica spent the time
     min_gain: float | None = None  # the guard's margin for the replica's pool (refitted when the pool changed), of the query's layer
     task_row: bool = False  # p and mass are the decision layer's task layer's (the query's task has anchors)
+    nearest: tuple[tuple[int, float], ...] = ()  # (anchor position, cosine) of the query's nearest anchors, when asked (routing.explain)
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,9 @@ class Plan:
     timing: dict[str, float]
     params: DecisionParams | None = None  # the decision layer as used (the pool's guard, the request's overrides)
     task_layer: bool = False  # ``params`` is the task layer (the query named a task the anchors have)
+    mass: float | None = None  # the query's evidence mass (None: no decision layer; 0 when routed by the priors)
+    raw_p: dict[str, float] = field(default_factory=dict)  # p before the decision layer (the router's, or the priors)
+    nearest: tuple[tuple[int, float], ...] = ()  # RouterScores.nearest
 
 
 class ModelRefused(Exception):
@@ -180,7 +184,8 @@ async def plan(
         use = use.replace(default_model=None)  # the configured default is not a candidate here: the best prior is
     decision = choose(p, policy=policy, costs=costs, prior=prior if use else None, mass=mass if use else None, params=use)
     return Plan(decision, "router" if scores is not None else "prior", skipped, scoring_ms, dict(scores.ms) if scores else {}, use,
-                task_layer=use is not None and scores is not None and scores.task_row)
+                task_layer=use is not None and scores is not None and scores.task_row, mass=mass, raw_p=p,
+                nearest=scores.nearest if scores is not None else ())
 
 
 async def failover(

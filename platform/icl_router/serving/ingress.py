@@ -4,6 +4,7 @@ to the handlers, one per endpoint group.
     /v1/chat/completions, /v1/completions, /v1/models   v1.V1Handler
     /admin/models                                       admin_api.AdminHandler
     /health, /ready, /openapi.json                      health.HealthHandler
+    /dashboard                                          dashboard (admin key): the status page
 
 The handlers share the replica's view of the pool (``pool_view.PoolView``: the registry's
 snapshot, the circuits, the pool models' handles). Every bad input is a 4xx with an
@@ -15,7 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 
 from icl_router.config import ServeConfig
@@ -57,9 +58,14 @@ class Ingress:
             from icl_router.serving.router_deployment import InProcessRouter
 
             router = await InProcessRouter.create(registry=registry, **(local or {}))
+        from icl_router.serving.tracing import Tracing
+
         keys = Keys.from_config(cfg.auth)
+        self.keys = keys
         self.view = PoolView(cfg, router=router, registry=registry, handles=pools)
-        self.v1, self.admin, self.probes = V1Handler(self.view, keys=keys), AdminHandler(self.view, keys=keys), HealthHandler(self.view, keys=keys)
+        self.tracing = Tracing.from_config(cfg.tracing)
+        self.v1 = V1Handler(self.view, keys=keys, tracing=self.tracing)
+        self.admin, self.probes = AdminHandler(self.view, keys=keys), HealthHandler(self.view, keys=keys)
         await self.view.start()
 
     # ---- /v1 ------------------------------------------------------------------------------------
@@ -114,3 +120,14 @@ class Ingress:
     @app.delete("/admin/models/{name:path}", response_model=None, responses=responses(401, 404, 409, 503, ok=Deleted))
     async def delete_model(self, request: Request, name: str) -> dict:
         return await self.admin.delete_model(request, name)
+
+    @app.get("/dashboard", response_model=None, include_in_schema=False)
+    async def dashboard(self, request: Request) -> HTMLResponse:
+        """The status page (admin key): the Grafana dashboard's panels from the same exported metrics."""
+        import asyncio
+
+        from icl_router.serving import dashboard
+
+        self.keys.check(request.headers.get("authorization"), admin=True)
+        text = await asyncio.to_thread(dashboard.scrape)
+        return HTMLResponse(dashboard.render(dashboard.panel_values(dashboard.parse(text))))

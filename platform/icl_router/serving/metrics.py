@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 MS_BOUNDS = [0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000]
+LATENCY_BOUNDS = [5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000, 60000]
 
 
 def requests_counter() -> object:
@@ -36,7 +37,34 @@ def ingress_metrics() -> dict:
         "spend": metrics.Counter(
             "icl_router_spend", description="spend in the pool's cost units, by key name and answering model", tag_keys=("key", "model")
         ),
+        "latency": metrics.Histogram(
+            "icl_router_request_latency_ms", description="ingress time to a pool model's answer (streaming: its first chunk), by route",
+            boundaries=LATENCY_BOUNDS, tag_keys=("route",),
+        ),
+        "prior_accuracy": metrics.Gauge(
+            "icl_router_prior_accuracy", description="a routable model's accuracy on the anchors (its profile): what routing assumes", tag_keys=("model",)
+        ),
+        **outcome_metrics(metrics),
     }
+
+
+def outcome_metrics(metrics: Any) -> dict:
+    """Production outcomes of a model's answers (``count_outcome``): fed by feedback and re-profiled traffic.
+    Accuracy per model = score_total / outcomes_total."""
+    return {
+        "outcomes": metrics.Counter("icl_router_outcomes", description="graded outcomes of answered requests, by model and source", tag_keys=("model", "source")),
+        "outcome_score": metrics.Counter(
+            "icl_router_outcome_score", description="sum of those outcomes' scores (0..1), by model and source", tag_keys=("model", "source")
+        ),
+    }
+
+
+def count_outcome(m: dict, model: str, score: float, source: str = "feedback") -> None:
+    """One graded outcome of ``model`` (score in [0, 1]) into the outcome counters of ``m`` (``ingress_metrics()``)."""
+    tags = {"model": model, "source": source}
+    m["outcomes"].inc(tags=tags)
+    if score > 0:
+        m["outcome_score"].inc(float(score), tags=tags)
 
 
 def router_metrics() -> dict:

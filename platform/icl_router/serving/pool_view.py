@@ -97,6 +97,8 @@ class PoolView:
         if self.started and not self.snap.serving and self.snap.epoch:
             await self._mark_serving()
         self.metrics["open_circuits"].set(len(self.circuits.open_names([ROUTER, *ready])))
+        for m, acc in self.snap.priors().items():
+            self.metrics["prior_accuracy"].set(acc, tags={"model": m})
         self.metrics["ready"].set(1 if self.ready() else 0)
 
     async def _sync_spend(self) -> None:

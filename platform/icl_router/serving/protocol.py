@@ -86,6 +86,7 @@ class RoutingOptions(_Strict):
     # layer's task layer if some anchor has it; any other name routes as a query naming none
     task: str | None = Field(default=None, min_length=1, max_length=256)
     fallback: StrictBool = False  # a request naming a pool model: may another model answer if it fails?
+    explain: StrictBool = False  # why this model: x-icl-router-explain (and routing_explanation in a non-streaming body)
 
     def decision_overrides(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("prior_weight", "min_gain", "default_model") if getattr(self, k) is not None}

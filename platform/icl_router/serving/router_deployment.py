@@ -10,6 +10,7 @@ model registered through any ingress is routable by the next query that ingress 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from typing import Any
@@ -21,6 +22,7 @@ from icl_router.serving.failover import RouterScores
 log = logging.getLogger("ray.serve")
 
 MAX_ROUTE_CHARS = 4000  # the router reads at most this much of a query (it was trained on short ones)
+EXPLAIN_ANCHORS = 5  # nearest anchors returned when a request asks routing.explain
 
 
 class PoolRouter:
@@ -50,6 +52,12 @@ class PoolRouter:
 
     def health(self) -> dict:
         return {"models": len(self.online.models), "epoch": self.pool[0], "version": self.pool[1]}
+
+    def explained(self, s: RouterScores, text: str, explain: bool) -> RouterScores:
+        """``s`` with the query's nearest anchors when the request asked why (routing.explain)."""
+        if not explain:
+            return s
+        return dataclasses.replace(s, nearest=tuple(self.online.nearest(text[:MAX_ROUTE_CHARS], EXPLAIN_ANCHORS)))
 
     def score_now(self, items: list[tuple[str, str | None, float]]) -> list[RouterScores]:
         """Score (text, task or None, time queued) items in one call; each with the guard's margin of its
@@ -103,11 +111,12 @@ class RouterDeployment:
     async def health(self) -> dict:
         return self.router.health()
 
-    async def score(self, text: str, pool: tuple[str, int], task: str | None = None) -> RouterScores:
-        """The raw p of every routable model for one query naming ``task`` or none (batched with concurrent calls)."""
+    async def score(self, text: str, pool: tuple[str, int], task: str | None = None, explain: bool = False) -> RouterScores:
+        """The raw p of every routable model for one query naming ``task`` or none (batched with concurrent calls);
+        ``explain``: with its nearest anchors."""
         if self.router.behind(pool):
             await self.router.sync(pool)
-        return await self._batch((text, task, time.perf_counter()))
+        return self.router.explained(await self._batch((text, task, time.perf_counter())), text, explain)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
     async def _batch(self, items: list[tuple[str, str | None, float]]) -> list[RouterScores]:
@@ -155,7 +164,7 @@ class InProcessRouter:
     async def _health(self) -> dict:
         return self.router.health()
 
-    async def _score(self, text: str, pool: tuple[str, int], task: str | None = None) -> RouterScores:
+    async def _score(self, text: str, pool: tuple[str, int], task: str | None = None, explain: bool = False) -> RouterScores:
         if self.router.behind(pool):
             await self.router.sync(pool)
-        return self.router.score_now([(text, task, time.perf_counter())])[0]
+        return self.router.explained(self.router.score_now([(text, task, time.perf_counter())])[0], text, explain)

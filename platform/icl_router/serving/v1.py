@@ -8,7 +8,10 @@ lets another model answer if it fails). Routing travels back in ``x-icl-router-*
 
 from __future__ import annotations
 
+import json
 import logging
+import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -21,6 +24,7 @@ from icl_router.routing.policy import Policy
 from icl_router.serving.api_errors import ApiError, validation_error
 from icl_router.serving.auth import Keys
 from icl_router.serving.engine_calls import first_output
+from icl_router.serving.explain import explanation, header_value
 from icl_router.serving.failover import (
     POLICY_FIELDS,
     Exhausted,
@@ -38,6 +42,7 @@ from icl_router.serving.pool_view import PoolView
 from icl_router.serving.protocol import HEADER, ROUTED, ChatBody, CompletionBody, RoutingOptions
 from icl_router.serving.registry import PoolSnapshot
 from icl_router.serving.sse import relay
+from icl_router.serving.tracing import MODEL, REQUEST, ROUTER, Tracing, clean, decision_attrs
 
 log = logging.getLogger("ray.serve")
 Kind = Literal["chat", "completions"]
@@ -84,12 +89,15 @@ class Route:
     headers: dict[str, str]
     skipped: list[tuple[str, str]] = field(default_factory=list)
     more: Callable[[], Awaitable[list[str]]] | None = None
+    plan: Plan | None = None  # a routed request's decision
 
 
 class V1Handler:
-    def __init__(self, view: PoolView, *, keys: Keys) -> None:
+    def __init__(self, view: PoolView, *, keys: Keys, tracing: Tracing | None = None) -> None:
+        """``tracing``: spans (serving/tracing.py; default off)."""
         self.view, self.cfg, self.keys = view, view.cfg, keys
         self.default_policy: Policy = view.cfg.policy.build()
+        self.tracing = tracing or Tracing()
 
     # ---- the endpoints ------------------------------------------------------------------------
 
@@ -161,7 +169,10 @@ class V1Handler:
         pool = (snap.epoch, snap.version)
 
         async def score(t: str) -> RouterScores:
-            return await self.view.router.score.remote(t, pool, r.task)
+            with self.tracing.span(ROUTER, kind="client", attrs={"pool_version": pool[1], "task": r.task}) as span:
+                s = await self.view.router.score.remote(t, pool, r.task, r.explain)
+                span.set_attributes(clean({f"router.{k}_ms" if k not in ("batch", "cached") else f"router.{k}": v for k, v in s.ms.items()}))
+                return s
 
         return await plan(text, candidates=cands, priors=snap.priors(), costs=snap.costs(), policy=policy, params=params, score=score,
                           circuits=self.view.circuits, timeout_s=self.cfg.router_timeout_s, pinned="min_gain" in r.decision_overrides())
@@ -170,7 +181,7 @@ class V1Handler:
         snap, r = self.view.snap, body.routing or RoutingOptions()
         if body.model in ROUTED:
             p = await self._plan(text, r, snap)
-            return Route(list(p.decision.order), "routed", plan_headers(p), list(p.skipped))
+            return Route(list(p.decision.order), "routed", plan_headers(p), list(p.skipped), plan=p)
         entry = snap.models.get(body.model)
         if entry is None or entry.state != "ready":
             raise self._unknown(body.model)
@@ -196,13 +207,44 @@ class V1Handler:
     # ---- answering ----------------------------------------------------------------------------
 
     async def _answer(self, request: Request, kind: Kind, body: ChatBody | CompletionBody, text: str) -> Response:
+        with self.tracing.span(REQUEST, kind="server", attrs={"http.route": request.url.path, "requested_model": body.model, "stream": body.stream},
+                               parent_headers=request.headers) as span:
+            try:
+                response = await self._answer_traced(request, kind, body, text, span)
+            except ApiError as e:
+                span.set_attributes(clean({"http.status_code": e.status, "error": e.code}))
+                raise
+            span.set_attribute("http.status_code", response.status_code)
+            return response
+
+    async def _answer_traced(self, request: Request, kind: Kind, body: ChatBody | CompletionBody, text: str, span: Any) -> Response:
+        t0 = time.perf_counter()
         req = self._engine_request(kind, body)
+        r = body.routing or RoutingOptions()
         route = await self._route(body, text)
         headers = route.headers
+        request_id = uuid.uuid4().hex
+        headers[HEADER + "request-id"] = request_id
+        expl = None
+        if route.plan is not None:
+            snap = self.view.snap
+            if r.explain:
+                expl = explanation(route.plan, anchors=snap.anchors, profiles=snap.profiles, priors=snap.priors(), costs=snap.costs())
+                headers[HEADER + "explain"] = header_value(expl)
+            span.set_attributes(clean({**decision_attrs(route.plan, explain=expl), "route": "routed", "request_id": request_id}))
+        else:
+            span.set_attributes(clean({"route": route.kind, "request_id": request_id}))
 
         async def call(model: str) -> tuple[Any, Any]:
-            gen = getattr(self.view.handle(model).options(stream=True), kind).remote(req.model_copy(update={"model": model}))
-            return await first_output(gen, model=model), gen
+            with self.tracing.span(MODEL, kind="client", attrs={"model": model}) as mspan:
+                try:
+                    gen = getattr(self.view.handle(model).options(stream=True), kind).remote(req.model_copy(update={"model": model}))
+                    out = await first_output(gen, model=model), gen
+                except BaseException as e:
+                    mspan.set_attribute("icl_router.outcome", type(e).__name__)
+                    raise
+                mspan.set_attribute("icl_router.outcome", "ok")
+                return out
 
         try:
             served = await failover(route.order, call=call, circuits=self.view.circuits, timeout_s=self.cfg.first_output_timeout_s,
@@ -216,9 +258,14 @@ class V1Handler:
             headers[HEADER + "fallback"] = fallback_header(served.skipped)
             self._count_fallbacks(served.skipped)
         self._count(served.model, route, "ok")
+        self.view.metrics["latency"].observe((time.perf_counter() - t0) * 1e3, tags={"route": route.kind})
         self.view.spent(request.state.key, served.model)
+        span.set_attributes(clean({"model": served.model, "fallback": fallback_header(served.skipped) or None}))
         if not body.stream:
-            return Response(served.first.model_dump_json(), media_type="application/json", headers=headers)
+            payload = served.first.model_dump_json()
+            if expl is not None:
+                payload = json.dumps({**json.loads(payload), "routing_explanation": expl})
+            return Response(payload, media_type="application/json", headers=headers)
 
         def broken(reason: str) -> None:  # from here on the answer cannot move to another model
             self.view.circuits.trip(served.model, reason)
