@@ -186,6 +186,18 @@ def _onboard_run(a: argparse.Namespace) -> Any:
     return onboard(cfg, model=a.model, serving=serving, cost=a.cost, url=a.url, timeout_s=a.timeout)
 
 
+def _shadow_report_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--log", required=True, help="the shadow log directory (the serve config's shadow.log_dir)")
+    p.add_argument("--outcomes", action="append", default=[], help="Parquet outcomes (query_id or request_id, model_id, score or correct); repeat")
+    p.add_argument("--output", default=None, help="write shadow_report.json and shadow_report.md here")
+
+
+def _shadow_report_run(a: argparse.Namespace) -> Any:
+    from icl_router.evaluation.shadow_report import run_shadow_report
+
+    return run_shadow_report(a.log, a.outcomes, a.output)
+
+
 # ---- router directories: router-anchors, register, route ---------------------------------------
 
 
@@ -298,6 +310,8 @@ COMMANDS: dict[str, Command] = {
     "route": Command("route queries with a trained router directory in this process (the Python API)", _route_args, _route_run),
     "submit": Command("run a job on a Ray cluster (Jobs API), stream its logs, exit with its status", _submit_args, _submit_run),
     "bench": Command("benchmarks: both sides in one run, JSON as the last line", _bench_args, _bench_run),
+    "shadow-report": Command("compare the live router with a shadow candidate from its log: agreement, predicted and realised gain",
+                             _shadow_report_args, _shadow_report_run),
 }
 
 

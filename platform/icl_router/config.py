@@ -838,6 +838,48 @@ class TracingConfig(Config):
     export_interval_s: float = Field(default=2.0, gt=0)  # batch export delay
 
 
+class ShadowModelConfig(Config):
+    """A model added to the shadow router's pool only: never served, routed to in the log. Its profile (outcomes
+    on the router's K anchors, anchor order) is given, or read from a dataset's outcomes (as ``icl-router value``
+    measured it: ``dataset`` the value job's)."""
+
+    name: str
+    profile: list[bool] | None = None
+    dataset: str | None = None
+    cost: float = Field(default=0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> ShadowModelConfig:
+        if (self.profile is None) == (self.dataset is None):
+            raise ValueError(f"shadow.pool model {self.name!r}: give exactly one of profile (a list of booleans) or dataset (a directory)")
+        return self
+
+
+class ShadowConfig(Config):
+    """A candidate router run beside the live one on the same requests (serving/shadow.py): its decisions
+    are logged, never served. Any of ``router`` (another router directory), ``policy`` and ``pool``
+    (models it may route to that the service does not serve) differs from the live router's."""
+
+    name: str = "candidate"  # the candidate's label in the log and the report
+    router: str | None = None  # a router directory; null: the live one
+    policy: PolicyConfig | None = None  # null: the live policy
+    pool: list[ShadowModelConfig] = []  # models beside the live pool, e.g. valued by `icl-router value`
+    log_dir: str = "runs/shadow"  # Parquet shards, one per flush
+    sample: float = Field(default=1.0, gt=0, le=1)  # share of routed requests the shadow sees
+    flush_rows: int = Field(default=256, ge=1)  # rows buffered before a shard is written ...
+    flush_s: float = Field(default=10.0, gt=0)  # ... or this many seconds after the first
+    max_files: int = Field(default=10_000, ge=1)  # oldest shards removed beyond this (bounded disk)
+    num_cpus: float = Field(default=0.5, ge=0)  # the shadow router replica (a second router; one replica)
+
+    @model_validator(mode="after")
+    def _check(self) -> ShadowConfig:
+        names = [m.name for m in self.pool]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"shadow.pool: names {dup} appear more than once")
+        return self
+
+
 class ServeConfig(Config):
     """``icl-router serve``: the OpenAI-compatible routing service on Ray Serve."""
 
@@ -862,6 +904,7 @@ class ServeConfig(Config):
     ingress_max_ongoing_requests: int = 256
     ray: RayConfig = RayConfig(num_cpus=8)  # ray.serve.llm: a model replica takes {CPU: 2}
     tracing: TracingConfig = TracingConfig()  # OpenTelemetry spans over OTLP; off without an endpoint
+    shadow: ShadowConfig | None = None  # a candidate router beside the live one, logged and not served
 
     @model_validator(mode="after")
     def _check(self) -> ServeConfig:
@@ -873,6 +916,10 @@ class ServeConfig(Config):
         bad = [k for k in positive if not getattr(self, k) > 0]
         if bad or self.max_prompt_chars < 1 or self.max_body_bytes < 1024:
             raise ValueError(f"{', '.join(positive)} must be > 0 (got {bad or 'ok'}), max_prompt_chars >= 1 and max_body_bytes >= 1024")
+        if self.shadow is not None:
+            clash = sorted({m.name for m in self.shadow.pool} & set(names))
+            if clash:
+                raise ValueError(f"shadow.pool: {clash} are served in pool; a shadow model is one the service does not serve")
         return self
 
 

@@ -1,20 +1,22 @@
-"""Traces, explanations and the dashboard, without Ray: the /v1 handler behind a FastAPI
+"""Traces, explanations, the dashboard and shadow routing, without Ray: the /v1 handler behind a FastAPI
 test client, with a fake pool view (the router and the pool models are coroutines), an in-memory span
-exporter."""
+exporter, and the shadow's log in a temp dir."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import pyarrow.parquet as pq
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 
-from icl_router.config import AuthConfig, ServeConfig, TracingConfig
+from icl_router.config import AuthConfig, ServeConfig, ShadowConfig, TracingConfig
 from icl_router.routing.decision import DecisionParams
 from icl_router.serving.circuits import Circuits
 from icl_router.serving.failover import ROUTER, RouterScores
@@ -92,12 +94,12 @@ def view(*, decision: DecisionParams | None = None, fail: tuple[str, ...] = (), 
     )
 
 
-def client(v, *, tracing=None):
+def client(v, *, tracing=None, shadow=None):
     from icl_router.serving.auth import Keys
     from icl_router.serving.http_io import install_error_handlers
     from icl_router.serving.v1 import V1Handler
 
-    handler = V1Handler(v, keys=Keys.from_config(v.cfg.auth, env={}), tracing=tracing)
+    handler = V1Handler(v, keys=Keys.from_config(v.cfg.auth, env={}), tracing=tracing, shadow=shadow)
     handler._engine_request = staticmethod(lambda kind, body: SimpleNamespace(model_copy=lambda update: update))
     app = FastAPI()
     install_error_handlers(app)
@@ -265,3 +267,135 @@ def test_the_status_page_shows_each_panel_from_the_metrics_text():
     assert v["accuracy"] == {"a": {"outcomes": 0.75, "n": 4.0, "anchors": 0.5}} and v["spend"] == {"team-a": 0.03}
     page = render(v)
     assert all(f'id="{p.key}"' in page for p in PANELS) and "<script" not in page and "75% (3)" in page
+
+
+# ---- shadow routing ----------------------------------------------------------------------------
+
+
+def shadow(tmp_path, *, handle=None, decision=None, extra=None, costs=None, **cfg):
+    from icl_router.routing.policy import Policy
+    from icl_router.serving.shadow import Shadow
+
+    sc = ShadowConfig(log_dir=str(tmp_path / "shadow"), flush_s=0.05, **cfg)
+    return Shadow(sc, live_policy=Policy(), handle=handle, decision=decision, extra=extra or {}, extra_costs=costs or {}, router_timeout_s=1.0,
+                  metrics={"shadow": Metric(), "shadow_dropped": Metric()})
+
+
+def shadow_rows(c, sh) -> list[dict]:
+    asyncio.run(sh.drain()) if sh.log.rows or sh.tasks else None
+    files = sorted(Path(sh.log.dir).glob("part-*.parquet"))
+    return [r for f in files for r in pq.read_table(f).to_pylist()]
+
+
+def test_a_policy_candidate_re_decides_on_the_live_scores_and_is_logged_not_served(tmp_path):
+    sh = shadow(tmp_path, policy={"kind": "cost", "cost_weight": 100.0}, name="cheap")
+    v = view()
+    c = client(v, shadow=sh)
+    out = []
+
+    async def go():  # the handler and the shadow's tasks on one loop, as in a replica
+        import httpx
+
+        transport = httpx.ASGITransport(app=c.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as ac:
+            for _ in range(3):
+                r = await ac.post("/v1/chat/completions", json={"model": "icl-router", "messages": [{"role": "user", "content": "hi"}]},
+                                  headers={"Authorization": f"Bearer {API}"})
+                out.append(r)
+        await sh.drain()
+
+    asyncio.run(go())
+    assert all(r.status_code == 200 and r.headers["x-icl-router-model"] == "b" for r in out)  # served: the live pick
+    rows = [r for f in sorted((tmp_path / "shadow").glob("part-*.parquet")) for r in pq.read_table(f).to_pylist()]
+    assert len(rows) == 3 and {r["request_id"] for r in rows} == {r.headers["x-icl-router-request-id"] for r in out}
+    row = rows[0]
+    # cost: 0.62 - 100 * 0.001 = 0.52 (b) beats 0.55 - 100 * 0.01 = -0.45 (a): the same pick here
+    assert row["candidate"] == "cheap" and row["live_model"] == "b" and row["shadow_model"] == "b" and row["agree"] is True
+    assert row["shadow_scored_by"] == "live" and row["predicted_gain"] == 0.0 and row["served_model"] == "b"
+    assert sh.metrics["shadow"].calls and sh.metrics["shadow"].calls[0][1] == {"candidate": "cheap", "agree": "true"}
+
+
+def test_a_candidate_with_an_unserved_model_routes_to_it_in_the_log(tmp_path):
+    calls = []
+
+    async def score(text, pool, task=None, explain=False):
+        calls.append(pool)
+        return RouterScores({**RAW, "new": 0.9}, None, {})
+
+    sh = shadow(tmp_path, handle=SimpleNamespace(score=SimpleNamespace(remote=score)), extra={"new": [True, True, True, False]},
+                costs={"new": 0.002}, pool=[{"name": "new", "profile": [True, True, True, False], "cost": 0.002}])
+    v = view()
+    snap = v.snap
+    from icl_router.routing.policy import Policy, choose
+    from icl_router.serving.failover import Plan
+
+    live = Plan(choose(dict(RAW), policy=Policy()), "router", [], 1.0, {}, raw_p=dict(RAW))
+    row = asyncio.run(sh.decide(text="q", task=None, live=live, snap=snap, candidates=["a", "b"], request_id="r1", served_model="b"))
+    assert calls == [("e", 1)] and row["shadow_model"] == "new" and row["live_model"] == "b" and row["agree"] is False
+    assert row["predicted_gain"] == pytest.approx(0.9 - 0.62) and json.loads(row["shadow_p"])["new"] == 0.9
+
+    async def down(text, pool, task=None, explain=False):
+        raise RuntimeError("shadow router died")
+
+    sh.handle = SimpleNamespace(score=SimpleNamespace(remote=down))
+    row = asyncio.run(sh.decide(text="q", task=None, live=live, snap=snap, candidates=["a", "b"], request_id="r2", served_model="b"))
+    assert row["shadow_model"] is None and row["shadow_error"] == "router:error"
+
+
+def test_an_unwritable_log_dir_drops_rows_counts_them_and_warns_once(tmp_path, caplog):
+    from icl_router.serving.shadow import ShadowLog
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a dir")
+    dropped = Metric()
+    log = ShadowLog(blocker / "sub", flush_rows=1, flush_s=1, max_files=2, dropped=dropped)
+    for _ in range(2):
+        log.add({"request_id": "x"})
+        assert log.flush() == 0
+    assert [c[0] for c in dropped.calls] == [1, 1] and sum("cannot write" in r.message for r in caplog.records) <= 1
+    ok = ShadowLog(tmp_path / "ok", flush_rows=1, flush_s=1, max_files=2)
+    for i in range(4):
+        ok.add({"request_id": str(i)})
+        ok.flush()
+    assert len(list((tmp_path / "ok").glob("part-*.parquet"))) == 2  # bounded: the oldest removed
+
+
+def test_shadow_config_names_the_bad_field():
+    with pytest.raises(ValueError, match="exactly one of profile"):
+        ServeConfig(router={"path": "/x"}, pool=[], shadow={"pool": [{"name": "m"}]})
+    with pytest.raises(ValueError, match="served in pool"):
+        ServeConfig(router={"path": "/x"}, pool=[{"name": "m", "path": "/m"}], shadow={"pool": [{"name": "m", "profile": [True]}]})
+    with pytest.raises(ValueError, match="sample"):
+        ServeConfig(router={"path": "/x"}, pool=[], shadow={"sample": 0})
+
+
+def test_shadow_report_agreement_predicted_and_realised_gain(tmp_path, capsys):
+    import pyarrow as pa
+
+    from icl_router.cli import main
+    from icl_router.serving.shadow import SHADOW_SCHEMA, ShadowLog
+
+    log = ShadowLog(tmp_path / "log", flush_rows=10, flush_s=1, max_files=10)
+    base = {"time": 0, "candidate": "c", "task": None, "served_model": None, "live_policy": "highest", "shadow_policy": "highest",
+            "shadow_scored_by": "router", "shadow_error": None}
+    for i, (live, sh, gain) in enumerate([("a", "a", 0.0), ("a", "new", 0.2), ("b", "new", 0.1), ("a", None, None)]):
+        log.add({**base, "request_id": f"r{i}", "query_hash": f"h{i}", "live_model": live, "shadow_model": sh, "agree": None if sh is None else live == sh,
+                 "predicted_gain": gain, "live_p": json.dumps({"a": 0.6, "b": 0.5}), "shadow_p": "{}"})
+    log.flush()
+    # outcomes: r0 known for a (agree: enough); r1 both known (new right, a wrong); r2 only b known (not counted)
+    out = tmp_path / "outcomes"
+    out.mkdir()
+    pq.write_table(pa.table({"query_id": ["r0", "h1", "r1", "r2"], "model_id": ["a", "a", "new", "b"], "correct": [True, False, True, True]}),
+                   out / "part-0.parquet")
+    main(["shadow-report", "--log", str(tmp_path / "log"), "--outcomes", str(out), "--output", str(tmp_path / "rep")])
+    got = json.loads(capsys.readouterr().out)["candidates"]["c"]
+    assert got["rows"] == 4 and got["decided"] == 3 and got["errors"] == 1
+    assert got["agreement"] == pytest.approx(1 / 3) and got["predicted_gain"] == pytest.approx(0.1)
+    assert got["live_view_gain"] == 0.0  # only the agreeing row: "new" is not in the live pool
+    assert got["realised"] == {"rows": 2, "live_accuracy": 0.5, "shadow_accuracy": 1.0, "gain": 0.5}
+    assert got["switches"] == {"a -> new": 1, "b -> new": 1}
+    assert "| c | 4 | 3 | 33.3 |" in (tmp_path / "rep" / "shadow_report.md").read_text()
+    assert SHADOW_SCHEMA.names[0] == "request_id"
+    with pytest.raises(SystemExit):
+        main(["shadow-report", "--log", str(tmp_path / "nothing")])
+    assert "--log" in capsys.readouterr().err

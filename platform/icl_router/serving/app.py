@@ -85,6 +85,7 @@ def compose(cfg: ServeConfig) -> Any:
                              limits=limits)
     r = cfg.router
     threads = r.threads or max(1, int(r.num_cpus))
+    shadow = shadow_args(cfg, router_dir, registry, embedder)
     if r.placement == "ingress":  # the router lives in each ingress replica, which scales as the router would
         local = dict(router_dir=router_dir, embedder=embedder, threads=threads, embed_cache=r.embed_cache, embed_dtype=r.embed_dtype, scoring=r.scoring,
                      device=r.device, dtype=r.dtype)
@@ -92,7 +93,7 @@ def compose(cfg: ServeConfig) -> Any:
             autoscaling_config=r.autoscaling.model_dump(),
             max_ongoing_requests=r.max_ongoing_requests,
             ray_actor_options={"num_cpus": r.num_cpus, "num_gpus": r.num_gpus},
-        ).bind(None, registry, pools, cfg=cfg, local=local)
+        ).bind(None, registry, pools, cfg=cfg, local=local, shadow=shadow)
     router = RouterDeployment.options(
         autoscaling_config=r.autoscaling.model_dump(),
         max_ongoing_requests=r.max_ongoing_requests,
@@ -102,8 +103,40 @@ def compose(cfg: ServeConfig) -> Any:
         threads=threads, embed_cache=r.embed_cache, embed_dtype=r.embed_dtype, scoring=r.scoring, device=r.device, dtype=r.dtype,
     )
     return Ingress.options(num_replicas=cfg.ingress_replicas, max_ongoing_requests=cfg.ingress_max_ongoing_requests).bind(
-        router, registry, pools, cfg=cfg
+        router, registry, pools, cfg=cfg, shadow=shadow
     )
+
+
+def shadow_args(cfg: ServeConfig, router_dir: str, registry: Any, embedder: str | None) -> dict | None:
+    """``shadow.Shadow``'s arguments for the ingress (serving/shadow.py), checked here, before anything deploys:
+    a ShadowRouter deployment (one replica) when the candidate has its own router directory or pool models;
+    none for a policy-only candidate (it re-decides on the live router's scores)."""
+    sh = cfg.shadow
+    if sh is None:
+        return None
+    from icl_router.model.router_dir import PROFILES_FILE, read_meta, read_profiles
+    from icl_router.serving.router_deployment import RouterDeployment
+    from icl_router.serving.shadow import resolve_extra
+
+    shadow_dir = str(Path(sh.router).resolve()) if sh.router else router_dir
+    meta = read_meta(shadow_dir)
+    live_anchors = read_meta(router_dir).anchor_query_ids
+    extra, costs = resolve_extra(sh, meta.anchor_query_ids)
+    if not sh.router and not sh.pool:
+        return {"handle": None, "decision": None, "extra": {}, "extra_costs": {}}
+    same = meta.anchor_query_ids == live_anchors  # the live pool's profiles are on these anchors: synced from the registry
+    if not same:  # other anchors: the candidate routes over its own registered pool (+ the shadow pool), fixed
+        own = read_profiles(Path(shadow_dir) / PROFILES_FILE, meta.anchor_query_ids) if (Path(shadow_dir) / PROFILES_FILE).exists() else {}
+        extra = {m: [bool(x) for x in p] for m, p in own.items()} | extra
+    r = cfg.router
+    handle = RouterDeployment.options(
+        name="ShadowRouter", num_replicas=1, max_ongoing_requests=r.max_ongoing_requests, ray_actor_options={"num_cpus": sh.num_cpus},
+    ).bind(
+        shadow_dir, registry=registry if same else None, embedder=embedder if shadow_dir == router_dir else None,
+        max_batch_size=r.max_batch_size, batch_wait_timeout_s=r.batch_wait_timeout_s, threads=1, embed_cache=r.embed_cache,
+        scoring=r.scoring, extra=extra,
+    )
+    return {"handle": handle, "decision": meta.decision, "extra": extra, "extra_costs": costs}
 
 
 def build_app(args: dict[str, Any]) -> Any:

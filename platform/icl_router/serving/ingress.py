@@ -51,9 +51,12 @@ install_error_handlers(app)
 @serve.deployment(ray_actor_options={"num_cpus": 0.5})
 @serve.ingress(app)
 class Ingress:
-    async def __init__(self, router: Any, registry: Any, pools: dict[str, Any], *, cfg: ServeConfig, local: dict | None = None) -> None:
+    async def __init__(self, router: Any, registry: Any, pools: dict[str, Any], *, cfg: ServeConfig, local: dict | None = None,
+                       shadow: dict | None = None) -> None:
         """``router``: the RouterDeployment's handle, or None with ``local``: InProcessRouter's
-        arguments (``router.placement: ingress``), the router in this replica, called without a hop."""
+        arguments (``router.placement: ingress``), the router in this replica, called without a hop.
+        ``shadow``: ``shadow.Shadow``'s arguments beside the config (the ShadowRouter's handle or None, its
+        decision layer, the shadow pool's profiles and costs)."""
         if router is None:
             from icl_router.serving.router_deployment import InProcessRouter
 
@@ -64,7 +67,12 @@ class Ingress:
         self.keys = keys
         self.view = PoolView(cfg, router=router, registry=registry, handles=pools)
         self.tracing = Tracing.from_config(cfg.tracing)
-        self.v1 = V1Handler(self.view, keys=keys, tracing=self.tracing)
+        self.shadow = None
+        if cfg.shadow is not None and shadow is not None:
+            from icl_router.serving.shadow import Shadow
+
+            self.shadow = Shadow(cfg.shadow, live_policy=cfg.policy.build(), router_timeout_s=cfg.router_timeout_s, metrics=self.view.metrics, **shadow)
+        self.v1 = V1Handler(self.view, keys=keys, tracing=self.tracing, shadow=self.shadow)
         self.admin, self.probes = AdminHandler(self.view, keys=keys), HealthHandler(self.view, keys=keys)
         await self.view.start()
 
@@ -131,3 +139,13 @@ class Ingress:
         self.keys.check(request.headers.get("authorization"), admin=True)
         text = await asyncio.to_thread(dashboard.scrape)
         return HTMLResponse(dashboard.render(dashboard.panel_values(dashboard.parse(text))))
+
+    @app.post("/admin/shadow/flush", response_model=None, include_in_schema=False)
+    async def shadow_flush(self, request: Request) -> dict:
+        """Write this replica's buffered shadow rows now (admin key): ``{"written": n}``."""
+        self.keys.check(request.headers.get("authorization"), admin=True)
+        if self.shadow is None:
+            from icl_router.serving.api_errors import ApiError
+
+            raise ApiError(404, "no shadow router is configured (serve config: shadow)", code="not_found", param="shadow")
+        return {"written": await self.shadow.drain(), "dir": str(self.shadow.log.dir)}

@@ -45,6 +45,10 @@ def ingress_metrics() -> dict:
             "icl_router_prior_accuracy", description="a routable model's accuracy on the anchors (its profile): what routing assumes", tag_keys=("model",)
         ),
         **outcome_metrics(metrics),
+        "shadow": metrics.Counter(
+            "icl_router_shadow_decisions", description="shadow decisions logged, by candidate and agreement with the live router", tag_keys=("candidate", "agree")
+        ),
+        "shadow_dropped": metrics.Counter("icl_router_shadow_dropped", description="shadow rows dropped: the log directory could not be written"),
     }
 
 

@@ -29,16 +29,17 @@ class PoolRouter:
     """What both placements share: an ``OnlineRouter`` kept in step with the registry's pool, and
     scoring with its metrics."""
 
-    def __init__(self, online: Any, registry: Any) -> None:
+    def __init__(self, online: Any, registry: Any, extra: dict[str, list[bool]] | None = None) -> None:
+        """``extra``: profiles scored beside the registry's pool (a shadow router's candidates, never served)."""
         from icl_router.serving.metrics import router_metrics
 
-        self.online, self.registry = online, registry
+        self.online, self.registry, self.extra = online, registry, dict(extra or {})
         self.pool, self.lock = ("", -1), asyncio.Lock()
         self.metrics = router_metrics()
 
     def behind(self, pool: tuple[str, int]) -> bool:
-        """Whether the ingress knows a newer pool (epoch, version) than this router holds."""
-        return pool[0] != self.pool[0] or pool[1] > self.pool[1]
+        """Whether the ingress knows a newer pool (epoch, version) than this router holds (never, without a registry)."""
+        return self.registry is not None and (pool[0] != self.pool[0] or pool[1] > self.pool[1])
 
     async def sync(self, pool: tuple[str, int] | None) -> None:
         """Load the registry's routable pool unless it already has ``pool`` (None: load it anyway): adds
@@ -46,8 +47,11 @@ class PoolRouter:
         async with self.lock:
             if pool is not None and not self.behind(pool):
                 return
+            if self.registry is None:  # a shadow router on other anchors: its own pool, fixed
+                await asyncio.to_thread(self.online.sync, dict(self.extra))
+                return
             snap = await self.registry.snapshot.remote()
-            await asyncio.to_thread(self.online.sync, {m: list(p) for m, p in snap.profiles.items()})
+            await asyncio.to_thread(self.online.sync, {m: list(p) for m, p in snap.profiles.items()} | self.extra)
             self.pool = (snap.epoch, snap.version)
 
     def health(self) -> dict:
@@ -93,6 +97,7 @@ class RouterDeployment:
     async def __init__(
         self, router_dir: str, *, registry: Any, embedder: str | None, max_batch_size: int, batch_wait_timeout_s: float,
         threads: int = 1, embed_cache: int = 4096, embed_dtype: str = "float32", scoring: str = "auto", device: str = "auto", dtype: str = "auto",
+        extra: dict[str, list[bool]] | None = None,
     ) -> None:
         from icl_router.routing.online import OnlineRouter
 
@@ -102,7 +107,7 @@ class RouterDeployment:
         online = OnlineRouter(router_dir, embedder=embedder, scoring=scoring, threads=threads, embed_cache=embed_cache, embed_dtype=embed_dtype,
                               device=device, dtype=dtype)
         log.info("router replica: scoring %s, embedder %s, on %s in %s", online.scoring, online.embedder_name, online.device, online.dtype)
-        self.router = PoolRouter(online, registry)
+        self.router = PoolRouter(online, registry, extra)
         self._batch.set_max_batch_size(max_batch_size)
         self._batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         await self.router.sync(None)

@@ -90,14 +90,16 @@ class Route:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     more: Callable[[], Awaitable[list[str]]] | None = None
     plan: Plan | None = None  # a routed request's decision
+    candidates: list[str] = field(default_factory=list)
 
 
 class V1Handler:
-    def __init__(self, view: PoolView, *, keys: Keys, tracing: Tracing | None = None) -> None:
-        """``tracing``: spans (serving/tracing.py; default off)."""
+    def __init__(self, view: PoolView, *, keys: Keys, tracing: Tracing | None = None, shadow: Any | None = None) -> None:
+        """``tracing``: spans (serving/tracing.py; default off); ``shadow``: a ``shadow.Shadow`` deciding beside the live router."""
         self.view, self.cfg, self.keys = view, view.cfg, keys
         self.default_policy: Policy = view.cfg.policy.build()
         self.tracing = tracing or Tracing()
+        self.shadow = shadow
 
     # ---- the endpoints ------------------------------------------------------------------------
 
@@ -181,7 +183,8 @@ class V1Handler:
         snap, r = self.view.snap, body.routing or RoutingOptions()
         if body.model in ROUTED:
             p = await self._plan(text, r, snap)
-            return Route(list(p.decision.order), "routed", plan_headers(p), list(p.skipped), plan=p)
+            cands = candidates(r, snap)
+            return Route(list(p.decision.order), "routed", plan_headers(p), list(p.skipped), plan=p, candidates=cands)
         entry = snap.models.get(body.model)
         if entry is None or entry.state != "ready":
             raise self._unknown(body.model)
@@ -261,6 +264,9 @@ class V1Handler:
         self.view.metrics["latency"].observe((time.perf_counter() - t0) * 1e3, tags={"route": route.kind})
         self.view.spent(request.state.key, served.model)
         span.set_attributes(clean({"model": served.model, "fallback": fallback_header(served.skipped) or None}))
+        if self.shadow is not None and route.plan is not None and self.shadow.sampled():
+            self.shadow.submit(text=text, task=r.task, live=route.plan, snap=self.view.snap, candidates=route.candidates,
+                               request_id=request_id, served_model=served.model)
         if not body.stream:
             payload = served.first.model_dump_json()
             if expl is not None:
