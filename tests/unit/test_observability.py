@@ -385,8 +385,9 @@ def test_shadow_report_agreement_predicted_and_realised_gain(tmp_path, capsys):
     # outcomes: r0 known for a (agree: enough); r1 both known (new right, a wrong); r2 only b known (not counted)
     out = tmp_path / "outcomes"
     out.mkdir()
-    pq.write_table(pa.table({"query_id": ["r0", "h1", "r1", "r2"], "model_id": ["a", "a", "new", "b"], "correct": [True, False, True, True]}),
-                   out / "part-0.parquet")
+    pq.write_table(pa.table({"query_id": ["r0", "h1", "r1"], "model_id": ["a", "a", "new"], "correct": [True, False, True]}), out / "part-0.parquet")
+    # feedback-shaped rows (request_id, model, one of correct / score)
+    pq.write_table(pa.table({"request_id": ["r2"], "model": ["b"], "correct": [True], "score": pa.array([None], pa.float64())}), out / "fb.parquet")
     main(["shadow-report", "--log", str(tmp_path / "log"), "--outcomes", str(out), "--output", str(tmp_path / "rep")])
     got = json.loads(capsys.readouterr().out)["candidates"]["c"]
     assert got["rows"] == 4 and got["decided"] == 3 and got["errors"] == 1

@@ -73,11 +73,13 @@ def read_outcomes(paths: list[str]) -> dict[tuple[str, str], float]:
             cols = t.column_names
             key = next((c for c in ("query_id", "request_id") if c in cols), None)
             model = next((c for c in ("model_id", "model") if c in cols), None)
-            value = next((c for c in ("score", "correct") if c in cols), None)
-            if key is None or model is None or value is None:
+            values = [c for c in ("score", "correct") if c in cols]  # per row: score, else correct (feedback carries one of them)
+            if key is None or model is None or not values:
                 raise ShadowReportError(f"--outcomes: {f} needs a key (query_id or request_id), a model (model_id or model) "
                                         f"and an outcome (score or correct) column; it has {cols}")
-            for k, m, v in zip(*(t.column(c).to_pylist() for c in (key, model, value))):
+            vals = [t.column(c).to_pylist() for c in values]
+            for i, (k, m) in enumerate(zip(t.column(key).to_pylist(), t.column(model).to_pylist())):
+                v = next((col[i] for col in vals if col[i] is not None), None)
                 if k is not None and m is not None and v is not None:
                     sums[(str(k), str(m))].append(float(v))
     return {k: sum(v) / len(v) for k, v in sums.items()}

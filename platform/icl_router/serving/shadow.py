@@ -52,7 +52,7 @@ SHADOW_SCHEMA = pa.schema([
 
 
 def query_hash(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8", "replace")).hexdigest()[:32]
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()  # as the decision log's (serving/decision_log.py)
 
 
 class ShadowLog:
