@@ -48,7 +48,9 @@ def ingress_metrics() -> dict:
         "shadow": metrics.Counter(
             "icl_router_shadow_decisions", description="shadow decisions logged, by candidate and agreement with the live router", tag_keys=("candidate", "agree")
         ),
-        "shadow_dropped": metrics.Counter("icl_router_shadow_dropped", description="shadow rows dropped: the log directory could not be written"),
+        "shadow_dropped": metrics.Counter(
+            "icl_router_shadow_dropped", description="shadow rows dropped: the log directory could not be written, or too many decisions in flight"
+        ),
     }
 
 

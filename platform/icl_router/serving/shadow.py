@@ -30,6 +30,7 @@ import pyarrow as pa
 
 log = logging.getLogger("ray.serve")
 RETRY_S = 5.0  # a shadow router that failed is asked again after this long
+MAX_PENDING = 256  # shadow decisions in flight per ingress replica; beyond it a request is not shadowed (counted as dropped)
 
 SHADOW_SCHEMA = pa.schema([
     ("request_id", pa.string()),
@@ -124,7 +125,11 @@ class Shadow:
         return self.cfg.sample >= 1.0 or random.random() < self.cfg.sample
 
     def submit(self, **kw: Any) -> None:
-        """Decide and log in the background (``decide``'s arguments)."""
+        """Decide and log in the background (``decide``'s arguments); a shadow that lags drops requests, never queues them."""
+        if len(self.tasks) >= MAX_PENDING:
+            if "shadow_dropped" in self.metrics:
+                self.metrics["shadow_dropped"].inc()
+            return
         t = asyncio.get_running_loop().create_task(self._run(**kw))
         self.tasks.add(t)
         t.add_done_callback(self.tasks.discard)
