@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures as cf
 import json
+import os
 import threading
 import time
 import urllib.error
@@ -36,6 +37,43 @@ QUERY = TINY_TEXTS[0]
 PROFILE_A = tiny_profile(K)  # the router directory's profile of tiny-a
 PROFILE_B = [True, False] * (K // 2)  # registered by the onboarding test
 SENT: collections.Counter = collections.Counter()  # HTTP status -> responses of the ingress received by this module
+SHADOW_MODEL = "tiny-new"  # in the shadow candidate's pool only: never served
+
+
+class OtlpReceiver:
+    """An OTLP/HTTP trace receiver on loopback: keeps every exported span (name, attributes, ids)."""
+
+    def __init__(self) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+        spans = self.spans = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                req = ExportTraceServiceRequest()
+                req.ParseFromString(self.rfile.read(int(self.headers["content-length"])))
+                for rs in req.resource_spans:
+                    for ss in rs.scope_spans:
+                        for sp in ss.spans:
+                            attrs = {a.key: getattr(a.value, a.value.WhichOneof("value")) for a in sp.attributes}
+                            spans.append({"name": sp.name, "trace": sp.trace_id.hex(), "id": sp.span_id.hex(), "parent": sp.parent_span_id.hex(),
+                                          "attrs": attrs})
+                self.send_response(200)
+                self.send_header("content-type", "application/x-protobuf")
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *a) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/v1/traces"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
 
 
 def _record(status: int, body: bytes) -> None:
@@ -54,6 +92,7 @@ class Service:
     metrics: str
     root: Path
     startup: list  # (status, headers, error code, ms) of chat requests sent before /ready answered 200
+    otlp: OtlpReceiver  # the spans the service exported
 
     @property
     def base(self) -> str:
@@ -65,13 +104,21 @@ def service():
     """The app on free loopback ports, everything under one temp dir. While it starts, a chat request
     is sent each time /ready answers (not 200): what the client sees before ready is kept."""
 
-    from icl_router.config import AuthConfig, AutoscalingConfig, RayConfig, ScorerServeConfig
+    from icl_router.config import (
+        AuthConfig,
+        AutoscalingConfig,
+        RayConfig,
+        ScorerServeConfig,
+        ShadowConfig,
+        TracingConfig,
+    )
     from icl_router.routing.decision import DecisionParams
     from icl_router.serving.app import free_port, start
     from icl_router.testing import make_tiny_router_dir, pool_diagnosis, served_root, tiny_serve_config
 
     SENT.clear()
     metrics_port = free_port()
+    otlp = OtlpReceiver()
     with served_root("srv-", num_cpus=10, _metrics_export_port=metrics_port, _system_config={"metrics_report_interval_ms": 1000}) as root:
         # a decision layer that leaves p as it is and guards the default only at a tie: requests override it;
         # its task layer (for queries naming the anchors' task) routes on the same-task rates, the anchors weighing alike
@@ -93,6 +140,10 @@ def service():
             max_body_bytes=262144,  # the hostile-input test's 100,000 nested brackets fit; its 30 MB do not
             persist_profiles=True,  # onboarded profiles survive the registry replica's restart (the chaos test)
             ray=RayConfig(num_cpus=10),
+            tracing=TracingConfig(otlp_endpoint=otlp.url, export_interval_s=0.5),
+            # a candidate beside the live router: the same directory, and a model the service does not serve
+            shadow=ShadowConfig(name="with-new", pool=[{"name": SHADOW_MODEL, "profile": [True] * K, "cost": 0.0}],
+                                log_dir=str(root / "shadow"), flush_s=1.0),
         )
         t0 = time.monotonic()
         url = start(cfg)
@@ -118,7 +169,8 @@ def service():
         else:
             pytest.fail(f"the pool's circuits never all closed within 900 s: {circuits}\n{pool_diagnosis(root)}")
         print(f"every pool model answers after {time.monotonic() - t0:.0f} s")
-        yield Service(url, f"http://127.0.0.1:{metrics_port}/metrics", root, startup)
+        yield Service(url, f"http://127.0.0.1:{metrics_port}/metrics", root, startup, otlp)
+    otlp.close()
 
 
 def _openai(base_url: str, key: str):
@@ -457,6 +509,95 @@ def test_delete_unregisters_a_config_pool_model_and_it_can_come_back(service, cl
     assert _p(_chat(client)[0]).keys() == {"tiny-a", "tiny-b"}
 
 
+# ---- why this model, traces, shadow routing -------------------------------------------------------
+
+
+@pytest.mark.timeout(180)
+def test_explain_says_why_and_the_spans_carry_the_decision(service, client):
+    raw = client.chat.completions.with_raw_response.create(model="icl-router", messages=[{"role": "user", "content": QUERY}], max_tokens=2,
+                                                           extra_body={"routing": {"explain": True}})
+    e = json.loads(raw.headers["x-icl-router-explain"])
+    assert raw.http_response.json()["routing_explanation"] == e and raw.parse().choices
+    anchors = _http(_admin(service), key=ADMIN_KEY)[2]["anchors"]
+    assert {t["model"] for t in e["top"]} == {"tiny-a", "tiny-b"} and e["chosen"] == raw.headers["x-icl-router-chosen"]
+    assert e["evidence_mass"] >= 0 and e["layer"] == "plain" and e["scored_by"] == "router"
+    assert e["guard"]["default"] == "tiny-b" and e["guard"]["decided"] in ("default_is_best", "kept_default", "left_default")
+    near = e["nearest_anchors"]
+    assert len(near) == 5 and all(a["id"] in anchors and a["outcomes"].keys() == {"tiny-a", "tiny-b"} for a in near)
+    assert [a["cos"] for a in near] == sorted((a["cos"] for a in near), reverse=True)
+    e2 = json.loads(_chat(client, extra_body={"routing": {"explain": True, "task": "arithmetic"}})[0]["x-icl-router-explain"])
+    assert e2["layer"] == "task"  # the tiny anchors' task: the task layer decided
+    bad = _http(service.url + "/chat/completions", method="POST", key=API_KEY,
+                body={"model": "auto", "messages": [{"role": "user", "content": "x"}], "routing": {"explain": 1}})
+    assert bad[0] == 400 and bad[2]["error"]["param"] == "routing.explain"
+
+    rid = raw.headers["x-icl-router-request-id"]
+    deadline, got = time.monotonic() + 60, []  # a bounded wait for the batch exporter
+    while time.monotonic() < deadline and not got:
+        got = [sp for sp in service.otlp.spans if sp["name"] == "icl_router.request" and sp["attrs"].get("icl_router.request_id") == rid]
+        time.sleep(0.5)
+    assert got, f"no request span exported for {rid}; {len(service.otlp.spans)} spans seen"
+    req = got[0]
+    a = req["attrs"]
+    assert a["icl_router.chosen"] == e["chosen"] and a["icl_router.model"] == raw.headers["x-icl-router-model"] and a["http.status_code"] == 200
+    assert {k for k in a if k.startswith("icl_router.p.")} == {"icl_router.p.tiny-a", "icl_router.p.tiny-b"} and a["icl_router.layer"] == "plain"
+    assert a["icl_router.mass"] == pytest.approx(e["evidence_mass"], abs=1e-3) and a["icl_router.guard"] == e["guard"]["decided"]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        kids = [sp for sp in service.otlp.spans if sp["parent"] == req["id"]]
+        if {k["name"] for k in kids} == {"icl_router.router", "icl_router.model"}:
+            break
+        time.sleep(0.5)
+    assert {k["name"] for k in kids} == {"icl_router.router", "icl_router.model"} and all(k["trace"] == req["trace"] for k in kids)
+    assert [k["attrs"]["icl_router.model"] for k in kids if k["name"] == "icl_router.model"] == [a["icl_router.model"]]
+
+
+@pytest.mark.timeout(300)
+def test_a_shadow_candidate_decides_beside_the_live_router_and_its_report_exists(service, client, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from icl_router.evaluation.shadow_report import run_shadow_report
+
+    flush = service.base + "/admin/shadow/flush"
+    assert _http(flush, method="POST", body={}, key=API_KEY)[0] == 401  # admin only
+    _http(flush, method="POST", body={}, key=ADMIN_KEY)  # what earlier tests routed: out of the way
+    sent = {}
+    for i in range(6):
+        headers, resp = _chat(client, f"{QUERY} (shadow {i})", max_tokens=1)
+        assert resp.model in COSTS and resp.model != SHADOW_MODEL  # never served
+        sent[headers["x-icl-router-request-id"]] = headers["x-icl-router-chosen"]
+    deadline, rows = time.monotonic() + 60, []
+    while time.monotonic() < deadline:  # the shadow decides after the answer: a bounded wait for its rows
+        status, _, out = _http(flush, method="POST", body={}, key=ADMIN_KEY)
+        assert status == 200
+        files = sorted(Path(out["dir"]).glob("part-*.parquet"))
+        rows = [r for f in files for r in pq.read_table(f).to_pylist() if r["request_id"] in sent]
+        if len(rows) == len(sent):
+            break
+        time.sleep(1)
+    assert len(rows) == len(sent), rows
+    for r in rows:
+        assert r["live_model"] == sent[r["request_id"]] and r["candidate"] == "with-new" and r["shadow_error"] is None
+        assert json.loads(r["shadow_p"]).keys() == {"tiny-a", "tiny-b", SHADOW_MODEL} and r["shadow_scored_by"] == "router"
+    # the candidate's model is right on every anchor: it should be picked at least once, and it is never served
+    assert any(r["shadow_model"] == SHADOW_MODEL for r in rows)
+    # outcomes for half the requests (as re-profiled traffic would give): the live pick wrong, a different candidate pick right
+    by_id = {r["request_id"]: r for r in rows}
+    known = list(sent)[:3]
+    switched = [k for k in known if by_id[k]["shadow_model"] != by_id[k]["live_model"]]
+    outcomes = tmp_path / "outcomes"
+    outcomes.mkdir()
+    pq.write_table(pa.table({"query_id": known + switched, "model_id": [by_id[k]["live_model"] for k in known] + [by_id[k]["shadow_model"] for k in switched],
+                             "correct": [False] * len(known) + [True] * len(switched)}), outcomes / "part-0.parquet")
+    rep = run_shadow_report(out["dir"], [str(outcomes)], str(tmp_path / "report"))
+    c = rep["candidates"]["with-new"]
+    print(json.dumps(c))
+    assert c["decided"] >= len(sent) and 0 <= c["agreement"] < 1 and c["predicted_gain"] is not None and c["switches"]
+    assert c["realised"] == {"rows": 3, "live_accuracy": 0.0, "shadow_accuracy": round(len(switched) / 3, 6), "gain": round(len(switched) / 3, 6)}
+    assert (tmp_path / "report" / "shadow_report.md").exists()
+
+
 # ---- fuzzing: schemathesis over the service's own OpenAPI schema ----------------------------------
 
 FUZZ = {"cases": 0, "by_operation": collections.Counter(), "unsatisfiable": []}
@@ -576,6 +717,51 @@ def test_prometheus_metrics_count_every_error_the_tests_received(service, client
         assert name in text, name
     ready = [line for line in text.splitlines() if line.startswith("ray_icl_router_ready{")]
     assert ready and all(line.endswith(" 1.0") for line in ready)
+
+
+@pytest.mark.timeout(400)
+def test_every_dashboard_metric_is_exported_and_the_status_page_shows_each_panel(service, client):
+    """Each metric a panel of cluster/grafana/icl-router.json reads is in /metrics after traffic; /dashboard
+    (admin key) renders the same panels from the same series; headless Chromium screenshots it."""
+    from icl_router.serving.dashboard import PANELS, metric_names
+
+    for model in ("icl-router", "tiny-a", "tiny-b"):  # routed and direct latency, both models' answers and spend
+        _chat(client, model=model, max_tokens=1)
+    feedback = _http(service.url + "/feedback", method="POST", key=API_KEY, body={})
+    awaiting = {"ray_icl_router_outcomes_total", "ray_icl_router_outcome_score_total"} if feedback[0] == 404 else set()
+    want = [m for m in metric_names() if m not in awaiting]
+    deadline, missing = time.monotonic() + 240, want
+    while time.monotonic() < deadline and missing:  # a bounded wait for the exporter
+        text = urllib.request.urlopen(service.metrics, timeout=10).read().decode()
+        names = {line.split("{", 1)[0].split(" ", 1)[0] for line in text.splitlines() if line and not line.startswith("#")}
+        missing = [m for m in want if m not in names]
+        time.sleep(2)
+    print(f"dashboard metrics {want}; awaiting /v1/feedback: {sorted(awaiting)}")
+    assert not missing, missing
+    lat = [line for line in text.splitlines() if line.startswith("ray_icl_router_request_latency_ms_count")]
+    assert any('route="routed"' in x for x in lat) and any('route="direct"' in x for x in lat)
+
+    assert _http(service.base + "/dashboard", key=API_KEY)[0] == 401  # admin only
+    req = urllib.request.Request(service.base + "/dashboard", headers={"authorization": f"Bearer {ADMIN_KEY}"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        page = r.read().decode()
+        assert r.status == 200 and r.headers["content-type"].startswith("text/html")
+    assert all(f'id="{p.key}"' in page for p in PANELS) and "tiny-a" in page and "sk-test" not in page  # key names, never keys
+    html_path = service.root / "dashboard.html"
+    html_path.write_text(page)
+    import shutil
+    import subprocess
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("no headless Chromium here (apt-get install chromium): the page was checked, not screenshotted")
+    png = service.root / "dashboard.png"
+    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--screenshot={png}", "--window-size=1280,760",
+                    f"file://{html_path}"], check=True, timeout=120, capture_output=True)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    out = os.environ.get("ICL_ROUTER_DASHBOARD_PNG")  # docs/dashboard.png is refreshed this way
+    if out:
+        shutil.copy(png, out)
 
 
 @pytest.mark.timeout(1260)  # the three bounded waits below (300 + 480 + 300 s) and slack
