@@ -55,6 +55,8 @@ def compose(cfg: ServeConfig) -> Any:
     from icl_router.serving.auth import Keys
 
     Keys.from_config(cfg.auth).warn_open()  # no key and not opened on purpose: refuse here, before anything deploys
+    if cfg.shadow is not None and cfg.shadow.log_dir:  # replicas run elsewhere: no relative paths
+        cfg = cfg.model_copy(update={"shadow": cfg.shadow.model_copy(update={"log_dir": str(Path(cfg.shadow.log_dir).resolve())})})
 
     from icl_router.model.router_dir import read_anchor_queries, read_meta
     from icl_router.pretrained import prepare_model_path
