@@ -94,14 +94,14 @@ def tiny_anchors(k: int, *, golds: list[str] | None = None, grader: str | None =
     ``golds`` (default: the right sums) graded by ``grader`` (None: ungradable anchors)."""
     import pyarrow as pa
 
-    from icl_router import schemas as S
+    from icl_router import schemas
 
     golds = golds if golds is not None else [str(2 * i + 1) for i in range(k)]
     return pa.table({
-        S.QUERY_ID: [f"anchor-{i}" for i in range(k)], S.POSITION: pa.array(range(k), pa.int32()),
-        S.TEXT: [f"What is {i} plus {i + 1}?" for i in range(k)], S.TASK: ["arithmetic"] * k,
-        S.GOLD: golds, S.GRADER: [grader] * k,
-    }, schema=S.ROUTER_ANCHORS_SCHEMA)
+        schemas.QUERY_ID: [f"anchor-{i}" for i in range(k)], schemas.POSITION: pa.array(range(k), pa.int32()),
+        schemas.TEXT: [f"What is {i} plus {i + 1}?" for i in range(k)], schemas.TASK: ["arithmetic"] * k,
+        schemas.GOLD: golds, schemas.GRADER: [grader] * k,
+    }, schema=schemas.ROUTER_ANCHORS_SCHEMA)
 
 
 def make_tiny_router_dir(

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import pyarrow.compute as pc
 
-from icl_router import schemas as S
+from icl_router import schemas
 from icl_router.config import ConfigError, ProfileConfig, ValueConfig
 from icl_router.data.dataset import Dataset, DatasetError, correctness_matrix
 from icl_router.data.splits import make_split
@@ -66,8 +66,8 @@ def eval_queries(cfg: ValueConfig, meta: RouterMeta) -> tuple[Dataset, list[str]
         raise ConfigError("evaluation.dataset (or dataset) must name the dataset holding the evaluation queries")
     ds = Dataset(path)
     q = ds.read_queries()
-    ids = q.column(S.QUERY_ID).to_pylist()
-    texts = dict(zip(ids, q.column(S.TEXT).to_pylist()))
+    ids = q.column(schemas.QUERY_ID).to_pylist()
+    texts = dict(zip(ids, q.column(schemas.TEXT).to_pylist()))
     if e.split is not None:
         try:
             ids = make_split(q, e.split).part(e.part)
@@ -84,11 +84,11 @@ def eval_queries(cfg: ValueConfig, meta: RouterMeta) -> tuple[Dataset, list[str]
     field = "evaluation.dataset" if e.dataset else "dataset (the evaluation set)"
     fix = f"embed them first: icl-router embed --config jobs/embed/config.yaml dataset={ds.root} embedder={name}"
     table = ds.read_embeddings()
-    mine = table.filter(pc.equal(table.column(S.EMBEDDER), name))
-    have = set(mine.column(S.QUERY_ID).to_pylist())
+    mine = table.filter(pc.equal(table.column(schemas.EMBEDDER), name))
+    have = set(mine.column(schemas.QUERY_ID).to_pylist())
     missing = [i for i in ids if i not in have]
     if missing:
-        others = sorted(set(table.column(S.EMBEDDER).to_pylist()) - {name})
+        others = sorted(set(table.column(schemas.EMBEDDER).to_pylist()) - {name})
         found = f"it holds embeddings from {others} only" if others and not have else "it holds no embeddings" if not have else f"{len(have)} queries have one"
         raise DatasetError(
             f"{field} {ds.root}: {len(missing)} of its {len(ids)} evaluation queries have no embedding from the router's embedder "
@@ -128,7 +128,7 @@ def candidate_profiles(cfg: ValueConfig, registered: dict[str, np.ndarray], meta
             col = measured[:, names.index(c.name)]
             n_have = int((~np.isnan(col)).sum())
             if n_have == K:
-                known[c.name] = col >= S.CORRECT_THRESHOLD
+                known[c.name] = col >= schemas.CORRECT_THRESHOLD
                 continue
         if c.serving is not None:
             if ds is None:
@@ -162,8 +162,8 @@ def model_costs(cfg: ValueConfig, models: list[str], policy: Policy) -> np.ndarr
     rest = [m for m in models if m not in found]
     if rest and cfg.dataset:
         out = Dataset(cfg.dataset).read_outcomes(rest)
-        cost = out.column(S.COST).to_numpy(zero_copy_only=False).astype(np.float64)
-        who = np.array(out.column(S.MODEL_ID).to_pylist(), dtype=object)
+        cost = out.column(schemas.COST).to_numpy(zero_copy_only=False).astype(np.float64)
+        who = np.array(out.column(schemas.MODEL_ID).to_pylist(), dtype=object)
         for m in rest:
             c = cost[(who == m) & ~np.isnan(cost)]
             if len(c):

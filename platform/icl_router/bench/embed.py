@@ -110,14 +110,14 @@ def run_variants(args: argparse.Namespace) -> dict:
 def run_pool(args: argparse.Namespace) -> dict:
     import pyarrow as pa
 
-    from icl_router import schemas as S
+    from icl_router import schemas
     from icl_router.config import EmbedConfig, RayConfig
     from icl_router.data.embed import embed_texts
     from icl_router.data.embedder import load_embedder
     from icl_router.raycluster import ensure_ray
 
     texts, source = load_texts(Path(args.texts), args.n)
-    table = pa.table({S.QUERY_ID: [str(i) for i in range(len(texts))], S.TEXT: texts})
+    table = pa.table({schemas.QUERY_ID: [str(i) for i in range(len(texts))], schemas.TEXT: texts})
     # The pool reads texts from ``table``, not from a dataset directory.
     cfg = EmbedConfig(dataset="-", embedder=args.embedder, batch_size=args.batch_size, num_actors=args.num_actors, ray=RayConfig(address=args.address))
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from icl_router import schemas as S
+from icl_router import schemas
 from icl_router.config import AnchorsConfig, ConfigError
 from icl_router.data.dataset import Dataset
 from icl_router.data.splits import make_split
@@ -39,7 +39,7 @@ def select_anchors(correct: np.ndarray, query_ids: list[str], *, k: int, seed: i
     if k < 1:
         raise ConfigError(f"k={k}: the number of anchors must be at least 1")
     complete = ~np.isnan(correct).any(axis=1)  # [Q]
-    n_correct = np.where(complete, (np.nan_to_num(correct) >= S.CORRECT_THRESHOLD).sum(axis=1), -1)  # [Q]
+    n_correct = np.where(complete, (np.nan_to_num(correct) >= schemas.CORRECT_THRESHOLD).sum(axis=1), -1)  # [Q]
 
     strata = list(range(1, n_models))
     have = np.array([int((n_correct == s).sum()) for s in strata])
@@ -54,11 +54,11 @@ def select_anchors(correct: np.ndarray, query_ids: list[str], *, k: int, seed: i
     rows = np.concatenate(chosen)
     return pa.table(
         {
-            S.QUERY_ID: pa.array([query_ids[i] for i in rows], pa.string()),
-            S.POSITION: pa.array(np.arange(len(rows)), pa.int32()),
-            S.N_CORRECT: pa.array(n_correct[rows], pa.int32()),
+            schemas.QUERY_ID: pa.array([query_ids[i] for i in rows], pa.string()),
+            schemas.POSITION: pa.array(np.arange(len(rows)), pa.int32()),
+            schemas.N_CORRECT: pa.array(n_correct[rows], pa.int32()),
         },
-        schema=S.ANCHORS_SCHEMA,
+        schema=schemas.ANCHORS_SCHEMA,
     )
 
 
@@ -85,7 +85,7 @@ def run_anchors(cfg: AnchorsConfig) -> dict:
     models = ds.model_ids()
     table = select_anchors(ds.correctness(train, models), train, k=cfg.k, seed=cfg.seed)
     path = ds.write_anchors(table, Path(cfg.output) if cfg.output else None)
-    per_stratum = np.bincount(table.column(S.N_CORRECT).to_numpy(), minlength=len(models))
+    per_stratum = np.bincount(table.column(schemas.N_CORRECT).to_numpy(), minlength=len(models))
     return {
         "anchors": len(table),
         "models": len(models),

@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from icl_router import schemas as S
+from icl_router import schemas
 from icl_router.errors import UserError
 
 
@@ -63,7 +63,7 @@ def conform(table: pa.Table, schema: pa.Schema, *, what: str) -> pa.Table:
 
 
 def model_dir_name(model_id: str) -> str:
-    return f"{S.MODEL_ID}={quote(model_id, safe='')}"
+    return f"{schemas.MODEL_ID}={quote(model_id, safe='')}"
 
 
 class Dataset:
@@ -77,19 +77,19 @@ class Dataset:
 
     @property
     def queries_path(self) -> Path:
-        return self.root / S.QUERIES_FILE
+        return self.root / schemas.QUERIES_FILE
 
     @property
     def outcomes_dir(self) -> Path:
-        return self.root / S.OUTCOMES_DIR
+        return self.root / schemas.OUTCOMES_DIR
 
     @property
     def embeddings_dir(self) -> Path:
-        return self.root / S.EMBEDDINGS_DIR
+        return self.root / schemas.EMBEDDINGS_DIR
 
     @property
     def anchors_path(self) -> Path:
-        return self.root / S.ANCHORS_FILE
+        return self.root / schemas.ANCHORS_FILE
 
     # -- queries -----------------------------------------------------------
     def read_queries(self) -> pa.Table:
@@ -98,11 +98,11 @@ class Dataset:
                 f"{self.queries_path} not found: {self.root} is not a dataset; "
                 "create one with `icl-router import` or `icl-router generate`"
             )
-        return conform(pq.read_table(self.queries_path), S.QUERIES_SCHEMA, what=str(self.queries_path))
+        return conform(pq.read_table(self.queries_path), schemas.QUERIES_SCHEMA, what=str(self.queries_path))
 
     def write_queries(self, table: pa.Table) -> None:
-        table = conform(table, S.QUERIES_SCHEMA, what="queries")
-        ids = table.column(S.QUERY_ID)
+        table = conform(table, schemas.QUERIES_SCHEMA, what="queries")
+        ids = table.column(schemas.QUERY_ID)
         if pc.count_distinct(ids).as_py() != len(ids):
             raise DatasetError("queries: query_id values must be unique")
         _write_atomic(table, self.queries_path)
@@ -121,23 +121,23 @@ class Dataset:
             wanted = {model_dir_name(m) for m in models}
             files = [f for f in files if Path(f).relative_to(self.outcomes_dir).parts[0] in wanted]
         if not files:
-            return S.OUTCOMES_SCHEMA.empty_table()
+            return schemas.OUTCOMES_SCHEMA.empty_table()
         table = pads.dataset(files, format="parquet", partitioning=None).to_table()
-        return conform(table, S.OUTCOMES_SCHEMA, what=str(self.outcomes_dir))
+        return conform(table, schemas.OUTCOMES_SCHEMA, what=str(self.outcomes_dir))
 
     def model_ids(self) -> list[str]:
-        return sorted(set(self.read_outcomes().column(S.MODEL_ID).to_pylist()))
+        return sorted(set(self.read_outcomes().column(schemas.MODEL_ID).to_pylist()))
 
     def append_outcomes(self, table: pa.Table, *, run_id: str | None = None) -> list[Path]:
         """Add outcome rows; one new file per model, never touching existing files."""
-        table = conform(table, S.OUTCOMES_SCHEMA, what="outcomes")
-        scores = table.column(S.SCORE)
+        table = conform(table, schemas.OUTCOMES_SCHEMA, what="outcomes")
+        scores = table.column(schemas.SCORE)
         if len(table) and (pc.min(scores).as_py() < 0 or pc.max(scores).as_py() > 1):
             raise DatasetError("outcomes: score must lie in [0, 1]")
         run_id = run_id or new_run_id()
         written = []
-        for model in pc.unique(table.column(S.MODEL_ID)).to_pylist():
-            part = table.filter(pc.equal(table.column(S.MODEL_ID), model))
+        for model in pc.unique(table.column(schemas.MODEL_ID)).to_pylist():
+            part = table.filter(pc.equal(table.column(schemas.MODEL_ID), model))
             path = self.outcomes_dir / model_dir_name(model) / f"part-{run_id}.parquet"
             if path.exists():
                 raise DatasetError(f"{path} exists: run ids must be new for every append")
@@ -150,17 +150,17 @@ class Dataset:
         """Embeddings (of one embedder if given); the first row per (query, embedder) wins."""
         files = self._files(self.embeddings_dir)
         if not files:
-            return pa.table({S.QUERY_ID: pa.array([], pa.string()), S.EMBEDDING: pa.array([], pa.list_(pa.float32())), S.EMBEDDER: pa.array([], pa.string())})
+            return pa.table({schemas.QUERY_ID: pa.array([], pa.string()), schemas.EMBEDDING: pa.array([], pa.list_(pa.float32())), schemas.EMBEDDER: pa.array([], pa.string())})
         table = pads.dataset(files, format="parquet", partitioning=None).to_table()
         if embedder is not None:
-            table = table.filter(pc.equal(table.column(S.EMBEDDER), embedder))
-        keys = [f"{q}\x00{e}" for q, e in zip(table.column(S.QUERY_ID).to_pylist(), table.column(S.EMBEDDER).to_pylist())]
+            table = table.filter(pc.equal(table.column(schemas.EMBEDDER), embedder))
+        keys = [f"{q}\x00{e}" for q, e in zip(table.column(schemas.QUERY_ID).to_pylist(), table.column(schemas.EMBEDDER).to_pylist())]
         _, first = np.unique(np.array(keys, dtype=object), return_index=True)
         return table.take(pa.array(np.sort(first)))
 
     def append_embeddings(self, table: pa.Table, *, run_id: str | None = None) -> Path:
-        dim = len(table.column(S.EMBEDDING)[0]) if len(table) else 0
-        table = conform(table, S.embeddings_schema(dim), what="embeddings")
+        dim = len(table.column(schemas.EMBEDDING)[0]) if len(table) else 0
+        table = conform(table, schemas.embeddings_schema(dim), what="embeddings")
         path = self.embeddings_dir / f"part-{run_id or new_run_id()}.parquet"
         _write_atomic(table, path)
         return path
@@ -168,14 +168,14 @@ class Dataset:
     def embedding_matrix(self, query_ids: list[str], *, embedder: str) -> np.ndarray:
         """float32 [len(query_ids), dim] in the given order; every query must be embedded."""
         table = self.read_embeddings(embedder)
-        index = {q: i for i, q in enumerate(table.column(S.QUERY_ID).to_pylist())}
+        index = {q: i for i, q in enumerate(table.column(schemas.QUERY_ID).to_pylist())}
         missing = [q for q in query_ids if q not in index]
         if missing:
             raise DatasetError(
                 f"{len(missing)} queries have no {embedder!r} embedding (e.g. {missing[:3]}); "
                 f"run `icl-router embed` with dataset={self.root} embedder={embedder}"
             )
-        emb = table.column(S.EMBEDDING).combine_chunks()
+        emb = table.column(schemas.EMBEDDING).combine_chunks()
         flat = emb.flatten().to_numpy(zero_copy_only=False).reshape(len(emb), -1)
         return np.ascontiguousarray(flat[[index[q] for q in query_ids]], dtype=np.float32)
 
@@ -183,21 +183,21 @@ class Dataset:
     def read_anchors(self) -> pa.Table:
         if not self.anchors_path.is_file():
             raise DatasetError(f"{self.anchors_path} not found; run `icl-router anchors` first")
-        return conform(pq.read_table(self.anchors_path), S.ANCHORS_SCHEMA, what=str(self.anchors_path)).sort_by(S.POSITION)
+        return conform(pq.read_table(self.anchors_path), schemas.ANCHORS_SCHEMA, what=str(self.anchors_path)).sort_by(schemas.POSITION)
 
     def write_anchors(self, table: pa.Table, path: Path | None = None) -> Path:
         path = path or self.anchors_path
-        _write_atomic(conform(table, S.ANCHORS_SCHEMA, what="anchors"), path)
+        _write_atomic(conform(table, schemas.ANCHORS_SCHEMA, what="anchors"), path)
         return path
 
     def summary(self) -> dict:
         """Counts, tasks, splits and per-model accuracy: what to check after an import."""
         queries, outcomes = self.read_queries(), self.read_outcomes()
-        models = outcomes.column(S.MODEL_ID).to_numpy(zero_copy_only=False)
+        models = outcomes.column(schemas.MODEL_ID).to_numpy(zero_copy_only=False)
         names, inverse = np.unique(models, return_inverse=True)
-        correct = outcomes.column(S.CORRECT).to_numpy(zero_copy_only=False).astype(np.float64)
+        correct = outcomes.column(schemas.CORRECT).to_numpy(zero_copy_only=False).astype(np.float64)
         accuracy = np.bincount(inverse, weights=correct, minlength=len(names)) / np.maximum(np.bincount(inverse, minlength=len(names)), 1)
-        pairs = len(outcomes.group_by([S.QUERY_ID, S.MODEL_ID]).aggregate([]))
+        pairs = len(outcomes.group_by([schemas.QUERY_ID, schemas.MODEL_ID]).aggregate([]))
         count = lambda col: dict(sorted(Counter(queries.column(col).to_pylist()).items()))  # noqa: E731
         return {
             "dataset": str(self.root),
@@ -205,8 +205,8 @@ class Dataset:
             "n_models": len(names),
             "n_outcomes": len(outcomes),
             "n_missing_outcomes": len(queries) * len(names) - pairs,  # (query, model) cells without any outcome
-            "tasks": count(S.TASK),
-            "splits": count(S.SPLIT),
+            "tasks": count(schemas.TASK),
+            "splits": count(schemas.SPLIT),
             "accuracy": {str(m): round(float(a), 4) for m, a in zip(names, accuracy)},
         }
 
@@ -216,11 +216,11 @@ class Dataset:
         return correctness_matrix(self.read_outcomes(models), query_ids, models)
 
 
-def correctness_matrix(outcomes: pa.Table, query_ids: list[str], models: list[str], *, column: str = S.CORRECT) -> np.ndarray:
+def correctness_matrix(outcomes: pa.Table, query_ids: list[str], models: list[str], *, column: str = schemas.CORRECT) -> np.ndarray:
     q_index = {q: i for i, q in enumerate(query_ids)}
     m_index = {m: j for j, m in enumerate(models)}
-    qs = outcomes.column(S.QUERY_ID).to_pylist()
-    ms = outcomes.column(S.MODEL_ID).to_pylist()
+    qs = outcomes.column(schemas.QUERY_ID).to_pylist()
+    ms = outcomes.column(schemas.MODEL_ID).to_pylist()
     vals = outcomes.column(column).to_numpy(zero_copy_only=False).astype(np.float64)
     total = np.zeros((len(query_ids), len(models)))
     count = np.zeros((len(query_ids), len(models)))

@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from icl_router import schemas as S
+from icl_router import schemas
 from icl_router.config import EmbedConfig
 from icl_router.data.dataset import Dataset, DatasetError
 from icl_router.data.embedder import BUNDLED, load_embedder, parse_embedder
@@ -36,9 +36,9 @@ class Embedder:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         emb = self.model.encode(
-            list(batch[S.TEXT]), batch_size=self.batch_size, normalize_embeddings=self.normalize, convert_to_numpy=True
+            list(batch[schemas.TEXT]), batch_size=self.batch_size, normalize_embeddings=self.normalize, convert_to_numpy=True
         )  # [B, D]
-        return {S.QUERY_ID: batch[S.QUERY_ID], S.EMBEDDING: emb.astype(np.float32)}
+        return {schemas.QUERY_ID: batch[schemas.QUERY_ID], schemas.EMBEDDING: emb.astype(np.float32)}
 
 
 def embed_texts(table: pa.Table, cfg: EmbedConfig) -> tuple[list[str], np.ndarray]:
@@ -62,8 +62,8 @@ def embed_texts(table: pa.Table, cfg: EmbedConfig) -> tuple[list[str], np.ndarra
     ids: list[str] = []
     embs: list[np.ndarray] = []
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        ids.extend(batch[S.QUERY_ID].tolist())
-        embs.append(np.asarray(batch[S.EMBEDDING], dtype=np.float32))
+        ids.extend(batch[schemas.QUERY_ID].tolist())
+        embs.append(np.asarray(batch[schemas.EMBEDDING], dtype=np.float32))
     return ids, np.concatenate(embs)
 
 
@@ -71,10 +71,10 @@ def run_embed(cfg: EmbedConfig) -> dict:
     ds = Dataset(cfg.dataset)
     queries = ds.read_queries()
     existing = ds.read_embeddings(cfg.embedder)
-    done = set(existing.column(S.QUERY_ID).to_pylist())
-    todo = queries.filter(pa.array([q not in done for q in queries.column(S.QUERY_ID).to_pylist()], pa.bool_()))
-    todo = todo.select([S.QUERY_ID, S.TEXT])
-    old_dim = len(existing.column(S.EMBEDDING)[0]) if len(existing) else None
+    done = set(existing.column(schemas.QUERY_ID).to_pylist())
+    todo = queries.filter(pa.array([q not in done for q in queries.column(schemas.QUERY_ID).to_pylist()], pa.bool_()))
+    todo = todo.select([schemas.QUERY_ID, schemas.TEXT])
+    old_dim = len(existing.column(schemas.EMBEDDING)[0]) if len(existing) else None
     print(f"embed: {len(todo)} queries to embed with {cfg.embedder!r}, {len(done)} already embedded", file=sys.stderr, flush=True)
     summary = {"embedder": cfg.embedder, "embedded": 0, "skipped": len(queries) - len(todo), "dim": old_dim, "seconds": 0.0, "texts_per_s": None}
     if len(todo) == 0:
@@ -92,9 +92,9 @@ def run_embed(cfg: EmbedConfig) -> dict:
         )
     table = pa.table(
         {
-            S.QUERY_ID: pa.array(ids, pa.string()),
-            S.EMBEDDING: pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), pa.float32()), dim),
-            S.EMBEDDER: pa.array([cfg.embedder] * len(ids), pa.string()),
+            schemas.QUERY_ID: pa.array(ids, pa.string()),
+            schemas.EMBEDDING: pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), pa.float32()), dim),
+            schemas.EMBEDDER: pa.array([cfg.embedder] * len(ids), pa.string()),
         }
     )
     path = ds.append_embeddings(table)

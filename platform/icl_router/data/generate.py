@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from icl_router import schemas as S
+from icl_router import schemas
 from icl_router.config import ConfigError, GenerateConfig
 from icl_router.data.dataset import Dataset, write_dataset_atomically
 
@@ -205,15 +205,15 @@ def generate_tables(cfg: GenerateConfig) -> tuple[pa.Table, pa.Table]:
     numeric = {"arithmetic", "units", "code"}
     queries = pa.table(
         {
-            S.QUERY_ID: ids,
-            S.TEXT: texts,
-            S.TASK: family.tolist(),
-            S.SPLIT: split.tolist(),
-            S.GOLD: golds,
-            S.GRADER: ["gsm8k" if f in numeric else "exact_match" for f in family],  # graders registered in icl_router.graders
-            S.METRIC: [f"synthetic-{LEVELS[lv]}" for lv in level],
+            schemas.QUERY_ID: ids,
+            schemas.TEXT: texts,
+            schemas.TASK: family.tolist(),
+            schemas.SPLIT: split.tolist(),
+            schemas.GOLD: golds,
+            schemas.GRADER: ["gsm8k" if f in numeric else "exact_match" for f in family],  # graders registered in icl_router.graders
+            schemas.METRIC: [f"synthetic-{LEVELS[lv]}" for lv in level],
         },
-        schema=S.QUERIES_SCHEMA,
+        schema=schemas.QUERIES_SCHEMA,
     )
 
     names = list(MODELS)[: cfg.n_models]
@@ -229,14 +229,14 @@ def generate_tables(cfg: GenerateConfig) -> tuple[pa.Table, pa.Table]:
     cost = (prompt_tokens[None, :] + completion) * size[:, None] * PRICE_PER_TOKEN_PER_B  # [M, Q]
     outcomes = pa.table(
         {
-            S.QUERY_ID: ids * len(names),
-            S.MODEL_ID: np.repeat(names, cfg.n_queries).tolist(),
-            S.SAMPLE: pa.array(np.zeros(len(names) * cfg.n_queries), pa.int32()),
-            S.SCORE: correct.ravel().astype(np.float64),
-            S.CORRECT: correct.ravel(),
-            S.COST: cost.ravel(),
-            S.PROMPT_TOKENS: np.tile(prompt_tokens, len(names)),
-            S.COMPLETION_TOKENS: completion.ravel(),
+            schemas.QUERY_ID: ids * len(names),
+            schemas.MODEL_ID: np.repeat(names, cfg.n_queries).tolist(),
+            schemas.SAMPLE: pa.array(np.zeros(len(names) * cfg.n_queries), pa.int32()),
+            schemas.SCORE: correct.ravel().astype(np.float64),
+            schemas.CORRECT: correct.ravel(),
+            schemas.COST: cost.ravel(),
+            schemas.PROMPT_TOKENS: np.tile(prompt_tokens, len(names)),
+            schemas.COMPLETION_TOKENS: completion.ravel(),
         }
     )
     return queries, outcomes

@@ -39,7 +39,7 @@ from typing import Any, get_args
 
 import pyarrow as pa
 
-from icl_router import schemas as S
+from icl_router import schemas
 from icl_router.data.dataset import Dataset, DatasetError, write_dataset_atomically
 from icl_router.kinds import DatasetFormat
 
@@ -207,7 +207,7 @@ def read_local_outcomes() -> dict[str, dict[str, float]]:
     with as_file(files("icl_router") / "resources" / LOCAL_OUTCOMES) as path:
         table = pq.read_table(path)
     labels: dict[str, dict[str, float]] = {}
-    for q, m, s in zip(*(table.column(c).to_pylist() for c in (S.QUERY_ID, S.MODEL_ID, S.SCORE))):
+    for q, m, s in zip(*(table.column(c).to_pylist() for c in (schemas.QUERY_ID, schemas.MODEL_ID, schemas.SCORE))):
         labels.setdefault(q, {})[m] = s
     return labels
 
@@ -349,7 +349,7 @@ def _pool(queries: list[_Query]) -> list[_Query]:
 
 def _tables(queries: list[_Query], on_missing_label: str) -> tuple[pa.Table, pa.Table]:
     models = sorted({m for q in queries for m in q.labels})
-    cols: dict[str, list] = {c: [] for c in (S.QUERY_ID, S.MODEL_ID, S.SCORE, S.COST)}
+    cols: dict[str, list] = {c: [] for c in (schemas.QUERY_ID, schemas.MODEL_ID, schemas.SCORE, schemas.COST)}
     for q in queries:
         for m in models:
             score = q.labels.get(m)
@@ -361,16 +361,16 @@ def _tables(queries: list[_Query], on_missing_label: str) -> tuple[pa.Table, pa.
                     f"{q.where}: field labels[{m!r}] is {state}: no label for query {q.query_id!r} and model {m!r}; "
                     "pass --on-missing-label skip to import without this outcome"
                 )
-            cols[S.QUERY_ID].append(q.query_id)
-            cols[S.MODEL_ID].append(m)
-            cols[S.SCORE].append(score)
-            cols[S.COST].append(q.cost.get(m))
+            cols[schemas.QUERY_ID].append(q.query_id)
+            cols[schemas.MODEL_ID].append(m)
+            cols[schemas.SCORE].append(score)
+            cols[schemas.COST].append(q.cost.get(m))
     outcomes = pa.table(cols)
-    outcomes = outcomes.append_column(S.SAMPLE, pa.array([0] * len(outcomes), pa.int32()))
-    outcomes = outcomes.append_column(S.CORRECT, pa.array([s >= S.CORRECT_THRESHOLD for s in cols[S.SCORE]], pa.bool_()))
-    names = (S.QUERY_ID, S.TEXT, S.TASK, S.SPLIT, S.GOLD, S.GRADER, S.METRIC)
+    outcomes = outcomes.append_column(schemas.SAMPLE, pa.array([0] * len(outcomes), pa.int32()))
+    outcomes = outcomes.append_column(schemas.CORRECT, pa.array([s >= schemas.CORRECT_THRESHOLD for s in cols[schemas.SCORE]], pa.bool_()))
+    names = (schemas.QUERY_ID, schemas.TEXT, schemas.TASK, schemas.SPLIT, schemas.GOLD, schemas.GRADER, schemas.METRIC)
     attrs = ("query_id", "text", "task", "split", "gold", "grader", "metric")
-    queries_table = pa.table({n: [getattr(q, a) for q in queries] for n, a in zip(names, attrs)}, schema=S.QUERIES_SCHEMA)
+    queries_table = pa.table({n: [getattr(q, a) for q in queries] for n, a in zip(names, attrs)}, schema=schemas.QUERIES_SCHEMA)
     return queries_table, outcomes
 
 
@@ -417,15 +417,15 @@ def export_outcomes(dataset: str | Path, models: list[str], output: str | Path) 
     import pyarrow.parquet as pq
 
     ds = Dataset(dataset)
-    order = {q: i for i, q in enumerate(ds.read_queries().column(S.QUERY_ID).to_pylist())}
+    order = {q: i for i, q in enumerate(ds.read_queries().column(schemas.QUERY_ID).to_pylist())}
     table = ds.read_outcomes(models)
-    table = table.filter(pc.equal(table.column(S.SAMPLE), 0)).select([S.QUERY_ID, S.MODEL_ID, S.SCORE, S.CORRECT])
-    absent = sorted(set(models) - set(table.column(S.MODEL_ID).to_pylist()))
+    table = table.filter(pc.equal(table.column(schemas.SAMPLE), 0)).select([schemas.QUERY_ID, schemas.MODEL_ID, schemas.SCORE, schemas.CORRECT])
+    absent = sorted(set(models) - set(table.column(schemas.MODEL_ID).to_pylist()))
     if absent:
         raise DatasetError(f"--model {absent}: no outcomes in {ds.root}; profile them first (icl-router profile)")
-    rows = sorted(table.to_pylist(), key=lambda r: (r[S.MODEL_ID], order[r[S.QUERY_ID]]))
+    rows = sorted(table.to_pylist(), key=lambda r: (r[schemas.MODEL_ID], order[r[schemas.QUERY_ID]]))
     out = pa.Table.from_pylist(rows, schema=table.schema)
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(out, output)
-    return {"output": str(output), "rows": len(out), "accuracy": {m: round(sum(r[S.CORRECT] for r in rows if r[S.MODEL_ID] == m)
-                                                                       / max(1, sum(r[S.MODEL_ID] == m for r in rows)), 4) for m in models}}
+    return {"output": str(output), "rows": len(out), "accuracy": {m: round(sum(r[schemas.CORRECT] for r in rows if r[schemas.MODEL_ID] == m)
+                                                                       / max(1, sum(r[schemas.MODEL_ID] == m for r in rows)), 4) for m in models}}

@@ -20,7 +20,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from icl_router import schemas as S
+from icl_router import schemas
 from icl_router.config import VLLM_CPU_ENV, CandidateModelConfig, ProfileConfig
 from icl_router.data.dataset import Dataset, DatasetError
 from icl_router.data.splits import make_split
@@ -65,20 +65,20 @@ def select_queries(ds: Dataset, cfg: ProfileConfig, *, query_ids: list[str] | No
     if query_ids is not None:
         ids = list(query_ids)
     elif cfg.queries == "all":
-        ids = queries.column(S.QUERY_ID).to_pylist()
+        ids = queries.column(schemas.QUERY_ID).to_pylist()
     elif cfg.queries == "anchors":
-        ids = ds.read_anchors().column(S.QUERY_ID).to_pylist()
+        ids = ds.read_anchors().column(schemas.QUERY_ID).to_pylist()
     else:
         ids = make_split(queries, cfg.split).part(cfg.part)
-    index = {q: i for i, q in enumerate(queries.column(S.QUERY_ID).to_pylist())}
+    index = {q: i for i, q in enumerate(queries.column(schemas.QUERY_ID).to_pylist())}
     unknown = [q for q in ids if q not in index]
     if unknown:
         raise DatasetError(f"{len(unknown)} selected queries are not in {ds.queries_path} (e.g. {unknown[:3]})")
     table = queries.take(pa.array([index[q] for q in ids], pa.int64()))
     if cfg.tasks is not None:
-        table = table.filter(pc.is_in(table.column(S.TASK), pa.array(cfg.tasks, pa.string())))
+        table = table.filter(pc.is_in(table.column(schemas.TASK), pa.array(cfg.tasks, pa.string())))
     bad: dict[str, int] = {}
-    for task, grader, gold in zip(*(table.column(c).to_pylist() for c in (S.TASK, S.GRADER, S.GOLD))):
+    for task, grader, gold in zip(*(table.column(c).to_pylist() for c in (schemas.TASK, schemas.GRADER, schemas.GOLD))):
         if grader not in GRADERS or gold is None:
             key = f"{task} (grader={grader!r}{', gold missing' if gold is None else ''})"
             bad[key] = bad.get(key, 0) + 1
@@ -97,11 +97,11 @@ def build_prompt(grader: str, question: str, *, style: PromptStyle = "json") -> 
 def _request(row: dict[str, Any], *, sampling: dict[str, Any], style: PromptStyle, max_tokens: dict[str, int]) -> dict[str, Any]:
     """Ray Data preprocess: one chat request per query; id, grader and gold ride along to grading."""
     return {
-        "messages": [{"role": "user", "content": build_prompt(row[S.GRADER], row[S.TEXT], style=style)}],
-        "sampling_params": {**sampling, **({"max_tokens": max_tokens[row[S.TASK]]} if row[S.TASK] in max_tokens else {})},
-        S.QUERY_ID: row[S.QUERY_ID],
-        S.GRADER: row[S.GRADER],
-        S.GOLD: row[S.GOLD],
+        "messages": [{"role": "user", "content": build_prompt(row[schemas.GRADER], row[schemas.TEXT], style=style)}],
+        "sampling_params": {**sampling, **({"max_tokens": max_tokens[row[schemas.TASK]]} if row[schemas.TASK] in max_tokens else {})},
+        schemas.QUERY_ID: row[schemas.QUERY_ID],
+        schemas.GRADER: row[schemas.GRADER],
+        schemas.GOLD: row[schemas.GOLD],
     }
 
 
@@ -112,18 +112,18 @@ def graded_outcome(
     """One query's outcome row: ``response`` graded against the row's grader and gold, read as the
     prompt style asked for it (the profile job and the service's onboarding both write these; code
     answers run in the sandbox)."""
-    score = float(grade(row[S.GRADER], response, row[S.GOLD], plain=style == "short"))
+    score = float(grade(row[schemas.GRADER], response, row[schemas.GOLD], plain=style == "short"))
     return {
-        S.QUERY_ID: row[S.QUERY_ID],
-        S.MODEL_ID: model_id,
-        S.SAMPLE: 0,
-        S.SCORE: score,
-        S.CORRECT: score >= S.CORRECT_THRESHOLD,
-        S.RESPONSE: response,
-        S.COST: cost,
-        S.LATENCY_S: latency_s,
-        S.PROMPT_TOKENS: prompt_tokens,
-        S.COMPLETION_TOKENS: completion_tokens,
+        schemas.QUERY_ID: row[schemas.QUERY_ID],
+        schemas.MODEL_ID: model_id,
+        schemas.SAMPLE: 0,
+        schemas.SCORE: score,
+        schemas.CORRECT: score >= schemas.CORRECT_THRESHOLD,
+        schemas.RESPONSE: response,
+        schemas.COST: cost,
+        schemas.LATENCY_S: latency_s,
+        schemas.PROMPT_TOKENS: prompt_tokens,
+        schemas.COMPLETION_TOKENS: completion_tokens,
     }
 
 
@@ -177,14 +177,14 @@ def generate_outcomes(
 def run_profile(cfg: ProfileConfig, *, query_ids: list[str] | None = None) -> dict:
     """Profile ``cfg.models`` on the selected queries (``query_ids``: these instead of ``cfg.queries``)."""
     ds = Dataset(cfg.dataset)
-    selected = select_queries(ds, cfg, query_ids=query_ids).select([S.QUERY_ID, S.TEXT, S.TASK, S.GRADER, S.GOLD])
+    selected = select_queries(ds, cfg, query_ids=query_ids).select([schemas.QUERY_ID, schemas.TEXT, schemas.TASK, schemas.GRADER, schemas.GOLD])
     summary: dict[str, Any] = {"dataset": str(ds.root), "queries": len(selected), "ran": 0, "models": {}}
     # every path checked (and a .gguf converted) before any engine starts
     models = [m.model_copy(update={"path": prepare_model_path(m.path, accelerator=m.accelerator, what=f"models[{i}].path")})
               for i, m in enumerate(cfg.models)]
     for i, m in enumerate(models, 1):
-        done = pa.array(list(set(ds.read_outcomes([m.name]).column(S.QUERY_ID).to_pylist())), pa.string())
-        todo = selected.filter(pc.invert(pc.is_in(selected.column(S.QUERY_ID), done)))
+        done = pa.array(list(set(ds.read_outcomes([m.name]).column(schemas.QUERY_ID).to_pylist())), pa.string())
+        todo = selected.filter(pc.invert(pc.is_in(selected.column(schemas.QUERY_ID), done)))
         info = {"skipped": len(selected) - len(todo), "ran": 0, "files": 0, "accuracy": None, "seconds": 0.0}
         summary["models"][m.name] = info
         _log(f"model {i}/{len(cfg.models)} {m.name!r}: {len(todo)} pairs to run, {info['skipped']} already have outcomes")
@@ -197,7 +197,7 @@ def run_profile(cfg: ProfileConfig, *, query_ids: list[str] | None = None) -> di
             (path,) = ds.append_outcomes(shard)  # a fresh run id per shard: never overwrites
             info["ran"] += len(shard)
             info["files"] += 1
-            correct += pc.sum(shard.column(S.CORRECT).cast(pa.int64())).as_py() or 0
+            correct += pc.sum(shard.column(schemas.CORRECT).cast(pa.int64())).as_py() or 0
             _log(f"{m.name}: {info['ran']}/{len(todo)} done, wrote {path.name}")
         info["seconds"] = round(time.perf_counter() - t0, 2)
         info["accuracy"] = round(correct / info["ran"], 4)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from icl_router import schemas as S
+from icl_router import schemas
 from icl_router.config import SplitConfig
 from icl_router.data.dataset import Dataset, DatasetError
 from icl_router.data.splits import Split, make_split
@@ -64,16 +64,16 @@ class RoutingSet:
 def load_routing_set(dataset: str | Dataset, *, split: SplitConfig, embedder: str, models: list[str] | None = None) -> RoutingSet:
     ds = dataset if isinstance(dataset, Dataset) else Dataset(dataset)
     q = ds.read_queries()
-    query_ids = q.column(S.QUERY_ID).to_pylist()
+    query_ids = q.column(schemas.QUERY_ID).to_pylist()
     models = models or ds.model_ids()
     if not models:
         raise DatasetError(f"{ds.root} has no outcomes; import or profile a pool first")
-    anchors = ds.read_anchors().column(S.QUERY_ID).to_pylist() if ds.anchors_path.exists() else []
+    anchors = ds.read_anchors().column(schemas.QUERY_ID).to_pylist() if ds.anchors_path.exists() else []
     return RoutingSet(
         models=models,
         query_ids=query_ids,
-        texts=q.column(S.TEXT).to_pylist(),
-        tasks=q.column(S.TASK).to_pylist(),
+        texts=q.column(schemas.TEXT).to_pylist(),
+        tasks=q.column(schemas.TASK).to_pylist(),
         embeddings=ds.embedding_matrix(query_ids, embedder=embedder),
         labels=ds.correctness(query_ids, models),
         anchor_ids=anchors,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from icl_router import schemas as S
+from icl_router import schemas
 from icl_router.config import SplitConfig
 
 # Task lists of the public datasets (their in- and out-of-distribution tasks).
@@ -54,14 +54,14 @@ def _task_lists(cfg: SplitConfig, tasks: set[str]) -> tuple[list[str], list[str]
 
 
 def make_split(queries: pa.Table, cfg: SplitConfig) -> Split:
-    ids = queries.column(S.QUERY_ID).to_pylist()
+    ids = queries.column(schemas.QUERY_ID).to_pylist()
     if cfg.name == "given":
-        split = queries.column(S.SPLIT).to_pylist()
+        split = queries.column(schemas.SPLIT).to_pylist()
         parts = {p: [q for q, s in zip(ids, split) if s == p] for p in ("train", "test", "ood")}
         if not parts["train"]:
             raise ValueError("split.name=given but no query has split == 'train'; use split.name=standard")
         return Split(**parts)
-    tasks = queries.column(S.TASK).to_pylist()
+    tasks = queries.column(schemas.TASK).to_pylist()
     id_tasks, ood_tasks = _task_lists(cfg, set(tasks))
     unknown = set(id_tasks) & set(ood_tasks)
     if unknown:

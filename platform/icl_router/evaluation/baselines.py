@@ -10,16 +10,13 @@ import warnings
 
 import numpy as np
 
+from icl_router.routing.decision import routed_accuracy
+
 
 def routed_hits(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Correctness [n] (NaN where unlabelled) of the argmax model; scores and labels [n, M]."""
     chosen = np.asarray(scores).argmax(axis=1)
     return np.asarray(labels, dtype=np.float64)[np.arange(len(labels)), chosen]
-
-
-def routed_accuracy(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Mean correctness (percent) of the argmax model; scores and labels [n, M]."""
-    return float(100 * np.nanmean(routed_hits(scores, labels)))
 
 
 def earliest_within_se(hits: list[np.ndarray]) -> int:
@@ -157,7 +154,7 @@ def knn_tuned_fit(train_emb: np.ndarray, train_labels: np.ndarray, *, train_task
         for m in KNN_TUNED_MS:
             p = (s + m * prior_fit) / np.maximum(c + m, 1e-9)
             for d in KNN_TUNED_DELTAS:
-                acc = routed_accuracy(_guard(p, prior_fit, d), train_labels[val])
+                acc = routed_accuracy(_guard(p, prior_fit, d).argmax(axis=1), train_labels[val])
                 if acc > best_acc + 1e-9:
                     best, best_acc = (k, m, d), acc
     k, m, d = best

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from icl_router import schemas as S
+from icl_router import schemas
 from icl_router.config import (
     ConfigError,
     EvalDatasetConfig,
@@ -33,9 +33,10 @@ from icl_router.config import (
 )
 from icl_router.data.dataset import Dataset, DatasetError
 from icl_router.data.routing_set import RoutingSet, load_routing_set
-from icl_router.evaluation import baselines as B
-from icl_router.evaluation import fit as F
-from icl_router.routing.decision import DecisionParams, cosine, layer_input
+from icl_router.evaluation import baselines
+from icl_router.evaluation.fit import fit as fit_in_process
+from icl_router.evaluation.fit import for_seed, score, tiny_init
+from icl_router.routing.decision import DecisionParams, cosine, layer_input, routed_accuracy
 from icl_router.routing.decision_fit import fit_router_decision, refit_guard
 from icl_router.routing.policy import Policy, route_batch
 from icl_router.train.data import build_train_data
@@ -93,8 +94,8 @@ def ensure_embeddings(ds: Dataset, *, embedder: str, name: str, view: Any = None
     import pyarrow as pa
 
     q = ds.read_queries()
-    done = set(ds.read_embeddings(name).column(S.QUERY_ID).to_pylist())
-    todo = [(i, t) for i, t in zip(q.column(S.QUERY_ID).to_pylist(), q.column(S.TEXT).to_pylist()) if i not in done]
+    done = set(ds.read_embeddings(name).column(schemas.QUERY_ID).to_pylist())
+    todo = [(i, t) for i, t in zip(q.column(schemas.QUERY_ID).to_pylist(), q.column(schemas.TEXT).to_pylist()) if i not in done]
     if not todo:
         return
     from icl_router.data.embedder import BUNDLED, load_embedder
@@ -108,9 +109,9 @@ def ensure_embeddings(ds: Dataset, *, embedder: str, name: str, view: Any = None
     ds.append_embeddings(
         pa.table(
             {
-                S.QUERY_ID: [i for i, _ in todo],
-                S.EMBEDDING: pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), emb.shape[1]),
-                S.EMBEDDER: [name] * len(todo),
+                schemas.QUERY_ID: [i for i, _ in todo],
+                schemas.EMBEDDING: pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), emb.shape[1]),
+                schemas.EMBEDDER: [name] * len(todo),
             }
         )
     )
@@ -208,8 +209,8 @@ def get_router(rc: EvalRouterConfig, rs: RoutingSet, *, seed: int, seed_i: int, 
     else:
         cfg = train_config(rc, seed=seed, max_steps=max_steps)
         data, val = build_train_data(rs, stage=2, val_fraction=rc.val_fraction, seed=seed, models=models)
-        init = F.tiny_init(cfg, rs.texts, cache) if cfg.router.name_or_path is None else cfg.router.name_or_path
-        router, info = F.fit(cfg, data, init_dir=init, rs=rs, val=val if len(val) else None, eval_every=rc.eval_every, label=label)
+        init = tiny_init(cfg, rs.texts, cache) if cfg.router.name_or_path is None else cfg.router.name_or_path
+        router, info = fit_in_process(cfg, data, init_dir=init, rs=rs, val=val if len(val) else None, eval_every=rc.eval_every, label=label)
     decision = stored
     if rc.decision is not None and stored is None:
         held = held_out_rows(rs, val=val, kept_step=info.get("kept_step"))
@@ -243,7 +244,7 @@ def query_texts(router: Any, rs: RoutingSet, rows: np.ndarray, *, max_text_token
 
 def raw_p(r: Routed, rs: RoutingSet, rows: np.ndarray, rc: EvalRouterConfig) -> np.ndarray:
     """The router's p [len(rows), T] before the decision layer."""
-    return F.score(r.router, rs, rows, r.profiles, max_text_tokens=rc.max_text_tokens)
+    return score(r.router, rs, rows, r.profiles, max_text_tokens=rc.max_text_tokens)
 
 
 def evidence_p(r: Routed, rs: RoutingSet, rows: np.ndarray) -> np.ndarray:
@@ -272,8 +273,9 @@ def decide(
     return route_batch(li.p, policy=policy, models=names, costs=costs, prior=r.prior, mass=li.mass, params=r.decision, task_rows=li.task_rows)
 
 
-def accuracy(choice: np.ndarray, labels: np.ndarray) -> float:
-    return float(100 * np.nanmean(labels[np.arange(len(labels)), choice]))
+def score_accuracy(scores: np.ndarray, labels: np.ndarray) -> float:
+    """The routed accuracy of a score matrix [n, M]: each query to its argmax (ties: the first model)."""
+    return routed_accuracy(np.asarray(scores).argmax(axis=1), labels)
 
 
 # ---------------------------------------------------------------------------
@@ -285,24 +287,24 @@ def baseline_scores(rs: RoutingSet, *, knn_k: int, seed: int) -> dict[str, dict[
     tr = rs.rows("train")
     parts = {k: rs.rows(p) for k, p in (("id", "test"), ("ood", "ood")) if len(rs.rows(p))}
     every = np.concatenate(list(parts.values()))
-    lr = B.logreg(rs.embeddings[tr], rs.labels[tr], rs.embeddings[every])  # one fit for both parts
-    tuned, _ = B.knn_tuned(rs.embeddings[tr], rs.labels[tr], rs.embeddings[every], seed=seed)
-    tuned_task, _ = B.knn_tuned(rs.embeddings[tr], rs.labels[tr], rs.embeddings[every], tasks=(task_names(rs, tr), task_names(rs, every)), seed=seed)
+    lr = baselines.logreg(rs.embeddings[tr], rs.labels[tr], rs.embeddings[every])  # one fit for both parts
+    tuned, _ = baselines.knn_tuned(rs.embeddings[tr], rs.labels[tr], rs.embeddings[every], seed=seed)
+    tuned_task, _ = baselines.knn_tuned(rs.embeddings[tr], rs.labels[tr], rs.embeddings[every], tasks=(task_names(rs, tr), task_names(rs, every)), seed=seed)
     out: dict[str, dict[str, float]] = {}
     start = 0
     for key, rows in parts.items():
         lab = rs.labels[rows]
         tasks = [rs.tasks[i] for i in rows]
         res = {
-            "random": B.random_expected(lab),
-            "best-single": B.routed_accuracy(B.best_single(rs.labels[tr], len(rows)), lab),
+            "random": baselines.random_expected(lab),
+            "best-single": score_accuracy(baselines.best_single(rs.labels[tr], len(rows)), lab),
             # OOD tasks have no train queries: their best model is picked on test
-            "max-expert": B.routed_accuracy(B.max_expert(rs.labels[tr], [rs.tasks[i] for i in tr], tasks, test_labels=lab), lab),
-            "knn": B.routed_accuracy(B.knn(rs.embeddings[tr], rs.labels[tr], rs.embeddings[rows], k=knn_k), lab),
-            "knn-tuned": B.routed_accuracy(tuned[start : start + len(rows)], lab),
-            "knn-tuned-task": B.routed_accuracy(tuned_task[start : start + len(rows)], lab),
-            "logreg": B.routed_accuracy(lr[start : start + len(rows)], lab),
-            "oracle": B.routed_accuracy(B.oracle(lab), lab),
+            "max-expert": score_accuracy(baselines.max_expert(rs.labels[tr], [rs.tasks[i] for i in tr], tasks, test_labels=lab), lab),
+            "knn": score_accuracy(baselines.knn(rs.embeddings[tr], rs.labels[tr], rs.embeddings[rows], k=knn_k), lab),
+            "knn-tuned": score_accuracy(tuned[start : start + len(rows)], lab),
+            "knn-tuned-task": score_accuracy(tuned_task[start : start + len(rows)], lab),
+            "logreg": score_accuracy(lr[start : start + len(rows)], lab),
+            "oracle": score_accuracy(baselines.oracle(lab), lab),
         }
         start += len(rows)
         for m, v in res.items():
@@ -346,9 +348,9 @@ def add_model_section(cfg: EvaluateConfig, rs: RoutingSet, full: Routed, *, seed
         out.append(
             {
                 "model": name,
-                "acc_added": accuracy(choice, lab),
-                "acc_trained": accuracy(full_choice, lab),
-                "acc_without": accuracy(choice_wo, lab[:, others]),
+                "acc_added": routed_accuracy(choice, lab),
+                "acc_trained": routed_accuracy(full_choice, lab),
+                "acc_without": routed_accuracy(choice_wo, lab[:, others]),
                 "auc_added": auc(p[known, j], lab[known, j] >= 0.5),
                 "auc_trained": auc(full_p[known, j], lab[known, j] >= 0.5),
                 "share_added": float(100 * np.mean(choice == j)),
@@ -364,7 +366,7 @@ def k_section(cfg: EvaluateConfig, d: EvalDatasetConfig, rs0: RoutingSet, querie
     for k in cfg.k_sweep:
         rc = cfg.icl_router.model_copy(update={"k": k, "checkpoints": None})
         try:
-            rs = F.for_seed(rs0, queries, d.split, seed=seed, k=k)
+            rs = for_seed(rs0, queries, d.split, seed=seed, k=k)
         except ConfigError as e:  # more anchors than informative train queries
             say(f"K={k}: skipped ({e})")
             continue
@@ -373,7 +375,7 @@ def k_section(cfg: EvaluateConfig, d: EvalDatasetConfig, rs0: RoutingSet, querie
         for part, key in (("test", "id"), ("ood", "ood")):
             rows = rs.rows(part)
             if len(rows):
-                row[key] = accuracy(decide(r, rs, rows, raw_p(r, rs, rows, rc))[0], rs.labels[rows])
+                row[key] = routed_accuracy(decide(r, rs, rows, raw_p(r, rs, rows, rc))[0], rs.labels[rows])
         say(f"K={k}: " + " ".join(f"{key.upper()} {row[key]:.1f}" for key in ("id", "ood") if key in row))
         out.append(row)
     return out
@@ -390,15 +392,15 @@ def pool_section(cfg: EvaluateConfig, rs: RoutingSet, *, seed: int, cache: Path)
         pool = sorted(order[:n])
         r = get_router(cfg.icl_router, rs, seed=seed, seed_i=0, cache=cache, label=f"pool {n}", models=pool, max_steps=cfg.sweep_max_steps)
         lab = rs.labels[te][:, pool]
-        tuned, _ = B.knn_tuned(rs.embeddings[tr], rs.labels[tr][:, pool], rs.embeddings[te], seed=seed)
+        tuned, _ = baselines.knn_tuned(rs.embeddings[tr], rs.labels[tr][:, pool], rs.embeddings[te], seed=seed)
         row = {
             "n": n,
             "models": [rs.models[m] for m in pool],
-            "icl-router": accuracy(decide(r, rs, te, raw_p(r, rs, te, cfg.icl_router))[0], lab),
-            "knn": B.routed_accuracy(B.knn(rs.embeddings[tr], rs.labels[tr][:, pool], rs.embeddings[te], k=cfg.knn_k), lab),
-            "knn-tuned": B.routed_accuracy(tuned, lab),
-            "best-single": B.routed_accuracy(B.best_single(rs.labels[tr][:, pool], len(te)), lab),
-            "oracle": B.routed_accuracy(B.oracle(lab), lab),
+            "icl-router": routed_accuracy(decide(r, rs, te, raw_p(r, rs, te, cfg.icl_router))[0], lab),
+            "knn": score_accuracy(baselines.knn(rs.embeddings[tr], rs.labels[tr][:, pool], rs.embeddings[te], k=cfg.knn_k), lab),
+            "knn-tuned": score_accuracy(tuned, lab),
+            "best-single": score_accuracy(baselines.best_single(rs.labels[tr][:, pool], len(te)), lab),
+            "oracle": score_accuracy(baselines.oracle(lab), lab),
         }
         say(f"pool {n}: router {row['icl-router']:.1f} knn-tuned {row['knn-tuned']:.1f}")
         out.append(row)
@@ -420,10 +422,10 @@ def routerbench_section(cfg: EvaluateConfig, *, cache: Path) -> dict:
     rs, queries = dense(ds, embedder=emb_name, split=entry.split)
     if rb.reference_model not in rs.models:
         raise ConfigError(f"routerbench.reference_model {rb.reference_model!r} is not in {ds.root}'s pool {rs.models}")
-    costs = correctness_matrix(ds.read_outcomes(rs.models), rs.query_ids, rs.models, column=S.COST)  # [N, M]
+    costs = correctness_matrix(ds.read_outcomes(rs.models), rs.query_ids, rs.models, column=schemas.COST)  # [N, M]
     seed = cfg.seeds[0]
     rc = cfg.icl_router.model_copy(update={"checkpoints": None, "k": rb.k or cfg.icl_router.k})
-    rs = F.for_seed(rs, queries, entry.split, seed=seed, k=rc.k)
+    rs = for_seed(rs, queries, entry.split, seed=seed, k=rc.k)
     tr, te = rs.rows("train"), rs.rows("test")
     r = get_router(rc, rs, seed=seed, seed_i=0, cache=cache, label="routerbench")
     lab, c = rs.labels[te], costs[te]
@@ -433,7 +435,7 @@ def routerbench_section(cfg: EvaluateConfig, *, cache: Path) -> dict:
     def router_choice(p: np.ndarray, w: float) -> np.ndarray:
         return decide(r, rs, te, p, policy=Policy("cost", cost_weight=w), costs=est)[0]
 
-    params = B.knn_tuned_fit(rs.embeddings[tr], rs.labels[tr], seed=seed)
+    params = baselines.knn_tuned_fit(rs.embeddings[tr], rs.labels[tr], seed=seed)
     prior_tr = np.nanmean(rs.labels[tr], axis=0)
 
     def tuned_choice(p: np.ndarray, w: float) -> np.ndarray:  # its guard in utility, like the router's
@@ -441,8 +443,8 @@ def routerbench_section(cfg: EvaluateConfig, *, cache: Path) -> dict:
 
     curves = {
         "icl-router": utility_curve(raw_p(r, rs, te, rc), lab, c, est_costs=est, cost_weights=ws, choose=router_choice),
-        "knn-tuned": utility_curve(B.knn_tuned_p(rs.embeddings[tr], rs.labels[tr], rs.embeddings[te], params), lab, c, est_costs=est, cost_weights=ws, choose=tuned_choice),
-        "knn": utility_curve(B.knn(rs.embeddings[tr], rs.labels[tr], rs.embeddings[te], k=cfg.knn_k), lab, c, est_costs=est, cost_weights=ws),
+        "knn-tuned": utility_curve(baselines.knn_tuned_p(rs.embeddings[tr], rs.labels[tr], rs.embeddings[te], params), lab, c, est_costs=est, cost_weights=ws, choose=tuned_choice),
+        "knn": utility_curve(baselines.knn(rs.embeddings[tr], rs.labels[tr], rs.embeddings[te], k=cfg.knn_k), lab, c, est_costs=est, cost_weights=ws),
     }
     singles = {m: {"cost": float(np.nanmean(c[:, j])), "quality": float(100 * np.nanmean(lab[:, j]))} for j, m in enumerate(rs.models)}
     c_min, c_max = min(s["cost"] for s in singles.values()), max(s["cost"] for s in singles.values())
@@ -481,7 +483,7 @@ def routerbench_section(cfg: EvaluateConfig, *, cache: Path) -> dict:
 
 def evaluate_dataset(cfg: EvaluateConfig, d: EvalDatasetConfig, *, first: bool, cache: Path) -> dict:
     """Every method on this dataset's ID test and OOD rows for every seed: its report entry."""
-    from icl_router.evaluation import calibration as C
+    from icl_router.evaluation import calibration as calibration_metrics
 
     ds, emb_name = open_entry(cfg, d)
     rs0, queries = dense(ds, embedder=emb_name, split=d.split)
@@ -493,14 +495,14 @@ def evaluate_dataset(cfg: EvaluateConfig, d: EvalDatasetConfig, *, first: bool, 
     extra: dict[str, Any] = {"train_info": {}, "decision": {}}
     for si, seed in enumerate(cfg.seeds):
         say(f"{d.name}: seed {seed} ({si + 1}/{len(cfg.seeds)})")
-        rs = F.for_seed(rs0, queries, d.split, seed=seed, k=k)
+        rs = for_seed(rs0, queries, d.split, seed=seed, k=k)
         for m, parts in baseline_scores(rs, knn_k=cfg.knn_k, seed=seed).items():
             for key, v in parts.items():
                 per_seed[m][key].append(v)
         for name, rc in variants.items():
             if rc is None:
                 continue
-            rs_v = rs if rc.k == k else F.for_seed(rs0, queries, d.split, seed=seed, k=rc.k)
+            rs_v = rs if rc.k == k else for_seed(rs0, queries, d.split, seed=seed, k=rc.k)
             r = get_router(rc, rs_v, seed=seed, seed_i=si, cache=cache, label=f"{d.name} {name} seed {seed}")
             extra["train_info"][f"{name}/{seed}"] = dict(r.info)
             if name == "icl-router":
@@ -513,18 +515,18 @@ def evaluate_dataset(cfg: EvaluateConfig, d: EvalDatasetConfig, *, first: bool, 
                 lab = rs_v.labels[rows]
                 p = raw_p(r, rs_v, rows, rc)
                 choice, q, default = decide(r, rs_v, rows, p)
-                per_seed[name][key].append(accuracy(choice, lab))
+                per_seed[name][key].append(routed_accuracy(choice, lab))
                 if name != "icl-router":
                     continue
-                per_seed["icl-router-raw"][key].append(B.routed_accuracy(p, lab))
-                per_seed["icl-router-no-task"][key].append(accuracy(decide(r, rs_v, rows, p, tasks=False)[0], lab))
+                per_seed["icl-router-raw"][key].append(score_accuracy(p, lab))
+                per_seed["icl-router-no-task"][key].append(routed_accuracy(decide(r, rs_v, rows, p, tasks=False)[0], lab))
                 if r.router.evidence is not None:
-                    per_seed["icl-router-evidence"][key].append(accuracy(decide(r, rs_v, rows, evidence_p(r, rs_v, rows))[0], lab))
-                s = C.summary(q, lab, choice, default if default is not None else int(np.argmax(r.prior)))
+                    per_seed["icl-router-evidence"][key].append(routed_accuracy(decide(r, rs_v, rows, evidence_p(r, rs_v, rows))[0], lab))
+                s = calibration_metrics.summary(q, lab, choice, default if default is not None else int(np.argmax(r.prior)))
                 for field in ("ece", "brier", "away_from_default"):
                     calib[key][field].append(s[field])
-                calib[key]["ece_raw"].append(C.ece(p, lab))
-                calib[key]["brier_raw"].append(C.brier(p, lab))
+                calib[key]["ece_raw"].append(calibration_metrics.ece(p, lab))
+                calib[key]["brier_raw"].append(calibration_metrics.brier(p, lab))
                 pooled[key]["p"].append(q)
                 pooled[key]["raw"].append(p)
                 pooled[key]["labels"].append(lab)
@@ -547,8 +549,8 @@ def evaluate_dataset(cfg: EvaluateConfig, d: EvalDatasetConfig, *, first: bool, 
             continue
         p_all, raw_all, lab_all = (np.concatenate(pooled[part][f]) for f in ("p", "raw", "labels"))
         calibration[part] = {f: float(np.mean(v)) for f, v in fields.items()}
-        calibration[part]["reliability"] = C.reliability(p_all, lab_all)
-        calibration[part]["reliability_raw"] = C.reliability(raw_all, lab_all)
+        calibration[part]["reliability"] = calibration_metrics.reliability(p_all, lab_all)
+        calibration[part]["reliability_raw"] = calibration_metrics.reliability(raw_all, lab_all)
     return {
         "methods": methods,
         "dataset": str(ds.root),

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.nn import functional
 
 
 class Projector(nn.Module):
@@ -38,4 +38,4 @@ class Projector(nn.Module):
         if x.shape[-1] != self.in_dim:
             raise ValueError(f"projector expects embeddings of width {self.in_dim}, got {x.shape[-1]}")
         h = self.inp(self.norm(x.to(self.inp.weight.dtype)))  # [..., out]
-        return h + self.w2(F.silu(self.w1(h)) * self.w3(h))  # [..., out]
+        return h + self.w2(functional.silu(self.w1(h)) * self.w3(h))  # [..., out]

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.nn import functional
 
 from icl_router.model.evidence import AnchorEvidence
 from icl_router.model.projector import Projector
@@ -132,7 +132,7 @@ class ICLRouter(nn.Module):
         if hasattr(head.weight, "ds_id"):  # partitioned by DeepSpeed ZeRO-3: only a module call gathers it
             logits = head(h)[..., ids]  # [..., 2]
         else:
-            logits = F.linear(h, head.weight[ids], None if head.bias is None else head.bias[ids])  # [..., 2]
+            logits = functional.linear(h, head.weight[ids], None if head.bias is None else head.bias[ids])  # [..., 2]
         return logits[..., 0] - logits[..., 1]
 
     # ---- stage 2 ---------------------------------------------------------------
@@ -235,4 +235,4 @@ class ICLRouter(nn.Module):
         x[is_slot] = self.projector(query_emb.to(x.device)).to(x.dtype)
         logits = self.lm(inputs_embeds=x, use_cache=False).logits  # [N, L, V]
         # position t predicts token t+1
-        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(x.device), ignore_index=-100)
+        return functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(x.device), ignore_index=-100)

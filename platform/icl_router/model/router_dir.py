@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from icl_router import schemas as S
+from icl_router import schemas
 from icl_router.data.dataset import Dataset, DatasetError, conform, swap_into_place
 from icl_router.errors import UserError
 from icl_router.model.prompt import PromptLayout
@@ -99,8 +99,8 @@ class LoadedRouter:
 def write_profiles(path: Path, pool: dict[str, np.ndarray], anchor_ids: list[str]) -> None:
     rows = [(m, q, bool(c)) for m, prof in pool.items() for q, c in zip(anchor_ids, prof, strict=True)]
     table = pa.table(
-        {S.MODEL_ID: [r[0] for r in rows], S.QUERY_ID: [r[1] for r in rows], S.CORRECT: [r[2] for r in rows]},
-        schema=S.PROFILES_SCHEMA,
+        {schemas.MODEL_ID: [r[0] for r in rows], schemas.QUERY_ID: [r[1] for r in rows], schemas.CORRECT: [r[2] for r in rows]},
+        schema=schemas.PROFILES_SCHEMA,
     )
     tmp = path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{path.name}")
     pq.write_table(table, tmp)
@@ -109,11 +109,11 @@ def write_profiles(path: Path, pool: dict[str, np.ndarray], anchor_ids: list[str
 
 def read_profiles(path: Path, anchor_ids: list[str]) -> dict[str, np.ndarray]:
     table = pq.read_table(path)
-    if set(table.column_names) != set(S.PROFILES_SCHEMA.names):
-        raise RouterDirError(f"{path}: columns {table.column_names}, expected {S.PROFILES_SCHEMA.names}")
+    if set(table.column_names) != set(schemas.PROFILES_SCHEMA.names):
+        raise RouterDirError(f"{path}: columns {table.column_names}, expected {schemas.PROFILES_SCHEMA.names}")
     pos = {q: i for i, q in enumerate(anchor_ids)}
     pool: dict[str, np.ndarray] = {}
-    for m, q, c in zip(*(table.column(n).to_pylist() for n in (S.MODEL_ID, S.QUERY_ID, S.CORRECT))):
+    for m, q, c in zip(*(table.column(n).to_pylist() for n in (schemas.MODEL_ID, schemas.QUERY_ID, schemas.CORRECT))):
         if q not in pos:
             raise RouterDirError(f"{path}: model {m!r} has an outcome on {q!r}, which is not one of the router's anchors")
         prof = pool.setdefault(m, np.full(len(anchor_ids), -1, dtype=np.int8))
@@ -128,20 +128,20 @@ def read_profiles(path: Path, anchor_ids: list[str]) -> dict[str, np.ndarray]:
 def anchor_queries(dataset: str | Path, anchor_ids: list[str]) -> pa.Table:
     """The router's anchors as rows of ``anchors.parquet``, read from the dataset's queries (in anchor order)."""
     queries = Dataset(dataset).read_queries()
-    index = {q: i for i, q in enumerate(queries.column(S.QUERY_ID).to_pylist())}
+    index = {q: i for i, q in enumerate(queries.column(schemas.QUERY_ID).to_pylist())}
     missing = [q for q in anchor_ids if q not in index]
     if missing:
         raise RouterDirError(f"{len(missing)} of the router's anchors are not queries of {dataset} (e.g. {missing[:3]}); "
                              "give the dataset the router was trained on")
     rows = queries.take(pa.array([index[q] for q in anchor_ids], pa.int64()))
-    rows = rows.append_column(S.POSITION, pa.array(range(len(anchor_ids)), pa.int32()))
-    return conform(rows, S.ROUTER_ANCHORS_SCHEMA, what="anchors")
+    rows = rows.append_column(schemas.POSITION, pa.array(range(len(anchor_ids)), pa.int32()))
+    return conform(rows, schemas.ROUTER_ANCHORS_SCHEMA, what="anchors")
 
 
 def write_anchor_queries(path: str | Path, table: pa.Table) -> Path:
     """Write ``anchors.parquet`` into a router directory (atomic), checked against its anchor ids."""
     path = Path(path)
-    table = conform(table, S.ROUTER_ANCHORS_SCHEMA, what="anchors")
+    table = conform(table, schemas.ROUTER_ANCHORS_SCHEMA, what="anchors")
     _check_anchor_queries(table, read_meta(path).anchor_query_ids, where=path / ANCHORS_FILE)
     tmp = path / f".tmp-{uuid.uuid4().hex[:8]}-{ANCHORS_FILE}"
     pq.write_table(table, tmp)
@@ -150,8 +150,8 @@ def write_anchor_queries(path: str | Path, table: pa.Table) -> Path:
 
 
 def _check_anchor_queries(table: pa.Table, anchor_ids: list[str], *, where: Path) -> None:
-    got = table.column(S.QUERY_ID).to_pylist()
-    if got != list(anchor_ids) or table.column(S.POSITION).to_pylist() != list(range(len(anchor_ids))):
+    got = table.column(schemas.QUERY_ID).to_pylist()
+    if got != list(anchor_ids) or table.column(schemas.POSITION).to_pylist() != list(range(len(anchor_ids))):
         first = next((i for i, (a, b) in enumerate(zip(got, anchor_ids)) if a != b), min(len(got), len(anchor_ids)))
         raise RouterDirError(f"{where}: {len(got)} anchor queries that differ from {META_FILE}'s {len(anchor_ids)} anchor ids "
                              f"(first difference at position {first}); write it again with `icl-router router-anchors`")
@@ -163,7 +163,7 @@ def read_anchor_queries(path: str | Path) -> pa.Table | None:
     if not (path / ANCHORS_FILE).is_file():
         return None
     try:
-        table = conform(pq.read_table(path / ANCHORS_FILE), S.ROUTER_ANCHORS_SCHEMA, what=str(path / ANCHORS_FILE)).sort_by(S.POSITION)
+        table = conform(pq.read_table(path / ANCHORS_FILE), schemas.ROUTER_ANCHORS_SCHEMA, what=str(path / ANCHORS_FILE)).sort_by(schemas.POSITION)
     except DatasetError as e:
         raise RouterDirError(str(e)) from None
     _check_anchor_queries(table, read_meta(path).anchor_query_ids, where=path / ANCHORS_FILE)

@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from icl_router.model import prompt as P
+from icl_router.model import prompt
 
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", P.PLACEHOLDER]
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", prompt.PLACEHOLDER]
 # Qwen2's pre-tokenizer split: the same word / number / newline boundaries as the real router.
 QWEN2_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 CHATML_TEMPLATE = (
@@ -44,7 +44,7 @@ def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 3000) -> Any:
         [pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
     )
     tok.decoder = decoders.ByteLevel()
-    prompt_texts = [P.SYSTEM, P.PERFORMANCE, P.QUESTION, P.STAGE1_SYSTEM, P.STAGE1_USER, "assistant user system", "Yes No " * 20]
+    prompt_texts = [prompt.SYSTEM, prompt.PERFORMANCE, prompt.QUESTION, prompt.STAGE1_SYSTEM, prompt.STAGE1_USER, "assistant user system", "Yes No " * 20]
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=SPECIAL_TOKENS,
@@ -52,15 +52,15 @@ def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 3000) -> Any:
         show_progress=False,
     )
     tok.train_from_iterator([*texts, *(prompt_texts * 50)], trainer)
-    tok.add_tokens([AddedToken(word, single_word=True, normalized=False) for word in (P.YES, P.NO)])
+    tok.add_tokens([AddedToken(word, single_word=True, normalized=False) for word in (prompt.YES, prompt.NO)])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
-        extra_special_tokens=["<|im_start|>", P.PLACEHOLDER],
+        extra_special_tokens=["<|im_start|>", prompt.PLACEHOLDER],
     )
     fast.chat_template = CHATML_TEMPLATE
-    for word in (P.YES, P.NO):
+    for word in (prompt.YES, prompt.NO):
         if len(fast(word, add_special_tokens=False)["input_ids"]) != 1:
             raise ValueError(f"the trained tokenizer splits {word!r}; raise vocab_size (now {vocab_size})")
     return fast

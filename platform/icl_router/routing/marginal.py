@@ -119,7 +119,7 @@ class Inputs:
 
 
 @dataclass
-class View:
+class Reading:
     """One reading of p for choosing: p [Q, T], its evidence mass [Q] and the models' priors [T]."""
 
     p: np.ndarray
@@ -142,7 +142,7 @@ class Valuer:
         self.x, self.estimator = inputs, estimator
         self.n = inputs.p.shape[0]
         tau = inputs.params.tau if inputs.params is not None else KERNEL_TAU
-        self.full = View(inputs.p, evidence_mass(inputs.sim, tau), inputs.prior)
+        self.full = Reading(inputs.p, evidence_mass(inputs.sim, tau), inputs.prior)
         self._choices: dict[tuple, np.ndarray] = {}
         w = kernel_weights(inputs.sim, kernel_tau)  # [Q, K]
         n_eff = 1.0 / np.sum(w**2, axis=1)  # [Q]
@@ -163,7 +163,7 @@ class Valuer:
 
     # -- the pieces ---------------------------------------------------------------
 
-    def _adjust(self, view: View, p: np.ndarray) -> np.ndarray:
+    def _adjust(self, view: Reading, p: np.ndarray) -> np.ndarray:
         """p [Q, T] as the decision layer turns it (shrunk toward the view's priors, calibrated)."""
         return p if self.x.params is None else adjusted(p, view.mass, view.prior, self.x.params)
 
@@ -184,7 +184,7 @@ class Valuer:
         v = np.maximum(d.var(axis=0) - noise.mean(axis=0), EPS)
         return (v * d + noise * mu) / (v + noise)
 
-    def _crossfit_views(self, folds: int, repeats: int, seed: int, tau: float) -> list[tuple[View, np.ndarray]]:
+    def _crossfit_views(self, folds: int, repeats: int, seed: int, tau: float) -> list[tuple[Reading, np.ndarray]]:
         """(view to choose with: every anchor but a fold, score matrix [Q, T] from the fold) pairs."""
         x = self.x
         K = x.profiles.shape[1]
@@ -199,11 +199,11 @@ class Valuer:
                 views = []
                 for mask in (keep, ~keep):
                     sim = np.where(mask[None], x.sim, np.nan)  # hidden anchors add no evidence mass
-                    views.append(View(x.p_on_anchors(mask), evidence_mass(sim, tau if x.params is None else x.params.tau), x.profiles[:, mask].mean(axis=1)))
+                    views.append(Reading(x.p_on_anchors(mask), evidence_mass(sim, tau if x.params is None else x.params.tau), x.profiles[:, mask].mean(axis=1)))
                 out.append((views[0], self._adjust(views[1], views[1].p)))
         return out
 
-    def choice(self, cols: Sequence[int], view: View | None = None) -> np.ndarray:
+    def choice(self, cols: Sequence[int], view: Reading | None = None) -> np.ndarray:
         """The model column (an index into ``inputs.models``) the service picks per query [Q] for pool ``cols``."""
         cols = tuple(sorted(cols))
         key = (cols, id(view))

@@ -44,7 +44,7 @@ class OnlineRouter:
                  embed_cache: int = 4096, embed_dtype: str = "float32", device: str = "auto", dtype: str = "auto") -> None:
         import torch
 
-        from icl_router import schemas as S
+        from icl_router import schemas
         from icl_router.data.embedder import REFERENCE, load_query_embedder, parse_embedder
         from icl_router.model.device import resolve
         from icl_router.model.router_dir import load_router_dir, read_anchor_queries
@@ -75,7 +75,7 @@ class OnlineRouter:
         self.evidence = SimpleNamespace(evidence=loaded.router.evidence, anchor_emb=loaded.router.anchor_emb)  # what refit_guard reads
         self.anchor_emb = loaded.router.anchor_emb.detach().float().cpu().numpy()  # [K, E]
         anchors = read_anchor_queries(router_dir)  # their tasks: a query naming one of them gets the task layer
-        self.anchor_tasks = None if anchors is None else anchors.column(S.TASK).to_pylist()  # [K]
+        self.anchor_tasks = None if anchors is None else anchors.column(schemas.TASK).to_pylist()  # [K]
         self.query_emb = loaded.meta.query_input == "vector"  # the scorer reads the embedding (a text router reads the text)
         if scoring == "evidence" and not self.query_emb:
             raise ValueError("the evidence path reads query vectors: this router reads the query as text (query_input='text')")

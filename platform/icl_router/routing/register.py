@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from icl_router import schemas as S
+from icl_router import schemas
 from icl_router.data.dataset import Dataset, DatasetError, correctness_matrix
 from icl_router.model.router_dir import PROFILES_FILE, read_meta, read_profiles, write_profiles
 
@@ -23,7 +23,7 @@ from icl_router.model.router_dir import PROFILES_FILE, read_meta, read_profiles,
 def anchor_profiles(dataset: Dataset, model_ids: Sequence[str], anchor_ids: list[str]) -> dict[str, np.ndarray]:
     """bool [K] per model: correct on the majority of its samples of each anchor (as training does)."""
     outcomes = dataset.read_outcomes(model_ids)
-    known = set(outcomes.column(S.MODEL_ID).to_pylist())
+    known = set(outcomes.column(schemas.MODEL_ID).to_pylist())
     unknown = [m for m in model_ids if m not in known]
     if unknown:
         raise DatasetError(

@@ -114,10 +114,13 @@ def _param(text: str) -> str | None:
         return None
 
 
+def deployment_name(model_id: str) -> str:
+    """The Serve deployment of a pool model (ray.serve.llm names it ``LLMServer:<model id>``)."""
+    return "LLMServer:" + model_id.replace("/", "--").replace(".", "_")
+
+
 def pool_deployment_name(cfg: Any) -> str:
     """The Serve deployment of a pool model: ``LLMServer:<name>`` (ray.serve.llm) or ``Endpoint:<name>``."""
-    from icl_router.serving.registry import deployment_name
-
     return endpoint_deployment_name(cfg.name) if cfg.endpoint is not None else deployment_name(cfg.name)
 
 

@@ -48,7 +48,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from icl_router import schemas as S
+from icl_router import schemas
 from icl_router.data.dataset import Dataset, conform, correctness_matrix
 from icl_router.kinds import PromptStyle
 
@@ -80,7 +80,7 @@ def ungradable(anchors: pa.Table | None) -> str | None:
                 "write it with `icl-router router-anchors --router <dir> --dataset <the dataset it was trained on>`")
     bad = [
         f"{q} (grader={g!r}{', no gold' if gold is None else ''})"
-        for q, g, gold in zip(*(anchors.column(c).to_pylist() for c in (S.QUERY_ID, S.GRADER, S.GOLD)))
+        for q, g, gold in zip(*(anchors.column(c).to_pylist() for c in (schemas.QUERY_ID, schemas.GRADER, schemas.GOLD)))
         if g not in GRADERS or gold is None
     ]
     if bad:
@@ -94,7 +94,7 @@ def messages(row: dict[str, Any], *, style: PromptStyle = "json") -> list[dict[s
     """The chat request of one anchor, as the profile job builds it (the grader's prompt)."""
     from icl_router.data.profile import build_prompt
 
-    return [{"role": "user", "content": build_prompt(row[S.GRADER], row[S.TEXT], style=style)}]
+    return [{"role": "user", "content": build_prompt(row[schemas.GRADER], row[schemas.TEXT], style=style)}]
 
 
 class OnboardingStore:
@@ -105,26 +105,26 @@ class OnboardingStore:
         self.root = Path(root)
         self.ds = Dataset(self.root)
         self.anchors = anchors
-        self.ids = [] if anchors is None else anchors.column(S.QUERY_ID).to_pylist()
+        self.ids = [] if anchors is None else anchors.column(schemas.QUERY_ID).to_pylist()
 
     # ---- the dataset ------------------------------------------------------------------
 
     def prepare(self) -> None:
         """Write queries.parquet (the anchors, split ``anchor``) if it lacks any; refuse one that holds
         another router's anchors under the same ids (its outcomes would be graded against other golds)."""
-        cols = (S.TEXT, S.GOLD, S.GRADER)
+        cols = (schemas.TEXT, schemas.GOLD, schemas.GRADER)
         mine = {q: r for q, *r in zip(self.ids, *(self.anchors.column(c).to_pylist() for c in cols))}
-        old = self.ds.read_queries() if self.ds.queries_path.is_file() else S.QUERIES_SCHEMA.empty_table()
-        have = {q: r for q, *r in zip(*(old.column(c).to_pylist() for c in (S.QUERY_ID, *cols)))}
+        old = self.ds.read_queries() if self.ds.queries_path.is_file() else schemas.QUERIES_SCHEMA.empty_table()
+        have = {q: r for q, *r in zip(*(old.column(c).to_pylist() for c in (schemas.QUERY_ID, *cols)))}
         clash = [q for q in mine if q in have and have[q] != mine[q]]
         if clash:
             raise OnboardingError(f"onboarding.dir {self.root} holds other anchor queries under the router's ids (e.g. {clash[:3]}): "
                                   "it belongs to another router; point onboarding.dir elsewhere")
         new = [q for q in self.ids if q not in have]
         if new:
-            add = self.anchors.filter(pc.is_in(self.anchors.column(S.QUERY_ID), pa.array(new, pa.string())))
-            add = add.append_column(S.SPLIT, pa.array(["anchor"] * len(add), pa.string()))
-            self.ds.write_queries(pa.concat_tables([old, conform(add, S.QUERIES_SCHEMA, what="anchors")]))
+            add = self.anchors.filter(pc.is_in(self.anchors.column(schemas.QUERY_ID), pa.array(new, pa.string())))
+            add = add.append_column(schemas.SPLIT, pa.array(["anchor"] * len(add), pa.string()))
+            self.ds.write_queries(pa.concat_tables([old, conform(add, schemas.QUERIES_SCHEMA, what="anchors")]))
 
     def outcomes(self, model_id: str) -> dict[str, bool]:
         """The model's graded anchors so far: query_id -> correct (the majority of its samples, as training reads them)."""
@@ -137,7 +137,7 @@ class OnboardingStore:
         return np.array([done[q] for q in self.ids]) if len(done) == len(self.ids) else None
 
     def append(self, rows: list[dict[str, Any]]) -> Path:
-        (path,) = self.ds.append_outcomes(pa.Table.from_pylist(rows, schema=S.OUTCOMES_SCHEMA))
+        (path,) = self.ds.append_outcomes(pa.Table.from_pylist(rows, schema=schemas.OUTCOMES_SCHEMA))
         return path
 
     # ---- the registry's records ----------------------------------------------------------
@@ -201,7 +201,7 @@ async def run_anchors(
         for _ in range(retries + 1):
             try:
                 async with sem:
-                    limit = (max_tokens or {}).get(row.get(S.TASK))  # the profile job's per-task limit
+                    limit = (max_tokens or {}).get(row.get(schemas.TASK))  # the profile job's per-task limit
                     call = ask(messages(row, style=style)) if limit is None else ask(messages(row, style=style), max_tokens=limit)
                     answer = await asyncio.wait_for(call, timeout_s)
                 break
@@ -210,7 +210,7 @@ async def run_anchors(
             except Exception as e:  # the replica restarting, a timeout: ask again
                 last = e
         else:
-            raise OnboardingError(f"anchor {row[S.QUERY_ID]!r}: no answer after {retries + 1} tries ({type(last).__name__}: {str(last)[:300]})")
+            raise OnboardingError(f"anchor {row[schemas.QUERY_ID]!r}: no answer after {retries + 1} tries ({type(last).__name__}: {str(last)[:300]})")
         pending.append(await asyncio.to_thread(outcome_row, row, answer, model_id=model_id, cost=cost, style=style))
         await flush(final=False)
 

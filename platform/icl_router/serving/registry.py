@@ -36,7 +36,7 @@ from ray import serve
 from icl_router.config import AuthConfig, OnboardingConfig, PoolModelConfig
 from icl_router.routing.decision import DecisionParams
 from icl_router.serving.api_errors import validation_error
-from icl_router.serving.endpoint import pool_deployment_name
+from icl_router.serving.endpoint import deployment_name, pool_deployment_name
 from icl_router.serving.engine_calls import ask_chat
 from icl_router.serving.limits import SpendTotals
 from icl_router.serving.protocol import ROUTED
@@ -512,8 +512,3 @@ class Registry:
         await self._teardown(entry.app)
         return {"model": model_id, "deleted": "model", "torn_down": entry.app}
 
-
-
-def deployment_name(model_id: str) -> str:
-    """The Serve deployment of a pool model (ray.serve.llm names it ``LLMServer:<model id>``)."""
-    return "LLMServer:" + model_id.replace("/", "--").replace(".", "_")

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from torch.nn import functional
 
 from icl_router.model.prompt import PromptLayout
 from icl_router.model.router import ICLRouter, Pairs, pad_ids
@@ -97,7 +97,7 @@ def stage2_loss(router: ICLRouter, batch: Stage2Batch, *, shared: bool = True) -
     ``shared=False`` the naive per-pair prompts (the reference it must equal).
     """
     d = router.forward_shared(batch.pairs) if shared else router.forward_pairs(batch.pairs)  # [N]
-    return F.binary_cross_entropy_with_logits(d.float(), batch.target.to(d.device))
+    return functional.binary_cross_entropy_with_logits(d.float(), batch.target.to(d.device))
 
 
 def stage1_loss(router: ICLRouter, batch: Stage1Batch) -> torch.Tensor:
