@@ -12,6 +12,16 @@ from icl_router.model.router import ICLRouter
 from icl_router.model.tiny import load_router_lm, train_tokenizer
 from icl_router.testing import SAMPLE_QUERIES as QUERIES
 
+
+def stage2_messages(labels, query, *, query_input="text", profile_layout="pairs"):
+    """The chat messages (without the answer) whose template rendering the layout's segments must reproduce."""
+    profile = "".join(P.PLACEHOLDER + ("" if profile_layout == "fused" else P.YES if y else P.NO) for y in labels)
+    return [
+        {"role": "system", "content": P.SYSTEM},
+        {"role": "user", "content": P.user_text(profile, P.PLACEHOLDER if query_input == "vector" else query)},
+    ]
+
+
 MODES = [(q, p) for q in ("text", "vector") for p in ("pairs", "fused")]
 E = 24  # embedding width of the test vectors
 
@@ -34,7 +44,7 @@ def test_segments_equal_chat_template(tiny, query_input, profile_layout):
     labels = [True, False, True]
     for q in QUERIES:
         seg = layout.prompt(labels, q)
-        messages = P.stage2_messages(labels, q, query_input=query_input, profile_layout=profile_layout)
+        messages = stage2_messages(labels, q, query_input=query_input, profile_layout=profile_layout)
         assert seg.ids == list(tok.apply_chat_template(messages, add_generation_prompt=True)["input_ids"])
         assert [seg.ids[p] for p in seg.slot_pos] == [layout.placeholder_id] * len(seg.slot_pos)
         assert seg.slot_pos == [i for i, t in enumerate(seg.ids) if t == layout.placeholder_id]

@@ -14,8 +14,6 @@ from collections.abc import Callable
 
 import numpy as np
 
-from icl_router.routing.policy import Policy, choose_batch
-
 
 def hull_curve(points: np.ndarray) -> np.ndarray:
     """[n, 2] (cost, quality) points -> [h, 2] vertices of their non-decreasing upper convex hull, by cost."""
@@ -42,26 +40,6 @@ def aiq(points: np.ndarray, *, c_min: float, c_max: float) -> float:
     q = np.interp(grid, h[:, 0], h[:, 1], left=0.0, right=h[-1, 1])
     q[grid < h[0, 0]] = 0.0
     return float(np.trapezoid(q, grid) / (c_max - c_min))
-
-
-def policy_curve(p: np.ndarray, labels: np.ndarray, costs: np.ndarray, *, est_costs: np.ndarray, margins: list[float]) -> list[dict]:
-    """The margin policy (cheapest model within ``margin`` of the best p) swept over ``margins``.
-
-    p, labels, costs: [Q, T] (costs: the realised per-query cost); est_costs [T]:
-    the per-model cost the policy decides on (mean on train). -> [{margin, cost, quality}]
-    """
-    out = []
-    rows = np.arange(len(p))
-    for m in margins:
-        pick = choose_batch(p, policy=Policy(kind="margin", margin=m), costs=est_costs)
-        out.append(
-            {
-                "margin": m,
-                "cost": float(np.nanmean(costs[rows, pick])),
-                "quality": float(100 * np.nanmean(labels[rows, pick])),
-            }
-        )
-    return out
 
 
 def utility_curve(

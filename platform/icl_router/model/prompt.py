@@ -68,15 +68,6 @@ def user_text(profile: str, query: str) -> str:
     return f"{PERFORMANCE}{profile}\n\n{query}\n\n{QUESTION}"
 
 
-def stage2_messages(labels: Sequence[bool], query: str, *, query_input: QueryInput = "text", profile_layout: ProfileLayout = "pairs") -> list[dict[str, str]]:
-    """The chat messages whose template rendering the segments reproduce (without the answer)."""
-    profile = "".join(PLACEHOLDER + ("" if profile_layout == "fused" else YES if y else NO) for y in labels)
-    return [
-        {"role": "system", "content": SYSTEM},
-        {"role": "user", "content": user_text(profile, PLACEHOLDER if query_input == "vector" else query)},
-    ]
-
-
 class PromptLayout:
     """Tokenises the stage-1 and stage-2 prompts for one tokenizer and one layout.
 

@@ -174,10 +174,3 @@ def choose(
     rest = sorted((m for m in models if m != chosen), key=lambda m: -final[m])  # stable: ties keep order
     return Decision(model=chosen, order=[chosen, *rest], p=final, policy=policy, default=None if default is None else models[default])
 
-
-def restrict(p: dict[str, float], allowed: list[str]) -> dict[str, float]:
-    """p for the ``allowed`` models only; an unknown model name is an error."""
-    unknown = [m for m in allowed if m not in p]
-    if unknown:
-        raise PolicyError(f"unknown models {unknown}; the pool has {sorted(p)}")
-    return {m: p[m] for m in allowed}
