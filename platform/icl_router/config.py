@@ -325,6 +325,9 @@ class DecisionFitConfig(Config):
 
     clusters: int = Field(default=8, ge=2)  # k-means clusters whose own anchors are hidden in the second view
     tasks: bool = True  # fit the layer for queries whose task has anchors (routing.decision ``task``), where the data names tasks
+    # when a trained step is kept, the held-out queries it trained on are scored by this many fold routers, each
+    # trained as the kept one without its fold (train/held_out.py); 0: leave those queries out of the fit
+    folds: int = Field(default=2, ge=0)
 
 
 class TrainConfig(Config):

@@ -37,9 +37,10 @@ from icl_router.evaluation import baselines
 from icl_router.evaluation.fit import fit as fit_in_process
 from icl_router.evaluation.fit import for_seed, score, tiny_init
 from icl_router.routing.decision import DecisionParams, cosine, layer_input, routed_accuracy
-from icl_router.routing.decision_fit import fit_router_decision, refit_guard
+from icl_router.routing.decision_fit import refit_guard
 from icl_router.routing.policy import Policy, route_batch
 from icl_router.train.data import build_train_data
+from icl_router.train.held_out import fit_decision_on_held_out, fold_trainer, rows_trained
 
 # icl-router: the router with its decision layer, queries naming their task; -no-task: the same without
 # the task; -evidence: its evidence head alone (the serving fast path) with the same decision layer;
@@ -213,33 +214,15 @@ def get_router(rc: EvalRouterConfig, rs: RoutingSet, *, seed: int, seed_i: int, 
         router, info = fit_in_process(cfg, data, init_dir=init, rs=rs, val=val if len(val) else None, eval_every=rc.eval_every, label=label)
     decision = stored
     if rc.decision is not None and stored is None:
-        held = held_out_rows(rs, val=val, kept_step=info.get("kept_step"))
-        texts = query_texts(router, rs, held, max_text_tokens=rc.max_text_tokens)
-        tasks = task_names(rs, held) if rc.decision.tasks else None
-        decision = fit_router_decision(
-            router, texts=texts, query_emb=rs.embeddings[held], labels=rs.labels[held][:, cols], profiles=profiles,
-            models=[rs.models[c] for c in cols], query_tasks=tasks, anchor_tasks=task_names(rs, rs.anchor_rows), clusters=rc.decision.clusters, seed=seed,
+        kept_step = info.get("kept_step", info.get("steps", 0))  # no validation: the last step is kept
+        fitted = fit_decision_on_held_out(
+            router, rs, cols=cols, decision=rc.decision, max_text_tokens=rc.max_text_tokens, seed=seed,
+            trained_on=rows_trained(cfg, data, steps=kept_step) if kept_step else None,
+            fold_router=fold_trainer(cfg, data, steps=kept_step, init_dir=init, device=next(router.parameters()).device) if kept_step else None,
         )
-        info["decision_rows"] = int(len(held))
+        decision = fitted.params
+        info.update(fitted.summary())
     return Routed(router, info, cols, profiles, decision)
-
-
-def held_out_rows(rs: RoutingSet, *, val: np.ndarray, kept_step: int | None) -> np.ndarray:
-    """The train queries that trained nothing of the router that was kept: every non-anchor train
-    query when validation kept the untrained router (step 0), else the validation slice."""
-    if kept_step == 0 or kept_step is None and len(val) == 0:
-        tr = rs.rows("train")
-        return tr[~np.isin(tr, rs.anchor_rows)]
-    return val
-
-
-def query_texts(router: Any, rs: RoutingSet, rows: np.ndarray, *, max_text_tokens: int) -> list[str]:
-    """What the router reads of each query's text: nothing for a vector router, the cut text otherwise."""
-    if router.layout.query_input == "vector":
-        return [""] * len(rows)
-    from icl_router.train.loop import truncate_texts
-
-    return truncate_texts([rs.texts[j] for j in rows], router.layout.tokenizer, max_tokens=max_text_tokens)
 
 
 def raw_p(r: Routed, rs: RoutingSet, rows: np.ndarray, rc: EvalRouterConfig) -> np.ndarray:

@@ -26,7 +26,8 @@ router is trained and stored in its directory (``icl_router.json``, ``decision``
 ``fit_decision`` picks ``tau`` and ``prior_weight`` by log loss and ``min_gain`` by routed
 accuracy, on two views of the held-out queries: as they are, and with the anchors of
 their own cluster hidden (queries unlike the anchors, which in-distribution validation
-never shows). Ties go to the more cautious setting.
+never shows). Ties go to the more cautious setting; ``min_gain`` is the most cautious margin
+within one standard error of the best (``pick_min_gain``).
 
 The guard's margin depends on the pool: one fitted on a pool without its strongest model
 keeps a strong newcomer from being used. When the pool is not the one the layer was
@@ -231,6 +232,23 @@ def routed_accuracy(choice: np.ndarray, labels: np.ndarray) -> float:
     return float(100 * np.nanmean(labels[np.arange(len(labels)), choice]))
 
 
+def pick_min_gain(hits: dict[float, np.ndarray]) -> float:
+    """The guard's margin from ``hits``: {min_gain: per-query correctness [Q] of routing with it} on the
+    same queries (NaN: unknown). The most cautious (largest) margin whose routed accuracy is within one
+    standard error of the best's (the paired one, of the per-query difference): a margin that wins on a
+    handful of queries is not evidence enough to leave the default more often."""
+    mean = {g: float(np.nanmean(h)) for g, h in hits.items()}
+    best = max(hits, key=lambda g: (round(mean[g], 9), g))  # the best, then the more cautious
+    for g in sorted(hits, reverse=True):
+        if g <= best:
+            return best
+        d = hits[best] - hits[g]
+        d = d[~np.isnan(d)]
+        if len(d) < 2 or d.mean() <= d.std(ddof=1) / np.sqrt(len(d)):
+            return g
+    return best
+
+
 # ---------------------------------------------------------------------------
 # Fitting
 
@@ -277,9 +295,11 @@ def fit_decision(
     cal = fit_platt(shrunk[0], labels)
     final = [calibrate(q, cal) for q in shrunk]
     default = int(np.argmax(prior))
-    acc = {g: float(np.mean([routed_accuracy(guarded_choice(q, default, g), labels) for q in final])) for g in min_gains}
-    g = max(min_gains, key=lambda x: (round(acc[x], 9), x))  # the best, then the more cautious
-    fitted = {"rows": int(len(labels)), "views": len(views), "log_loss": round(best_loss, 5), "accuracy": round(acc[g], 3)}
+    rows = np.arange(len(labels))
+    hits = {g: np.mean([labels[rows, guarded_choice(q, default, g)] for q in final], axis=0) for g in min_gains}  # [V], over the views
+    g = pick_min_gain(hits)
+    acc = 100 * float(np.nanmean(hits[g]))
+    fitted = {"rows": int(len(labels)), "views": len(views), "log_loss": round(best_loss, 5), "accuracy": round(acc, 3)}
     return DecisionParams(tau=tau, prior_weight=m, min_gain=g, calibration=cal, fitted=fitted)
 
 

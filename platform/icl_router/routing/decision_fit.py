@@ -33,16 +33,19 @@ from icl_router.routing.decision import (
     hide_own_cluster,
     layer_input,
     logit,
-    routed_accuracy,
+    pick_min_gain,
     shrink,
 )
 
 
 def router_views(
-    router: object, *, texts: Sequence[str], query_emb: np.ndarray, profiles: np.ndarray, clusters: int = 8, seed: int = 0
+    router: object, *, texts: Sequence[str], query_emb: np.ndarray, profiles: np.ndarray, clusters: int = 8, seed: int = 0,
+    groups: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> list[View]:
     """[as seen, own cluster hidden] views of V held-out queries (query_emb [V, E]) against
-    T profiles (bool [T, K]); a router without the evidence head gets the first view only."""
+    T profiles (bool [T, K]); a router without the evidence head gets the first view only.
+    ``groups``: the (anchor [K], query [V]) cluster ids, when the caller clusters a larger set once
+    (``anchor_query_groups``); by default the anchors and these queries are clustered here."""
     from icl_router.routing.scorer import Scorer
 
     profiles = np.asarray(profiles, dtype=bool)
@@ -55,8 +58,7 @@ def router_views(
     ev = router.evidence
     if ev is None:
         return views
-    groups = cluster_groups(np.concatenate([anchor_emb, query_emb]), n_clusters=clusters, seed=seed)
-    g_anchor, g_query = groups[: len(anchor_emb)], groups[len(anchor_emb) :]
+    g_anchor, g_query = groups if groups is not None else anchor_query_groups(anchor_emb, query_emb, clusters=clusters, seed=seed)
     hidden = hide_own_cluster(sim, g_query, g_anchor)
     qe = torch.as_tensor(query_emb, dtype=torch.float32)
     prof = torch.as_tensor(profiles)
@@ -74,6 +76,12 @@ def router_views(
     p_out = 1.0 / (1.0 + np.exp(-(lm + d_out)))
     views.append(View(np.clip(p_out, EPS, 1 - EPS), hidden))
     return views
+
+
+def anchor_query_groups(anchor_emb: np.ndarray, query_emb: np.ndarray, *, clusters: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """k-means cluster ids of the anchors [K] and of the queries [V], clustered together."""
+    groups = cluster_groups(np.concatenate([anchor_emb, query_emb]), n_clusters=clusters, seed=seed)
+    return groups[: len(anchor_emb)], groups[len(anchor_emb) :]
 
 
 def fit_router_decision(
@@ -94,6 +102,20 @@ def fit_router_decision(
     (``refit_guard``, ``routing.online.OnlineRouter.sync``). With the tasks of the held-out queries
     [V] and of the anchors [K], the layer for queries whose task has anchors is fitted too (``task``)."""
     views = router_views(router, texts=texts, query_emb=query_emb, profiles=profiles, clusters=clusters, seed=seed)
+    return fit_on_views(views, labels=labels, profiles=profiles, models=models, query_tasks=query_tasks, anchor_tasks=anchor_tasks)
+
+
+def fit_on_views(
+    views: list[View],
+    *,
+    labels: np.ndarray,
+    profiles: np.ndarray,
+    models: Sequence[str],
+    query_tasks: Sequence[str] | None = None,
+    anchor_tasks: Sequence[str] | None = None,
+) -> DecisionParams:
+    """The decision layer fitted on ``views`` of V held-out queries (``router_views``; labels [V, T]),
+    with the task layer when the queries' and the anchors' tasks are given, and the pool recorded."""
     prior = np.asarray(profiles, dtype=bool).mean(axis=1)  # [T] each model's accuracy on the anchors
     params = fit_decision(views, labels, prior)
     task = None
@@ -163,9 +185,11 @@ def _guard(params: DecisionParams, *, p: np.ndarray, mass: np.ndarray, labels: n
     """``params`` with the margin of best routed accuracy on p [N, T] against labels bool [N, T]."""
     q = calibrate(shrink(p, mass, prior, params.prior_weight), params.calibration)
     labels = labels.astype(np.float64)
-    acc = {g: routed_accuracy(guarded_choice(q, int(np.argmax(prior)), g), labels) for g in MIN_GAINS}
-    g = max(MIN_GAINS, key=lambda x: (round(acc[x], 9), x))  # the best, then the more cautious
-    return replace(params, min_gain=g, fitted={**params.fitted, "guard": {"on": "anchors", "models": len(prior), "accuracy": round(acc[g], 3)}})
+    rows = np.arange(len(labels))
+    hits = {g: labels[rows, guarded_choice(q, int(np.argmax(prior)), g)] for g in MIN_GAINS}  # [N] per margin
+    g = pick_min_gain(hits)
+    acc = 100 * float(np.nanmean(hits[g]))
+    return replace(params, min_gain=g, fitted={**params.fitted, "guard": {"on": "anchors", "models": len(prior), "accuracy": round(acc, 3)}})
 
 
 def fitted_here(params: DecisionParams, pool: Sequence[str]) -> bool:

@@ -125,7 +125,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                     rs, val = ray.get(loop_config["rs_ref"])
                     if len(val):
                         kept = keep_and_fit_decision(cfg, Path(d) / ROUTER_SUBDIR, rs=rs, val=val, data=data, init_dir=loop_config["init_dir"],
-                                                     device=device, untrained_to=Path(d) / UNTRAINED_SUBDIR)
+                                                     device=device, untrained_to=Path(d) / UNTRAINED_SUBDIR, steps=r.step, world=world)
                 (Path(d) / KEPT_FILE).write_text(json.dumps(kept))
             # one name on every rank, so the ranks' DeepSpeed shards land in one checkpoint folder
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=f"checkpoint-step-{r.step:08d}")
@@ -157,11 +157,12 @@ def prepare_data(cfg: TrainConfig) -> tuple[TrainData, dict[str, Any], Any, np.n
 
 
 def keep_and_fit_decision(cfg: TrainConfig, router_dir: Path, *, rs: Any, val: np.ndarray, data: TrainData, init_dir: str | Path | None,
-                          device: Any = "cpu", untrained_to: Path | None = None) -> dict[str, Any]:
+                          device: Any = "cpu", untrained_to: Path | None = None, steps: int = 0, world: int = 1) -> dict[str, Any]:
     """Check the trained router against the untrained one on the held-out queries and keep the trained
     one only when it routes them better by more than one standard error (``earliest_within_se``: the
-    untrained router's LM is silent); then fit the decision layer on the train queries that trained
-    nothing of the kept router, and write it into the kept router's directory: ``router_dir``, or
+    untrained router's LM is silent); then fit the decision layer on every held-out train query
+    (``train.held_out``: the queries the kept router trained on, after ``steps`` steps of ``world``
+    workers, are scored by fold routers), and write it into the kept router's directory: ``router_dir``, or
     ``untrained_to`` (default: ``router_dir``, replaced) when the untrained one is kept, so the trained
     export can stay as it was. Runs in the rank-0 worker, both routers on its ``device`` in the
     training dtype (the driver never loads a router LM). ``out["dir"]``: the kept directory."""
@@ -170,23 +171,19 @@ def keep_and_fit_decision(cfg: TrainConfig, router_dir: Path, *, rs: Any, val: n
     from icl_router.evaluation.baselines import earliest_within_se, routed_hits
     from icl_router.model.device import DTYPES
     from icl_router.model.router_dir import load_router_dir, save_router_dir, write_decision
-    from icl_router.routing.decision_fit import fit_router_decision
     from icl_router.routing.scorer import Scorer
-    from icl_router.train.loop import build_router, truncate_texts
+    from icl_router.train.held_out import fit_decision_on_held_out, fold_trainer, query_texts, rows_trained
+    from icl_router.train.loop import build_router
 
     loaded = load_router_dir(router_dir, device=device, dtype=DTYPES[cfg.train_dtype])
     fresh = build_router(cfg, anchor_emb=data.anchor_emb, init_dir=str(init_dir) if init_dir else None, device=device).eval()
     labels = rs.labels[:, [rs.models.index(m) for m in data.models]]
     pool = dict(zip(data.models, data.profiles))
 
-    def texts(router: Any, rows: np.ndarray) -> list[str]:
-        if router.layout.query_input == "vector":
-            return [""] * len(rows)
-        return truncate_texts([rs.texts[i] for i in rows], router.layout.tokenizer, max_tokens=cfg.max_text_tokens)
-
     def val_hits(router: Any) -> np.ndarray:
         qe = rs.embeddings[val] if router.layout.query_input == "vector" else None
-        return routed_hits(Scorer(router, pool).score(texts(router, val), query_emb=qe), labels[val])
+        texts = query_texts(router, rs, val, max_text_tokens=cfg.max_text_tokens)
+        return routed_hits(Scorer(router, pool).score(texts, query_emb=qe), labels[val])
 
     hits = [val_hits(fresh), val_hits(loaded.router)]  # simplest first
     fresh_acc, trained_acc = (100 * float(np.nanmean(h)) for h in hits)
@@ -201,20 +198,15 @@ def keep_and_fit_decision(cfg: TrainConfig, router_dir: Path, *, rs: Any, val: n
            "dir": str(router_dir)}
     if cfg.decision is None:
         return out
-    if keep_trained:
-        held = val
-    else:
-        train = rs.rows("train")
-        held = train[~np.isin(train, rs.anchor_rows)]
-    params = fit_router_decision(
-        router, texts=texts(router, held), query_emb=rs.embeddings[held], labels=labels[held], profiles=data.profiles, models=data.models,
-        query_tasks=[rs.tasks[i] for i in held] if cfg.decision.tasks else None, anchor_tasks=[rs.tasks[i] for i in rs.anchor_rows],
-        clusters=cfg.decision.clusters, seed=cfg.seed,
+    fitted = fit_decision_on_held_out(
+        router, rs, cols=[rs.models.index(m) for m in data.models], decision=cfg.decision, max_text_tokens=cfg.max_text_tokens, seed=cfg.seed,
+        trained_on=rows_trained(cfg, data, steps=steps, world=world) if keep_trained else None,
+        fold_router=fold_trainer(cfg, data, steps=steps * world, init_dir=str(init_dir) if init_dir else None, device=device) if keep_trained else None,
     )
-    write_decision(router_dir, params.to_json())
+    write_decision(router_dir, fitted.params.to_json())
     _say(f"[train] kept the {out['kept']} router (held-out accuracy {trained_acc:.1f} trained, {fresh_acc:.1f} untrained); "
-         f"decision layer fitted on {len(held)} queries: {asdict(params)}")
-    return {**out, "decision": params.to_json()}
+         f"decision layer fitted on {fitted.rows} queries ({fitted.by_folds} scored by {fitted.folds} fold routers): {asdict(fitted.params)}")
+    return {**out, **fitted.summary(), "decision": fitted.params.to_json()}
 
 
 def build_tiny_init(cfg: TrainConfig, texts: list[str], path: Path) -> Path:

@@ -1,0 +1,81 @@
+"""The one decision fit (train/held_out.py): every held-out query whichever step is kept, and a
+guard margin that stays cautious when the evidence for leaving the default is thin."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from icl_router.config import DecisionFitConfig, PhaseConfig, RouterConfig, SplitConfig, TinyRouterConfig, TrainConfig
+from icl_router.data.routing_set import load_routing_set
+from icl_router.routing.decision import pick_min_gain
+from icl_router.train.data import build_train_data
+from icl_router.train.driver import build_tiny_init
+from icl_router.train.held_out import fit_decision_on_held_out, fold_trainer, held_out_rows, rows_trained
+from icl_router.train.loop import PlainEngine, build_router, make_optimizer, train_steps
+
+
+def test_a_bold_margin_that_wins_on_a_handful_of_queries_is_not_picked():
+    rng = np.random.default_rng(0)
+    cautious = (rng.random(600) < 0.6).astype(float)  # [600] routing with min_gain 0.2: mostly the default
+    bold = cautious.copy()
+    bold[np.flatnonzero(cautious == 0)[:12]] = 1.0  # 12 won and 9 lost of 600: inside the noise
+    bold[np.flatnonzero(cautious == 1)[:9]] = 0.0
+    assert np.mean(bold) > np.mean(cautious)  # the plain argmax would take the bold margin
+    assert pick_min_gain({0.2: cautious, 0.0: bold}) == 0.2
+    clearly = cautious.copy()
+    clearly[np.flatnonzero(cautious == 0)[:90]] = 1.0  # 90 more right: far outside it
+    assert pick_min_gain({0.2: cautious, 0.05: bold, 0.0: clearly}) == 0.0
+    # between the best and the most cautious, the most cautious margin within reach of the best wins
+    assert pick_min_gain({0.2: cautious, 0.1: clearly, 0.0: clearly}) == 0.1
+    with_nan = cautious.copy()
+    with_nan[:5] = np.nan  # unlabelled queries drop out instead of making the comparison NaN
+    assert pick_min_gain({0.2: with_nan, 0.0: bold}) == 0.2
+
+
+def _routing_set(value_setup):
+    ds, _, _ = value_setup
+    rs = load_routing_set(ds, split=SplitConfig(name="given"), embedder="test-embedder")
+    return dataclasses.replace(rs, anchor_ids=rs.query_ids[:12])  # K=12; 48 held-out train queries
+
+
+def test_a_kept_trained_step_fits_the_layer_on_as_many_queries_as_step_0(value_setup, tmp_path):
+    rs = _routing_set(value_setup)
+    tiny = TinyRouterConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, intermediate_size=64, vocab_size=600)
+    cfg = TrainConfig(
+        stage=2, dataset="unused", output="unused", router=RouterConfig(tiny=tiny, anchor_evidence=True), phases=[PhaseConfig(lr_projector=1e-3, lr_router=1e-3)],
+        batch_size=8, max_steps=6, val_fraction=0.2, seed=0,
+    )
+    data, val = build_train_data(rs, stage=2, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    init = str(build_tiny_init(cfg, rs.texts, tmp_path / "init"))
+    decision = DecisionFitConfig(clusters=3, tasks=False, folds=2)
+    cols = list(range(len(rs.models)))
+    held = held_out_rows(rs)
+
+    untrained = build_router(cfg, anchor_emb=data.anchor_emb, init_dir=init).eval()
+    at_0 = fit_decision_on_held_out(untrained, rs, cols=cols, decision=decision, max_text_tokens=32)
+
+    trained = build_router(cfg, anchor_emb=data.anchor_emb, init_dir=init)
+    engine = PlainEngine(trained, make_optimizer(trained, cfg), clip=1.0)
+    steps = sum(1 for _ in train_steps(cfg, engine, data))
+    seen = rows_trained(cfg, data, steps=steps)
+    assert len(seen) and not np.isin(seen, val).any() and np.isin(seen, held).all()
+    left_out = []
+    folds = fold_trainer(cfg, data, steps=steps, init_dir=init)
+
+    def fold_router(leave_out):
+        left_out.append(leave_out)
+        return folds(leave_out)
+
+    kept = fit_decision_on_held_out(trained.eval(), rs, cols=cols, decision=decision, max_text_tokens=32, trained_on=seen, fold_router=fold_router)
+    assert at_0.rows == len(held) == 48 and at_0.by_folds == 0
+    assert kept.rows == at_0.rows  # the same queries, whichever step was kept
+    assert kept.params.fitted["rows"] == at_0.params.fitted["rows"] == len(held)
+    assert kept.folds == 2 and kept.by_folds == len(seen) and kept.by_kept == len(held) - len(seen)
+    # each fold router left out exactly the queries it scored, and together they cover what the kept router trained on
+    assert sorted(np.concatenate(left_out).tolist()) == sorted(seen.tolist())
+    # without fold routers the queries the kept router trained on are left out: fewer rows
+    thin = fit_decision_on_held_out(trained, rs, cols=cols, decision=decision.model_copy(update={"folds": 0}), max_text_tokens=32, trained_on=seen,
+                                    fold_router=fold_router)
+    assert thin.rows == len(held) - len(seen) < at_0.rows
