@@ -149,6 +149,37 @@ def _read_capped(f) -> str:
     return f.read(MAX_OUTPUT_BYTES).decode("utf-8", "replace")
 
 
+def _launcher_config(namespaces: bool, work: str, *, timeout_s: float, memory_mb: int, cpu_s: int | None, max_procs: int, file_mb: int,
+                     tmpfs_mb: int) -> dict:
+    """What the launcher sets up before it runs the program: namespaces, the user, the limits, the views."""
+    # the uid switch needs the namespaces too: they make the interpreter reachable for nobody
+    ids = _unprivileged_ids() if namespaces else None
+    limits = {
+        "RLIMIT_AS": memory_mb << 20,
+        "RLIMIT_CPU": cpu_s or int(timeout_s) + 1,  # soft == hard: SIGKILL, which PID 1 cannot ignore
+        "RLIMIT_FSIZE": file_mb << 20,
+        "RLIMIT_CORE": 0,
+    }
+    if ids:  # NPROC is per user: only meaningful for a user that runs nothing else
+        limits["RLIMIT_NPROC"] = max_procs
+    python = os.path.realpath(sys.executable)
+    python_view = "/tmp/.python"  # inside the private /tmp
+    if namespaces:
+        python = os.path.join(python_view, os.path.relpath(python, sys.base_prefix))
+    return {
+        "namespaces": namespaces,
+        "python": python,
+        "python_home": sys.base_prefix,
+        "python_view": python_view,
+        "scratch": [d for d in SCRATCH_DIRS if os.path.isdir(d)],
+        "tmpfs_mb": tmpfs_mb,
+        "work": work,
+        "uid": ids[0] if ids else None,
+        "gid": ids[1] if ids else None,
+        "limits": limits,
+    }
+
+
 def run_code(
     program: str,
     *,
@@ -165,38 +196,13 @@ def run_code(
     same time; ``file_mb`` caps any file written, the captured output included.
     """
     namespaces = _namespaces_work()
-    # the uid switch needs the namespaces too: they make the interpreter reachable for nobody
-    ids = _unprivileged_ids() if namespaces else None
     host_dir = None
     if namespaces:
         work = "/tmp/sandbox"  # inside the private, fresh /tmp
     else:
         host_dir = work = tempfile.mkdtemp(prefix="icl-sandbox-")
         program = _NO_NET_PRELUDE + program
-    limits = {
-        "RLIMIT_AS": memory_mb << 20,
-        "RLIMIT_CPU": cpu_s or int(timeout_s) + 1,  # soft == hard: SIGKILL, which PID 1 cannot ignore
-        "RLIMIT_FSIZE": file_mb << 20,
-        "RLIMIT_CORE": 0,
-    }
-    if ids:  # NPROC is per user: only meaningful for a user that runs nothing else
-        limits["RLIMIT_NPROC"] = max_procs
-    python = os.path.realpath(sys.executable)
-    python_view = "/tmp/.python"  # inside the private /tmp
-    if namespaces:
-        python = os.path.join(python_view, os.path.relpath(python, sys.base_prefix))
-    cfg = {
-        "namespaces": namespaces,
-        "python": python,
-        "python_home": sys.base_prefix,
-        "python_view": python_view,
-        "scratch": [d for d in SCRATCH_DIRS if os.path.isdir(d)],
-        "tmpfs_mb": tmpfs_mb,
-        "work": work,
-        "uid": ids[0] if ids else None,
-        "gid": ids[1] if ids else None,
-        "limits": limits,
-    }
+    cfg = _launcher_config(namespaces, work, timeout_s=timeout_s, memory_mb=memory_mb, cpu_s=cpu_s, max_procs=max_procs, file_mb=file_mb, tmpfs_mb=tmpfs_mb)
     env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": work, "TMPDIR": work}
     start = time.monotonic()
     timed_out = False

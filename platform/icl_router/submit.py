@@ -88,8 +88,26 @@ def submit_job(
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
-    overrides = list(overrides or [])
     wd = Path(working_dir).resolve()
+    entrypoint = job_entrypoint(job, config, list(overrides or []), wd=wd, config_class=config_class, shared_fs=shared_fs)
+    try:
+        client = JobSubmissionClient(address, headers=auth_headers())
+        job_id = client.submit_job(
+            entrypoint=entrypoint,
+            runtime_env={"working_dir": str(wd), "excludes": EXCLUDES},
+            metadata={"job": job},
+        )
+    except (AuthenticationError, ConnectionError, RuntimeError, ValueError) as e:
+        raise SubmitError(f"could not submit to {address}: {e}") from None
+    print(f"submit: {job} is {job_id} on {address}: {entrypoint}", file=sys.stderr, flush=True)
+    if not wait:
+        return {"job_id": job_id, "status": "PENDING", "entrypoint": entrypoint}
+    return follow_job(client, job_id, job=job, entrypoint=entrypoint, timeout_s=timeout_s)
+
+
+def job_entrypoint(job: str, config: str, overrides: list[str], *, wd: Path, config_class: str | None, shared_fs: bool) -> str:
+    """The job's command line, relative to the working dir ``wd``; with ``config_class`` the config is
+    loaded first, and its relative paths into what is not uploaded fail (or, with ``shared_fs``, become absolute)."""
     cfg_path = Path(config).resolve()
     if not cfg_path.is_relative_to(wd) or cfg_path.relative_to(wd).parts[0] in EXCLUDES:
         raise ConfigError(
@@ -106,22 +124,12 @@ def submit_job(
                 f"(the job would miss its input or lose its output); pass absolute paths the cluster sees, "
                 f"e.g. {bad[0][0]}=/mnt/shared/{bad[0][1]}, or --shared-fs if the cluster shares this filesystem"
             )
-        overrides += [f"{k}={wd / v}" for k, v in bad]
-    entrypoint = shlex.join(["icl-router", job, "--config", str(cfg_path.relative_to(wd)), *overrides])
+        overrides = [*overrides, *(f"{k}={wd / v}" for k, v in bad)]
+    return shlex.join(["icl-router", job, "--config", str(cfg_path.relative_to(wd)), *overrides])
 
-    try:
-        client = JobSubmissionClient(address, headers=auth_headers())
-        job_id = client.submit_job(
-            entrypoint=entrypoint,
-            runtime_env={"working_dir": str(wd), "excludes": EXCLUDES},
-            metadata={"job": job},
-        )
-    except (AuthenticationError, ConnectionError, RuntimeError, ValueError) as e:
-        raise SubmitError(f"could not submit to {address}: {e}") from None
-    print(f"submit: {job} is {job_id} on {address}: {entrypoint}", file=sys.stderr, flush=True)
-    if not wait:
-        return {"job_id": job_id, "status": "PENDING", "entrypoint": entrypoint}
 
+def follow_job(client: Any, job_id: str, *, job: str, entrypoint: str, timeout_s: float | None) -> dict[str, Any]:
+    """Stream the job's logs until it ends; its result, or SubmitError unless it SUCCEEDED."""
     t0 = time.monotonic()
 
     async def stream() -> None:

@@ -120,3 +120,39 @@ def test_no_one_letter_module_alias():
             if isinstance(node, ast.Import | ast.ImportFrom):
                 found += [f"{mod}:{node.lineno} {a.name} as {a.asname}" for a in node.names if a.asname and len(a.asname) == 1]
     assert found == [], "one-letter aliases hide what a name is; import the module by its name: " + "; ".join(found)
+
+
+MAX_FUNCTION_LINES = 80
+
+
+def long_functions(modules: dict[str, Path], limit: int = MAX_FUNCTION_LINES) -> list[str]:
+    """'module.qualified.name (lines)' of every function or method longer than ``limit`` lines, decorators aside."""
+    found = []
+
+    def walk(node: ast.AST, mod: str, prefix: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                name = f"{prefix}{child.name}"
+                if not isinstance(child, ast.ClassDef) and child.end_lineno - child.lineno + 1 > limit:
+                    found.append(f"{mod}.{name} ({child.end_lineno - child.lineno + 1})")
+                walk(child, mod, f"{name}.")
+            else:
+                walk(child, mod, prefix)
+
+    for mod, path in modules.items():
+        walk(ast.parse(path.read_text()), mod, "")
+    return found
+
+
+def test_no_function_is_longer_than_80_lines():
+    assert long_functions(module_files()) == [], "cut these into named steps"
+
+
+def test_the_length_check_counts_nested_functions_and_methods(tmp_path):
+    pkg = tmp_path / "icl_router"
+    pkg.mkdir()
+    body = "\n".join(f"        x{i} = {i}" for i in range(80))
+    (pkg / "m.py").write_text(f"class C:\n    def short(self):\n        return 1\n\n    def long(self):\n{body}\n")
+    (pkg / "n.py").write_text("def outer():\n    def inner():\n" + body.replace("        ", "        ") + "\n    return inner\n")
+    assert long_functions(module_files(pkg)) == ["icl_router.m.C.long (81)", "icl_router.n.outer (83)", "icl_router.n.outer.inner (81)"]
+

@@ -134,29 +134,41 @@ def _chaos(args: argparse.Namespace, cfg, start, wait_ready, openai) -> dict:  #
         for fault in FAULTS:
             with lock:
                 answered = [m for ph, _, ok, m in rows[-50:] if ok]
-            victim = collections.Counter(answered).most_common(1)[0][0] if fault == "pool_replica" else None
-            if fault == "pool_replica":
-                killed, back = _kill(cfg.app_name, f"LLMServer:{victim}"), lambda v=victim: _get(f"{base}/admin/models/{v}", admin)[1].get("circuit") == "closed"
-            elif fault == "router_replica":
-                killed, back = _kill(cfg.app_name, "RouterDeployment"), lambda: _get(f"{base}/admin/models", admin)[1].get("router") == "closed"
-            else:
-                killed, back = _kill(cfg.app_name, "Registry"), lambda: _get(f"{base}/admin/models", admin)[0] == 200
-            t_kill = time.monotonic()
-            phase[0] = fault
-            print(f"chaos: {fault}: killed {killed} replica(s){f' of {victim}' if victim else ''}", flush=True)
-            got = None
-            while time.monotonic() - t_kill < args.recover_timeout_s:
-                if got is None and time.monotonic() - t_kill > 1.0 and back():
-                    got = time.monotonic() - t_kill
-                if got is not None and time.monotonic() - t_kill >= args.fault_s:
-                    break
-                time.sleep(0.5)
-            recovered[fault] = None if got is None else round(got, 1)
-            print(f"chaos: {fault}: back after {recovered[fault]} s", flush=True)
+            recovered[fault] = _inject(fault, cfg.app_name, base, admin, answered=answered, phase=phase, args=args)
     finally:
         stop.set()
         for t in threads:
             t.join(timeout=180)
+    return _summary(rows, recovered, concurrency=args.concurrency, ready_s=ready_s)
+
+
+def _inject(fault: str, app_name: str, base: str, admin: str | None, *, answered: list[str], phase: list[str], args: argparse.Namespace) -> float | None:
+    """Kill the replicas of ``fault`` (the pool model that answered most of late, the router, the registry), mark
+    the traffic's ``phase`` and wait until it is back (seconds) or ``recover_timeout_s`` passes (None)."""
+    victim = collections.Counter(answered).most_common(1)[0][0] if fault == "pool_replica" else None
+    if fault == "pool_replica":
+        killed, back = _kill(app_name, f"LLMServer:{victim}"), lambda v=victim: _get(f"{base}/admin/models/{v}", admin)[1].get("circuit") == "closed"
+    elif fault == "router_replica":
+        killed, back = _kill(app_name, "RouterDeployment"), lambda: _get(f"{base}/admin/models", admin)[1].get("router") == "closed"
+    else:
+        killed, back = _kill(app_name, "Registry"), lambda: _get(f"{base}/admin/models", admin)[0] == 200
+    t_kill = time.monotonic()
+    phase[0] = fault
+    print(f"chaos: {fault}: killed {killed} replica(s){f' of {victim}' if victim else ''}", flush=True)
+    got = None
+    while time.monotonic() - t_kill < args.recover_timeout_s:
+        if got is None and time.monotonic() - t_kill > 1.0 and back():
+            got = time.monotonic() - t_kill
+        if got is not None and time.monotonic() - t_kill >= args.fault_s:
+            break
+        time.sleep(0.5)
+    recovered = None if got is None else round(got, 1)
+    print(f"chaos: {fault}: back after {recovered} s", flush=True)
+    return recovered
+
+
+def _summary(rows: list[tuple[str, float, bool, str]], recovered: dict[str, float | None], *, concurrency: int, ready_s: float) -> dict:
+    """Latency and failures per phase (normal, then each fault) of the (phase, ms, ok, model or error) rows."""
     by_phase: dict[str, list] = collections.defaultdict(list)
     for r in rows:
         by_phase[r[0]].append(r)
@@ -184,6 +196,6 @@ def _chaos(args: argparse.Namespace, cfg, start, wait_ready, openai) -> dict:  #
         "max_ms": {ph: s["max_ms"] for ph, s in phases.items()},
         "recovered_s": recovered,
         "phases": phases,
-        "concurrency": args.concurrency,
+        "concurrency": concurrency,
         "ready_s": round(ready_s, 1),
     }

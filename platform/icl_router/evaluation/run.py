@@ -464,85 +464,155 @@ def routerbench_section(cfg: EvaluateConfig, *, cache: Path) -> dict:
 # One dataset
 
 
-def evaluate_dataset(cfg: EvaluateConfig, d: EvalDatasetConfig, *, first: bool, cache: Path) -> dict:
-    """Every method on this dataset's ID test and OOD rows for every seed: its report entry."""
+PARTS = (("test", "id"), ("ood", "ood"))  # (split part, report key)
+CALIBRATION = ("ece", "brier", "ece_raw", "brier_raw", "away_from_default")
+
+
+@dataclass
+class RouterOnPart:
+    """The router on one seed's ID test or OOD rows: its routed accuracy four ways, its calibration and its p."""
+
+    routed: float  # with its decision layer, the queries naming their task (icl-router)
+    no_task: float  # the same, no task named (icl-router-no-task)
+    raw: float  # the raw p's argmax (icl-router-raw)
+    evidence: float | None  # its evidence head alone through the same layer (icl-router-evidence); None without one
+    calibration: dict[str, float]  # CALIBRATION
+    p: np.ndarray  # [n, T] after the decision layer
+    raw_p: np.ndarray  # [n, T] before it
+    labels: np.ndarray  # [n, T]
+
+
+@dataclass
+class SeedResult:
+    """Every method on one seed of one dataset."""
+
+    baselines: dict[str, dict[str, float]]  # baseline_scores: {method: {part key: accuracy}}
+    router: dict[str, RouterOnPart]  # part key -> the router there
+    text_router: dict[str, float]  # part key -> the text router's accuracy (icl-router-text); empty without one
+
+    def accuracies(self) -> dict[str, dict[str, float]]:
+        """{method: {part key: routed accuracy}} as the report names the methods."""
+        out = {m: dict(v) for m, v in self.baselines.items()}
+        for key, r in self.router.items():
+            named = {"icl-router": r.routed, "icl-router-no-task": r.no_task, "icl-router-raw": r.raw, "icl-router-evidence": r.evidence}
+            for m, v in named.items():
+                if v is not None:
+                    out.setdefault(m, {})[key] = v
+        for key, v in self.text_router.items():
+            out.setdefault("icl-router-text", {})[key] = v
+        return out
+
+
+def router_on_part(r: Routed, rs: RoutingSet, rows: np.ndarray, rc: EvalRouterConfig) -> RouterOnPart:
     from icl_router.evaluation import calibration as calibration_metrics
 
+    lab = rs.labels[rows]
+    p = raw_p(r, rs, rows, rc)
+    choice, q, default = decide(r, rs, rows, p)
+    s = calibration_metrics.summary(q, lab, choice, default if default is not None else int(np.argmax(r.prior)))
+    return RouterOnPart(
+        routed=routed_accuracy(choice, lab),
+        no_task=routed_accuracy(decide(r, rs, rows, p, tasks=False)[0], lab),
+        raw=score_accuracy(p, lab),
+        evidence=None if r.router.evidence is None else routed_accuracy(decide(r, rs, rows, evidence_p(r, rs, rows))[0], lab),
+        calibration={"ece": s["ece"], "brier": s["brier"], "away_from_default": s["away_from_default"],
+                     "ece_raw": calibration_metrics.ece(p, lab), "brier_raw": calibration_metrics.brier(p, lab)},
+        p=q, raw_p=p, labels=lab,
+    )
+
+
+def evaluate_seed(cfg: EvaluateConfig, d: EvalDatasetConfig, rs: RoutingSet, rs0: RoutingSet, queries: Any, *, seed: int, si: int, k: int,
+                  cache: Path, extra: dict[str, Any]) -> tuple[SeedResult, Routed]:
+    """Every method on one seed's routing set ``rs`` (K=``k`` anchors); the routers' training info and decision
+    layers go into ``extra``. Returns the result and the ICL-Router it routed with."""
+    result = SeedResult(baseline_scores(rs, knn_k=cfg.knn_k, seed=seed), {}, {})
+    routed = None
+    for name, rc in (("icl-router", cfg.icl_router.model_copy(update={"k": k})), ("icl-router-text", cfg.icl_router_text)):
+        if rc is None:
+            continue
+        rs_v = rs if rc.k == k else for_seed(rs0, queries, d.split, seed=seed, k=rc.k)
+        r = get_router(rc, rs_v, seed=seed, seed_i=si, cache=cache, label=f"{d.name} {name} seed {seed}")
+        extra["train_info"][f"{name}/{seed}"] = dict(r.info)
+        for part, key in PARTS:
+            rows = rs_v.rows(part)
+            if len(rows) == 0:
+                continue
+            if name == "icl-router":
+                result.router[key] = router_on_part(r, rs_v, rows, rc)
+            else:
+                result.text_router[key] = routed_accuracy(decide(r, rs_v, rows, raw_p(r, rs_v, rows, rc))[0], rs_v.labels[rows])
+        if name == "icl-router":
+            extra["decision"][str(seed)] = None if r.decision is None else r.decision.to_json()
+            routed = r
+        acc = result.accuracies().get(name, {})
+        say(f"{d.name} {name} seed {seed}: " + " ".join(f"{key.upper()} {acc[key]:.1f}" for key in ("id", "ood") if key in acc))
+    return result, routed
+
+
+def evaluate_dataset(cfg: EvaluateConfig, d: EvalDatasetConfig, *, first: bool, cache: Path) -> dict:
+    """Every method on this dataset's ID test and OOD rows for every seed: its report entry."""
     ds, emb_name = open_entry(cfg, d)
     rs0, queries = dense(ds, embedder=emb_name, split=d.split)
     k = d.k or cfg.icl_router.k
-    variants = {"icl-router": cfg.icl_router.model_copy(update={"k": k}), "icl-router-text": cfg.icl_router_text}
-    per_seed: dict[str, dict[str, list[float]]] = {m: {"id": [], "ood": []} for m in METHODS}
-    pooled: dict[str, dict[str, list[np.ndarray]]] = {part: {"p": [], "raw": [], "labels": []} for part in ("id", "ood")}
-    calib: dict[str, dict[str, list[float]]] = {part: {"ece": [], "brier": [], "ece_raw": [], "brier_raw": [], "away_from_default": []} for part in ("id", "ood")}
     extra: dict[str, Any] = {"train_info": {}, "decision": {}}
+    results = []
     for si, seed in enumerate(cfg.seeds):
         say(f"{d.name}: seed {seed} ({si + 1}/{len(cfg.seeds)})")
         rs = for_seed(rs0, queries, d.split, seed=seed, k=k)
-        for m, parts in baseline_scores(rs, knn_k=cfg.knn_k, seed=seed).items():
-            for key, v in parts.items():
-                per_seed[m][key].append(v)
-        for name, rc in variants.items():
-            if rc is None:
-                continue
-            rs_v = rs if rc.k == k else for_seed(rs0, queries, d.split, seed=seed, k=rc.k)
-            r = get_router(rc, rs_v, seed=seed, seed_i=si, cache=cache, label=f"{d.name} {name} seed {seed}")
-            extra["train_info"][f"{name}/{seed}"] = dict(r.info)
-            if name == "icl-router":
-                extra["decision"][str(seed)] = None if r.decision is None else r.decision.to_json()
-                routed = r
-            for part, key in (("test", "id"), ("ood", "ood")):
-                rows = rs_v.rows(part)
-                if len(rows) == 0:
-                    continue
-                lab = rs_v.labels[rows]
-                p = raw_p(r, rs_v, rows, rc)
-                choice, q, default = decide(r, rs_v, rows, p)
-                per_seed[name][key].append(routed_accuracy(choice, lab))
-                if name != "icl-router":
-                    continue
-                per_seed["icl-router-raw"][key].append(score_accuracy(p, lab))
-                per_seed["icl-router-no-task"][key].append(routed_accuracy(decide(r, rs_v, rows, p, tasks=False)[0], lab))
-                if r.router.evidence is not None:
-                    per_seed["icl-router-evidence"][key].append(routed_accuracy(decide(r, rs_v, rows, evidence_p(r, rs_v, rows))[0], lab))
-                s = calibration_metrics.summary(q, lab, choice, default if default is not None else int(np.argmax(r.prior)))
-                for field in ("ece", "brier", "away_from_default"):
-                    calib[key][field].append(s[field])
-                calib[key]["ece_raw"].append(calibration_metrics.ece(p, lab))
-                calib[key]["brier_raw"].append(calibration_metrics.brier(p, lab))
-                pooled[key]["p"].append(q)
-                pooled[key]["raw"].append(p)
-                pooled[key]["labels"].append(lab)
-            say(f"{d.name} {name} seed {seed}: " + " ".join(f"{key.upper()} {per_seed[name][key][-1]:.1f}" for key in ("id", "ood") if per_seed[name][key]))
+        result, routed = evaluate_seed(cfg, d, rs, rs0, queries, seed=seed, si=si, k=k, cache=cache, extra=extra)
+        results.append(result)
         if si == 0 and first:
-            if cfg.add_model:
-                extra["add_model"] = add_model_section(cfg, rs, routed, seed=seed, cache=cache)
-            if cfg.k_sweep:
-                extra["k_sweep"] = k_section(cfg, d, rs0, queries, seed=seed, cache=cache)
-            if cfg.pool_sizes:
-                extra["pool_sizes"] = pool_section(cfg, rs, seed=seed, cache=cache)
-    methods = {
-        m: {kk: {"mean": float(np.mean(v)), "std": float(np.std(v)), "per_seed": v} for kk, v in parts.items() if v}
-        for m, parts in per_seed.items()
-        if parts["id"] or parts["ood"]
-    }
-    calibration = {}
-    for part, fields in calib.items():
-        if not pooled[part]["p"]:
-            continue
-        p_all, raw_all, lab_all = (np.concatenate(pooled[part][f]) for f in ("p", "raw", "labels"))
-        calibration[part] = {f: float(np.mean(v)) for f, v in fields.items()}
-        calibration[part]["reliability"] = calibration_metrics.reliability(p_all, lab_all)
-        calibration[part]["reliability_raw"] = calibration_metrics.reliability(raw_all, lab_all)
+            extra.update(first_seed_sections(cfg, d, rs, rs0, queries, routed, seed=seed, cache=cache))
     return {
-        "methods": methods,
+        "methods": methods_table(results),
         "dataset": str(ds.root),
         "models": rs0.models,
         "k": k,
         "n": {"train": int(len(rs.rows("train"))), "id": int(len(rs.rows("test"))), "ood": int(len(rs.rows("ood")))},
-        "calibration": calibration,
+        "calibration": calibration_table(results),
         **extra,
     }
+
+
+def first_seed_sections(cfg: EvaluateConfig, d: EvalDatasetConfig, rs: RoutingSet, rs0: RoutingSet, queries: Any, routed: Routed | None, *,
+                        seed: int, cache: Path) -> dict[str, Any]:
+    """The experiments run on the first dataset's first seed: adding a model, accuracy vs K and vs pool size."""
+    out: dict[str, Any] = {}
+    if cfg.add_model:
+        out["add_model"] = add_model_section(cfg, rs, routed, seed=seed, cache=cache)
+    if cfg.k_sweep:
+        out["k_sweep"] = k_section(cfg, d, rs0, queries, seed=seed, cache=cache)
+    if cfg.pool_sizes:
+        out["pool_sizes"] = pool_section(cfg, rs, seed=seed, cache=cache)
+    return out
+
+
+def methods_table(results: list[SeedResult]) -> dict[str, dict]:
+    """{method: {part key: {mean, std, per_seed}}} over the seeds, in METHODS order; methods with no figure are left out."""
+    per_seed = [r.accuracies() for r in results]
+    out = {}
+    for m in METHODS:
+        parts = {key: [acc[m][key] for acc in per_seed if key in acc.get(m, {})] for _, key in PARTS}
+        parts = {key: v for key, v in parts.items() if v}
+        if parts:
+            out[m] = {key: {"mean": float(np.mean(v)), "std": float(np.std(v)), "per_seed": v} for key, v in parts.items()}
+    return out
+
+
+def calibration_table(results: list[SeedResult]) -> dict[str, dict]:
+    """Per part key: the router's calibration figures, mean over seeds, and the reliability of the p pooled over seeds."""
+    from icl_router.evaluation import calibration as calibration_metrics
+
+    out = {}
+    for _, key in PARTS:
+        on = [r.router[key] for r in results if key in r.router]
+        if not on:
+            continue
+        out[key] = {f: float(np.mean([o.calibration[f] for o in on])) for f in CALIBRATION}
+        lab = np.concatenate([o.labels for o in on])
+        out[key]["reliability"] = calibration_metrics.reliability(np.concatenate([o.p for o in on]), lab)
+        out[key]["reliability_raw"] = calibration_metrics.reliability(np.concatenate([o.raw_p for o in on]), lab)
+    return out
 
 
 BARS = ("best-single", "knn-tuned", "knn-tuned-task")

@@ -57,7 +57,6 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
 
-    from icl_router.model.router_dir import RouterMeta, save_router_dir
     from icl_router.train.loop import build_router, make_optimizer, train_steps
 
     # The shm-comm op only serves inference all-reduce and needs LOCAL_SIZE, which Ray
@@ -71,17 +70,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
     device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")  # this worker's GPU, under the device rule
     router = build_router(cfg, anchor_emb=data.anchor_emb, init_dir=loop_config["init_dir"], device=device)
-    ds_config = {
-        "train_micro_batch_size_per_gpu": cfg.batch_size,
-        "gradient_accumulation_steps": 1,
-        "gradient_clipping": cfg.deepspeed.gradient_clipping,
-        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
-        "bf16": {"enabled": cfg.train_dtype == "bfloat16"},
-        "steps_per_print": 1 << 30,
-    }
     # every part requires gradients here, so ZeRO partitions all of them; train_steps then
     # freezes a part for each phase that gives it a learning rate of 0 (loop.enter_phase)
-    engine, _, _, _ = deepspeed.initialize(model=router, optimizer=make_optimizer(router, cfg), config=ds_config)
+    engine, _, _, _ = deepspeed.initialize(model=router, optimizer=make_optimizer(router, cfg), config=deepspeed_config(cfg))
 
     start = 0
     checkpoint = ray.train.get_checkpoint()
@@ -105,31 +96,55 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         if r.step % cfg.checkpoint_every and not last:
             continue
         metrics = {"step": r.step, "epoch": r.epoch, "loss": float(np.mean(recent)), "world_size": world, "resumed_from": start}
-        with tempfile.TemporaryDirectory() as d:
-            engine.save_checkpoint(d, tag=DS_TAG)
-            gather = (
-                deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
-                if cfg.deepspeed.zero_stage == 3
-                else contextlib.nullcontext()
-            )
-            with gather:
-                if rank == 0:
-                    (Path(d) / STATE_FILE).write_text(json.dumps({"step": r.step}))
-                    if last:
-                        meta = RouterMeta(**loop_config["meta"], extra={"steps": r.step, "final_loss": metrics["loss"]})
-                        pool = dict(zip(data.models, data.profiles))
-                        save_router_dir(engine.module, Path(d) / ROUTER_SUBDIR, meta=meta, pool=pool)
-            if last and rank == 0:  # after the gather: the other ranks wait at the report, not inside a collective
-                kept = {}
-                if cfg.stage == 2 and loop_config.get("rs_ref") is not None:
-                    rs, val = ray.get(loop_config["rs_ref"])
-                    if len(val):
-                        kept = keep_and_fit_decision(cfg, Path(d) / ROUTER_SUBDIR, rs=rs, val=val, data=data, init_dir=loop_config["init_dir"],
-                                                     device=device, untrained_to=Path(d) / UNTRAINED_SUBDIR, steps=r.step, world=world)
-                (Path(d) / KEPT_FILE).write_text(json.dumps(kept))
-            # one name on every rank, so the ranks' DeepSpeed shards land in one checkpoint folder
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=f"checkpoint-step-{r.step:08d}")
+        report_checkpoint(cfg, engine, metrics, loop_config, data=data, rank=rank, world=world, last=last, device=device)
         recent = []
+
+
+def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
+    return {
+        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": cfg.deepspeed.gradient_clipping,
+        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+        "bf16": {"enabled": cfg.train_dtype == "bfloat16"},
+        "steps_per_print": 1 << 30,
+    }
+
+
+def report_checkpoint(cfg: TrainConfig, engine: Any, metrics: dict[str, Any], loop_config: dict[str, Any], *, data: TrainData, rank: int, world: int,
+                      last: bool, device: Any) -> None:
+    """Save the DeepSpeed state (every rank) and report it as one checkpoint; at the last step rank 0 also
+    exports the router directory into it, then checks it against the untrained router and fits the decision layer."""
+    import deepspeed
+    import ray
+    import ray.train
+
+    from icl_router.model.router_dir import RouterMeta, save_router_dir
+
+    with tempfile.TemporaryDirectory() as d:
+        engine.save_checkpoint(d, tag=DS_TAG)
+        gather = (
+            deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
+            if cfg.deepspeed.zero_stage == 3
+            else contextlib.nullcontext()
+        )
+        with gather:
+            if rank == 0:
+                (Path(d) / STATE_FILE).write_text(json.dumps({"step": metrics["step"]}))
+                if last:
+                    meta = RouterMeta(**loop_config["meta"], extra={"steps": metrics["step"], "final_loss": metrics["loss"]})
+                    pool = dict(zip(data.models, data.profiles))
+                    save_router_dir(engine.module, Path(d) / ROUTER_SUBDIR, meta=meta, pool=pool)
+        if last and rank == 0:  # after the gather: the other ranks wait at the report, not inside a collective
+            kept = {}
+            if cfg.stage == 2 and loop_config.get("rs_ref") is not None:
+                rs, val = ray.get(loop_config["rs_ref"])
+                if len(val):
+                    kept = keep_and_fit_decision(cfg, Path(d) / ROUTER_SUBDIR, rs=rs, val=val, data=data, init_dir=loop_config["init_dir"],
+                                                 device=device, untrained_to=Path(d) / UNTRAINED_SUBDIR, steps=metrics["step"], world=world)
+            (Path(d) / KEPT_FILE).write_text(json.dumps(kept))
+        # one name on every rank, so the ranks' DeepSpeed shards land in one checkpoint folder
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=f"checkpoint-step-{metrics['step']:08d}")
 
 
 def prepare_data(cfg: TrainConfig) -> tuple[TrainData, dict[str, Any], Any, np.ndarray]:
@@ -235,8 +250,6 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     from ray.train import ScalingConfig as RayScaling
     from ray.train.torch import TorchTrainer
 
-    from icl_router.model.prompt import PromptLayout
-    from icl_router.model.router_dir import anchor_queries, write_anchor_queries
     from icl_router.raycluster import ensure_ray
 
     t0 = time.time()
@@ -244,16 +257,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     storage = Path(cfg.storage_path or f"{output}.runs").resolve()
     run_name = f"stage{cfg.stage}"
     data, meta, rs, val = prepare_data(cfg)
-    init_dir = None
-    if cfg.init_from is None and cfg.router.name_or_path is None:
-        init_dir = storage / run_name / INIT_DIR
-        if not (init_dir / "config.json").exists():  # a resumed run keeps its initial weights
-            build_tiny_init(cfg, data.texts, init_dir)
-    tok_src = cfg.init_from or cfg.router.name_or_path or init_dir
-    tokenizer = _load_tokenizer(tok_src)
-    layout = PromptLayout(tokenizer, query_input=cfg.router.query_input, profile_layout=cfg.router.profile_layout)
-    meta.update(placeholder_id=layout.placeholder_id, yes_id=layout.yes_id, no_id=layout.no_id)
-
+    init_dir = prepare_init(cfg, data, meta, storage / run_name)
     ensure_ray(cfg.ray)
     trainer = TorchTrainer(
         train_loop,
@@ -274,25 +278,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     result = trainer.fit()
     if result.error:
         raise RuntimeError(f"training failed: {result.error}")
-    kept = {}
-    with result.checkpoint.as_directory() as d:
-        exported = Path(d) / ROUTER_SUBDIR
-        if not exported.is_dir():
-            raise RuntimeError(f"the last checkpoint {result.checkpoint.path} holds no exported router")
-        if (Path(d) / KEPT_FILE).is_file():
-            kept = json.loads((Path(d) / KEPT_FILE).read_text())
-        if kept.pop("dir", None) and kept.get("kept") == "untrained":  # the keep-check kept the untrained router, beside the export
-            exported = Path(d) / UNTRAINED_SUBDIR
-        staging = output.with_name(f".{output.name}.staging-{uuid.uuid4().hex[:8]}")
-        shutil.copytree(exported, staging)
-        try:
-            # the anchor queries with gold and grader: a service profiles new models on them (after the
-            # decision step, which may rewrite the directory whole)
-            write_anchor_queries(staging, anchor_queries(cfg.dataset, meta["anchor_query_ids"]))
-            swap_into_place(staging, output)  # output always holds a whole router, the old or the new
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging)
+    kept = publish_router(result.checkpoint, output, dataset=cfg.dataset, anchor_ids=meta["anchor_query_ids"])
     summary = {
         "stage": cfg.stage,
         "output": str(output),
@@ -308,6 +294,50 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     }
     print(f"[train] stage {cfg.stage} done: {summary['steps']} steps, loss {summary['final_loss']:.4f}, router at {output}", flush=True)
     return summary
+
+
+def prepare_init(cfg: TrainConfig, data: TrainData, meta: dict[str, Any], run_dir: Path) -> Path | None:
+    """The tiny initial LM in ``run_dir`` when no router is given (kept by a resumed run), and the prompt
+    layout's token ids in ``meta``; the initial directory, or None when the workers load a given router."""
+    from icl_router.model.prompt import PromptLayout
+
+    init_dir = None
+    if cfg.init_from is None and cfg.router.name_or_path is None:
+        init_dir = run_dir / INIT_DIR
+        if not (init_dir / "config.json").exists():  # a resumed run keeps its initial weights
+            build_tiny_init(cfg, data.texts, init_dir)
+    tok_src = cfg.init_from or cfg.router.name_or_path or init_dir
+    tokenizer = _load_tokenizer(tok_src)
+    layout = PromptLayout(tokenizer, query_input=cfg.router.query_input, profile_layout=cfg.router.profile_layout)
+    meta.update(placeholder_id=layout.placeholder_id, yes_id=layout.yes_id, no_id=layout.no_id)
+    return init_dir
+
+
+def publish_router(checkpoint: Any, output: Path, *, dataset: str, anchor_ids: list[str]) -> dict[str, Any]:
+    """Copy the kept router of the last checkpoint (the export, or the untrained router beside it) to
+    ``output`` whole, with its anchor queries; what the keep-check decided."""
+    from icl_router.model.router_dir import anchor_queries, write_anchor_queries
+
+    kept = {}
+    with checkpoint.as_directory() as d:
+        exported = Path(d) / ROUTER_SUBDIR
+        if not exported.is_dir():
+            raise RuntimeError(f"the last checkpoint {checkpoint.path} holds no exported router")
+        if (Path(d) / KEPT_FILE).is_file():
+            kept = json.loads((Path(d) / KEPT_FILE).read_text())
+        if kept.pop("dir", None) and kept.get("kept") == "untrained":  # the keep-check kept the untrained router, beside the export
+            exported = Path(d) / UNTRAINED_SUBDIR
+        staging = output.with_name(f".{output.name}.staging-{uuid.uuid4().hex[:8]}")
+        shutil.copytree(exported, staging)
+        try:
+            # the anchor queries with gold and grader: a service profiles new models on them (after the
+            # decision step, which may rewrite the directory whole)
+            write_anchor_queries(staging, anchor_queries(dataset, anchor_ids))
+            swap_into_place(staging, output)  # output always holds a whole router, the old or the new
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging)
+    return kept
 
 
 def _load_tokenizer(src: str | Path) -> Any:
