@@ -566,7 +566,7 @@ class EvalRouterConfig(Config):
 
     router: RouterConfig = RouterConfig(anchor_evidence=True)
     k: int = 500  # anchors, picked per seed on the train part; the evidence reads them
-    phases: list[PhaseConfig] = [PhaseConfig(epochs=5, lr_projector=3e-4, lr_router=3e-4)]  # 1e-3 keeps the tiny router at the prior
+    phases: list[PhaseConfig] = [PhaseConfig(epochs=5, lr_projector=3e-4, lr_router=3e-4)]  # a higher rate keeps the tiny router at the prior (docs/results.md)
     batch_size: int = 32
     max_steps: int | None = 300  # with the evidence, validation peaks early
     max_text_tokens: int = 64
@@ -576,7 +576,8 @@ class EvalRouterConfig(Config):
     checkpoints: list[str] | None = None  # one trained router directory per seed instead of training
 
 
-# The same router reading the query's text (no evidence: it reads the query's vector); a text step costs ~3 vector steps.
+# The same router reading the query's text (no evidence: it reads the query's vector); a text step costs several vector
+# steps (docs/results.md).
 TEXT_ROUTER = EvalRouterConfig(router=RouterConfig(query_input="text", anchor_evidence=False), k=100, max_steps=600, eval_every=500)
 
 
@@ -940,7 +941,7 @@ class DemoConfig(Config):
     id_tasks: list[str] = ["natural_qa", "trivia_qa", "human_eval"]  # where the two models answer differently
     ood_tasks: list[str] = ["mbpp", "gsm8k"]
     embedder: str = "all-MiniLM-L6-v2"  # or a variant, e.g. all-MiniLM-L6-v2@onnx-int8 (data/embedder.py)
-    k: int = Field(default=32, ge=2)  # anchors: with two models, the train questions exactly one of them answers (33 at seed 0)
+    k: int = Field(default=32, ge=2)  # anchors: with two models, the train questions exactly one of them answers
     stage1_epochs: int = 2
     stage2_epochs: int = 4
     stage1_lr: float = 1e-3  # a tiny router trained from scratch needs far larger rates than the paper's

@@ -116,7 +116,7 @@ class OnlineRouter:
             from icl_router.routing.decision_fit import fitted_here, refit_guard
 
             # the pool the layer was fitted on keeps it as stored, and so does any pool for a layer that
-            # records none (written by hand, or by an older train job)
+            # records none (one written by hand, say)
             here = fitted_here(self.stored, self.scorer.models)
             self.decision = self.stored if here else refit_guard(self.evidence, self.stored, profiles=self.profile_matrix, anchor_tasks=self.anchor_tasks)
 
