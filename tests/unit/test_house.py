@@ -156,3 +156,10 @@ def test_the_length_check_counts_nested_functions_and_methods(tmp_path):
     (pkg / "n.py").write_text("def outer():\n    def inner():\n" + body.replace("        ", "        ") + "\n    return inner\n")
     assert long_functions(module_files(pkg)) == ["icl_router.m.C.long (81)", "icl_router.n.outer (83)", "icl_router.n.outer.inner (81)"]
 
+
+def test_every_module_is_named_in_the_design_map():
+    design = (PACKAGE.parents[1] / "docs" / "design.md").read_text()
+    start = design.index("## 6. Layout")
+    section = design[start : design.index("\n## ", start + 1)]
+    missing = [str(p.relative_to(PACKAGE)) for p in module_files().values() if str(p.relative_to(PACKAGE)) not in section]
+    assert missing == [], f"docs/design.md §6 does not name {missing}: add each to the module map"
