@@ -277,6 +277,15 @@ class TinyRouterConfig(Config):
     intermediate_size: int = 256
     vocab_size: int = 3000  # of the byte-level BPE tokenizer trained on the dataset's texts
 
+    def build(self, texts: list[str], *, seed: int = 0) -> tuple[Any, Any]:
+        """(a fresh tiny Qwen2 of this shape, its tokenizer trained on ``texts``) (model/tiny.py)."""
+        from icl_router.model.tiny import build_tiny_router_lm
+
+        return build_tiny_router_lm(
+            texts, vocab_size=self.vocab_size, seed=seed, hidden=self.hidden_size, heads=self.num_attention_heads,
+            kv_heads=self.num_key_value_heads, layers=self.num_hidden_layers, intermediate=self.intermediate_size,
+        )
+
 
 class RouterConfig(Config):
     """Which causal LM routes. ``name_or_path: null`` builds the tiny router."""
@@ -296,6 +305,18 @@ class RouterConfig(Config):
         if self.anchor_evidence and self.query_input != "vector":
             raise ValueError("anchor_evidence reads the query's vector: set query_input: vector or anchor_evidence: false")
         return self
+
+    def layout(self, tokenizer: Any) -> Any:
+        """The ``model.prompt.PromptLayout`` of this router for ``tokenizer``."""
+        from icl_router.model.prompt import PromptLayout
+
+        return PromptLayout(tokenizer, query_input=self.query_input, profile_layout=self.profile_layout)
+
+    def build(self, lm: Any, tokenizer: Any, *, anchor_emb: Any) -> Any:
+        """The ``model.router.ICLRouter`` this describes around a loaded ``lm`` and its ``tokenizer``; anchor_emb [K, E] (a tensor)."""
+        from icl_router.model.router import ICLRouter
+
+        return ICLRouter(lm, self.layout(tokenizer), anchor_emb=anchor_emb, anchor_evidence=self.anchor_evidence)
 
 
 class PhaseConfig(Config):
@@ -330,33 +351,23 @@ class DecisionFitConfig(Config):
     folds: int = Field(default=2, ge=0)
 
 
-class TrainConfig(Config):
+class TrainStepsConfig(Config):
+    """How a router trains, step by step: all the training loop reads (train/loop.py). Evaluation trains
+    with it alone, in process; the train job's ``TrainConfig`` adds the data, the output and the cluster."""
+
     stage: Literal[1, 2]
-    dataset: str
-    output: str  # the trained router directory
     init_from: str | None = None  # a router directory from the previous stage
-    embedder: str = "all-MiniLM-L6-v2"
-    models: list[str] | None = None  # train on these pool models only (null: every model with outcomes)
     router: RouterConfig = RouterConfig()
-    split: SplitConfig = SplitConfig()
     phases: list[PhaseConfig] = [PhaseConfig()]
     batch_size: int = 32  # pairs per optimiser step per worker (stage 2: one model's pairs share a prefix)
     max_steps: int | None = None  # stop early (tests, smoke runs)
     max_text_tokens: int = 128  # query text is cut to this many tokens
-    checkpoint_every: int = 50  # steps
-    max_failures: int = 2  # worker failures survived by resuming from the latest checkpoint
-    storage_path: str | None = None  # Ray Train run storage; default <output>.runs
     seed: int = 0
-    # stage 2: train queries held out of training, on which the trained router is checked against the
-    # untrained one (the better is kept) and the decision layer is fitted
-    val_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
-    decision: DecisionFitConfig | None = DecisionFitConfig()  # stage 2; null: no decision layer
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     scaling: ScalingConfig = ScalingConfig()
-    ray: RayConfig = RayConfig()
 
     @model_validator(mode="after")
-    def _check(self) -> TrainConfig:
+    def _check(self) -> TrainStepsConfig:
         if not self.phases:
             raise ValueError("phases must list at least one phase, e.g. [{epochs: 1, lr_projector: 1e-5, lr_router: 2e-6}]")
         for i, ph in enumerate(self.phases):
@@ -384,6 +395,24 @@ class TrainConfig(Config):
         if self.deepspeed.bf16 is not None:
             return "bfloat16" if self.deepspeed.bf16 else "float32"
         return "bfloat16" if self.scaling.use_gpu else "float32"
+
+
+class TrainConfig(TrainStepsConfig):
+    """The train job: the steps (``TrainStepsConfig``) on a dataset's split, written to ``output``, on Ray Train."""
+
+    dataset: str
+    output: str  # the trained router directory
+    embedder: str = "all-MiniLM-L6-v2"
+    models: list[str] | None = None  # train on these pool models only (null: every model with outcomes)
+    split: SplitConfig = SplitConfig()
+    checkpoint_every: int = 50  # steps
+    max_failures: int = 2  # worker failures survived by resuming from the latest checkpoint
+    storage_path: str | None = None  # Ray Train run storage; default <output>.runs
+    # stage 2: train queries held out of training, on which the trained router is checked against the
+    # untrained one (the better is kept) and the decision layer is fitted
+    val_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
+    decision: DecisionFitConfig | None = DecisionFitConfig()  # stage 2; null: no decision layer
+    ray: RayConfig = RayConfig()
 
 
 # ---------------------------------------------------------------------------

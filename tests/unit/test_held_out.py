@@ -7,7 +7,14 @@ import dataclasses
 
 import numpy as np
 
-from icl_router.config import DecisionFitConfig, PhaseConfig, RouterConfig, SplitConfig, TinyRouterConfig, TrainConfig
+from icl_router.config import (
+    DecisionFitConfig,
+    PhaseConfig,
+    RouterConfig,
+    SplitConfig,
+    TinyRouterConfig,
+    TrainStepsConfig,
+)
 from icl_router.data.routing_set import load_routing_set
 from icl_router.routing.decision import pick_min_gain
 from icl_router.train.data import build_train_data
@@ -43,11 +50,11 @@ def _routing_set(value_setup):
 def test_a_kept_trained_step_fits_the_layer_on_as_many_queries_as_step_0(value_setup, tmp_path):
     rs = _routing_set(value_setup)
     tiny = TinyRouterConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, intermediate_size=64, vocab_size=600)
-    cfg = TrainConfig(
-        stage=2, dataset="unused", output="unused", router=RouterConfig(tiny=tiny, anchor_evidence=True), phases=[PhaseConfig(lr_projector=1e-3, lr_router=1e-3)],
-        batch_size=8, max_steps=6, val_fraction=0.2, seed=0,
+    cfg = TrainStepsConfig(
+        stage=2, router=RouterConfig(tiny=tiny, anchor_evidence=True), phases=[PhaseConfig(lr_projector=1e-3, lr_router=1e-3)],
+        batch_size=8, max_steps=6, seed=0,
     )
-    data, val = build_train_data(rs, stage=2, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    data, val = build_train_data(rs, stage=2, val_fraction=0.2, seed=cfg.seed)
     init = str(build_tiny_init(cfg, rs.texts, tmp_path / "init"))
     decision = DecisionFitConfig(clusters=3, tasks=False, folds=2)
     cols = list(range(len(rs.models)))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from icl_router.config import PhaseConfig, TrainConfig
+from icl_router.config import PhaseConfig, TrainStepsConfig
 from icl_router.model.prompt import PromptLayout
 from icl_router.model.router import ICLRouter
 from icl_router.testing import SAMPLE_QUERIES as QUERIES
@@ -51,11 +51,9 @@ def make_router(tiny, query_input="text", profile_layout="pairs", anchor_evidenc
 
 
 def train_config(*phases, stage=2, **kw):
-    """A TrainConfig for in-process steps; ``phases``: (lr_projector, lr_router[, epochs]) tuples."""
-    return TrainConfig(
+    """The steps of an in-process training; ``phases``: (lr_projector, lr_router[, epochs]) tuples."""
+    return TrainStepsConfig(
         stage=stage,
-        dataset="<in-memory>",
-        output="<in-memory>",
         phases=[PhaseConfig(lr_projector=p[0], lr_router=p[1], epochs=p[2] if len(p) > 2 else 1) for p in phases],
         **kw,
     )

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from icl_router.config import SplitConfig, TrainConfig
+from icl_router.config import SplitConfig, TrainStepsConfig
 from icl_router.data.anchors import select_anchors
 from icl_router.data.routing_set import RoutingSet
 from icl_router.data.splits import make_split
@@ -35,7 +35,7 @@ def for_seed(rs: RoutingSet, queries: Any, split: SplitConfig, *, seed: int, k: 
     return dataclasses.replace(rs, anchor_ids=table.column("query_id").to_pylist())
 
 
-def tiny_init(cfg: TrainConfig, texts: list[str], cache: Path) -> str:
+def tiny_init(cfg: TrainStepsConfig, texts: list[str], cache: Path) -> str:
     """A fresh tiny LM + tokenizer saved under ``cache`` (one per shape, vocab and seed)."""
     from icl_router.train.driver import build_tiny_init
 
@@ -60,7 +60,7 @@ def score(router: Any, rs: RoutingSet, rows: np.ndarray, profiles: np.ndarray, *
 
 
 def fit(
-    cfg: TrainConfig,
+    cfg: TrainStepsConfig,
     data: TrainData,
     *,
     init_dir: str,

@@ -29,7 +29,7 @@ from icl_router.config import (
     EvalRouterConfig,
     EvaluateConfig,
     SplitConfig,
-    TrainConfig,
+    TrainStepsConfig,
 )
 from icl_router.data.dataset import Dataset, DatasetError
 from icl_router.data.routing_set import RoutingSet, load_routing_set
@@ -168,17 +168,15 @@ class Routed:
         return self.profiles.mean(axis=1)  # [T] accuracy on the anchors
 
 
-def train_config(rc: EvalRouterConfig, *, seed: int, max_steps: int | None = None) -> TrainConfig:
-    """The in-process training's config; under the device rule it trains on cuda (bfloat16) where this process sees a GPU."""
+def train_config(rc: EvalRouterConfig, *, seed: int, max_steps: int | None = None) -> TrainStepsConfig:
+    """The in-process training's steps; under the device rule it trains on cuda (bfloat16) where this process sees a GPU."""
     from icl_router.config import ScalingConfig
     from icl_router.model.device import resolve_device
 
     gpu = resolve_device(rc.router.device, where="icl_router.router.device").type == "cuda"
-    return TrainConfig(
+    return TrainStepsConfig(
         scaling=ScalingConfig(num_workers=1, use_gpu=gpu),
         stage=2,
-        dataset="<in-memory>",
-        output="<in-memory>",
         router=rc.router,
         phases=rc.phases,
         batch_size=rc.batch_size,

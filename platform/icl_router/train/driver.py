@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from icl_router.config import TrainConfig
+from icl_router.config import TrainConfig, TrainStepsConfig
 from icl_router.data.dataset import DatasetError, swap_into_place
 from icl_router.train.data import TrainData, build_train_data
 
@@ -224,21 +224,9 @@ def keep_and_fit_decision(cfg: TrainConfig, router_dir: Path, *, rs: Any, val: n
     return {**out, **fitted.summary(), "decision": fitted.params.to_json()}
 
 
-def build_tiny_init(cfg: TrainConfig, texts: list[str], path: Path) -> Path:
+def build_tiny_init(cfg: TrainStepsConfig, texts: list[str], path: Path) -> Path:
     """Save a fresh tiny Qwen2 + tokenizer trained on the dataset's texts (the CPU router)."""
-    from icl_router.model.tiny import build_tiny_router_lm
-
-    t = cfg.router.tiny
-    lm, tok = build_tiny_router_lm(
-        texts,
-        vocab_size=t.vocab_size,
-        seed=cfg.seed,
-        hidden=t.hidden_size,
-        heads=t.num_attention_heads,
-        kv_heads=t.num_key_value_heads,
-        layers=t.num_hidden_layers,
-        intermediate=t.intermediate_size,
-    )
+    lm, tok = cfg.router.tiny.build(texts, seed=cfg.seed)
     lm.save_pretrained(path)
     tok.save_pretrained(path)
     return path
@@ -299,8 +287,6 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
 def prepare_init(cfg: TrainConfig, data: TrainData, meta: dict[str, Any], run_dir: Path) -> Path | None:
     """The tiny initial LM in ``run_dir`` when no router is given (kept by a resumed run), and the prompt
     layout's token ids in ``meta``; the initial directory, or None when the workers load a given router."""
-    from icl_router.model.prompt import PromptLayout
-
     init_dir = None
     if cfg.init_from is None and cfg.router.name_or_path is None:
         init_dir = run_dir / INIT_DIR
@@ -308,7 +294,7 @@ def prepare_init(cfg: TrainConfig, data: TrainData, meta: dict[str, Any], run_di
             build_tiny_init(cfg, data.texts, init_dir)
     tok_src = cfg.init_from or cfg.router.name_or_path or init_dir
     tokenizer = _load_tokenizer(tok_src)
-    layout = PromptLayout(tokenizer, query_input=cfg.router.query_input, profile_layout=cfg.router.profile_layout)
+    layout = cfg.router.layout(tokenizer)
     meta.update(placeholder_id=layout.placeholder_id, yes_id=layout.yes_id, no_id=layout.no_id)
     return init_dir
 

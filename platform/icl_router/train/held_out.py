@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from icl_router.config import DecisionFitConfig, TrainConfig
+from icl_router.config import DecisionFitConfig, TrainStepsConfig
 from icl_router.data.routing_set import RoutingSet
 from icl_router.routing.decision import DecisionParams, View
 from icl_router.routing.decision_fit import anchor_query_groups, fit_on_views, router_views
@@ -52,7 +52,7 @@ def held_out_rows(rs: RoutingSet) -> np.ndarray:
     return train[~np.isin(train, rs.anchor_rows)]
 
 
-def rows_trained(cfg: TrainConfig, data: TrainData, *, steps: int, world: int = 1) -> np.ndarray:
+def rows_trained(cfg: TrainStepsConfig, data: TrainData, *, steps: int, world: int = 1) -> np.ndarray:
     """The query rows of the items in the first ``steps`` optimiser steps of the schedule, on every rank."""
     from icl_router.train.loop import epoch_batches, total_steps
 
@@ -68,7 +68,7 @@ def rows_trained(cfg: TrainConfig, data: TrainData, *, steps: int, world: int = 
     return np.unique(np.concatenate(seen)) if seen else np.zeros(0, dtype=np.int64)
 
 
-def fold_trainer(cfg: TrainConfig, data: TrainData, *, steps: int, init_dir: str | None, device: Any = "cpu") -> FoldRouter:
+def fold_trainer(cfg: TrainStepsConfig, data: TrainData, *, steps: int, init_dir: str | None, device: Any = "cpu") -> FoldRouter:
     """Fold routers for ``fit_decision_on_held_out``: each trains ``steps`` steps of ``cfg`` in this
     process (``train.loop``, no DeepSpeed) on ``data`` without the items of the rows it is given."""
 

@@ -18,14 +18,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from icl_router.config import PhaseConfig, TrainConfig
+from icl_router.config import PhaseConfig, TrainStepsConfig
 from icl_router.train.data import TrainData
 
 # ---------------------------------------------------------------------------
 # The schedule: which items each rank trains on at each global step.
 
 
-def epoch_batches(cfg: TrainConfig, data: TrainData, *, epoch: int, rank: int, world: int) -> list[np.ndarray]:
+def epoch_batches(cfg: TrainStepsConfig, data: TrainData, *, epoch: int, rank: int, world: int) -> list[np.ndarray]:
     """This rank's batches of one epoch (indices into ``data.items``); every rank gets the same count."""
     from icl_router.train.steps import batches_by_model
 
@@ -40,7 +40,7 @@ def epoch_batches(cfg: TrainConfig, data: TrainData, *, epoch: int, rank: int, w
     return batches[rank::world][:per_rank]
 
 
-def total_steps(cfg: TrainConfig, data: TrainData, *, world: int) -> tuple[int, list[tuple[int, int]]]:
+def total_steps(cfg: TrainStepsConfig, data: TrainData, *, world: int) -> tuple[int, list[tuple[int, int]]]:
     """(total steps, [(phase, epoch)] per epoch)."""
     epochs = [(p, e) for p, ph in enumerate(cfg.phases) for e in range(ph.epochs)]
     n = sum(len(epoch_batches(cfg, data, epoch=i, rank=0, world=world)) for i in range(len(epochs)))
@@ -51,12 +51,10 @@ def total_steps(cfg: TrainConfig, data: TrainData, *, world: int) -> tuple[int, 
 # Building the router in a worker
 
 
-def build_router(cfg: TrainConfig, *, anchor_emb: np.ndarray, init_dir: str | None, device: torch.device | str = "cpu") -> Any:
+def build_router(cfg: TrainStepsConfig, *, anchor_emb: np.ndarray, init_dir: str | None, device: torch.device | str = "cpu") -> Any:
     """The ICLRouter to train, on ``device`` in the config's training dtype (the device rule,
-    ``TrainConfig.train_dtype``): from ``init_from`` (a router directory), a hub id / path, or the tiny LM."""
+    ``TrainStepsConfig.train_dtype``): from ``init_from`` (a router directory), a hub id / path, or the tiny LM."""
     from icl_router.model.device import DTYPES
-    from icl_router.model.prompt import PromptLayout
-    from icl_router.model.router import ICLRouter
     from icl_router.model.tiny import load_router_lm
 
     dtype = DTYPES[cfg.train_dtype]
@@ -69,8 +67,7 @@ def build_router(cfg: TrainConfig, *, anchor_emb: np.ndarray, init_dir: str | No
         lm, tokenizer, projector_state = prev.lm, prev.layout.tokenizer, prev.projector.state_dict()
     else:
         lm, tokenizer = load_router_lm(cfg.router.name_or_path or init_dir, dtype=dtype)
-    layout = PromptLayout(tokenizer, query_input=cfg.router.query_input, profile_layout=cfg.router.profile_layout)
-    router = ICLRouter(lm, layout, anchor_emb=torch.tensor(anchor_emb), anchor_evidence=cfg.router.anchor_evidence)
+    router = cfg.router.build(lm, tokenizer, anchor_emb=torch.tensor(anchor_emb))
     if projector_state is not None:
         router.projector.load_state_dict(projector_state)
     return router.to(device=device, dtype=dtype)
@@ -85,7 +82,7 @@ def truncate_texts(texts: list[str], tokenizer: Any, *, max_tokens: int) -> list
 # The worker loop
 
 
-def make_batch(cfg: TrainConfig, router: Any, data: TrainData, texts: list[str], idx: np.ndarray) -> Any:
+def make_batch(cfg: TrainStepsConfig, router: Any, data: TrainData, texts: list[str], idx: np.ndarray) -> Any:
     from icl_router.train.steps import collate_stage1, collate_stage2
 
     items = data.items[idx]  # [B, 3]
@@ -114,7 +111,7 @@ def param_parts(router: Any) -> tuple[list[torch.nn.Parameter], list[torch.nn.Pa
     return parts
 
 
-def make_optimizer(router: Any, cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(router: Any, cfg: TrainStepsConfig) -> torch.optim.Optimizer:
     """The one optimiser builder: AdamW with the two ``param_parts`` as groups (projector + head,
     then LM), at the first phase's rates; ``enter_phase`` moves them per phase.
 
@@ -165,7 +162,7 @@ class StepResult:
     items: int  # items in this rank's batch
 
 
-def train_steps(cfg: TrainConfig, engine: Any, data: TrainData, *, rank: int = 0, world: int = 1, start: int = 0) -> Iterator[StepResult]:
+def train_steps(cfg: TrainStepsConfig, engine: Any, data: TrainData, *, rank: int = 0, world: int = 1, start: int = 0) -> Iterator[StepResult]:
     """Run the schedule from global step ``start``; yield after each optimiser step.
 
     Steps before ``start`` are skipped without computing anything, so a run resumed
