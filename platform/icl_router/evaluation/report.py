@@ -224,9 +224,7 @@ def suite_delta_plot(r: dict[str, Any], plt: Any) -> Any:
     ax.axhline(0, color="k", lw=0.8)
     ax.axhline(-0.5, color="grey", lw=0.8, ls="--")
     ax.set_xticks(x, [f"{n}\n{p.upper()}" for n, p, _ in rows], fontsize=8)
-    ax.set_ylabel("routed accuracy difference (points)")
-    ax.legend(fontsize=7)
-    return fig
+    return _labelled(fig, ax, y="routed accuracy difference (points)")
 
 
 def k_sweep_plot(r: dict[str, Any], plt: Any) -> Any:
@@ -240,11 +238,7 @@ def k_sweep_plot(r: dict[str, Any], plt: Any) -> Any:
         ax.plot(ks, [k[part] for k in r["k_sweep"]], "o-", label=f"ICL-Router {part.upper()}")
         if "knn" in r["methods"] and part in r["methods"]["knn"]:
             ax.axhline(r["methods"]["knn"][part]["mean"], ls="--", lw=1, color="C0" if part == "id" else "C1", label=f"kNN {part.upper()}")
-    ax.set_xscale("log")
-    ax.set_xlabel("anchors K")
-    ax.set_ylabel("routed accuracy (%)")
-    ax.legend(fontsize=7)
-    return fig
+    return _labelled(fig, ax, x="anchors K", y="routed accuracy (%)", log_x=True)
 
 
 def pool_plot(r: dict[str, Any], plt: Any) -> Any:
@@ -254,10 +248,7 @@ def pool_plot(r: dict[str, Any], plt: Any) -> Any:
     ns = [p["n"] for p in r["pool_sizes"]]
     for m in ("icl-router", "knn-tuned", "knn", "best-single", "oracle"):
         ax.plot(ns, [p[m] for p in r["pool_sizes"]], "o-", label=m)
-    ax.set_xlabel("pool size")
-    ax.set_ylabel("ID routed accuracy (%)")
-    ax.legend(fontsize=7)
-    return fig
+    return _labelled(fig, ax, x="pool size", y="ID routed accuracy (%)")
 
 
 def routerbench_plot(r: dict[str, Any], plt: Any) -> Any:
@@ -276,9 +267,16 @@ def routerbench_plot(r: dict[str, Any], plt: Any) -> Any:
     for frac in (0.25, 0.5):
         ax.axvline(frac * ref["cost"], color="grey", lw=0.6, ls=":")
     ax.axhline(ref["quality"], color="grey", lw=0.6, ls=":")
-    ax.set_xscale("log")
-    ax.set_xlabel("mean cost per query ($)")
-    ax.set_ylabel("accuracy (%)")
+    return _labelled(fig, ax, x="mean cost per query ($)", y="accuracy (%)", log_x=True)
+
+
+def _labelled(fig: Any, ax: Any, *, y: str, x: str | None = None, log_x: bool = False) -> Any:
+    """``fig`` with its axes labelled and a small legend."""
+    if log_x:
+        ax.set_xscale("log")
+    if x is not None:
+        ax.set_xlabel(x)
+    ax.set_ylabel(y)
     ax.legend(fontsize=7)
     return fig
 
