@@ -216,6 +216,7 @@ def keep_and_fit_decision(cfg: TrainConfig, router_dir: Path, *, rs: Any, val: n
     fitted = fit_decision_on_held_out(
         router, rs, cols=[rs.models.index(m) for m in data.models], decision=cfg.decision, max_text_tokens=cfg.max_text_tokens, seed=cfg.seed,
         trained_on=rows_trained(cfg, data, steps=steps, world=world) if keep_trained else None,
+        # a fold router trains in this worker alone: ``world`` of its steps see the batches one step of the job saw
         fold_router=fold_trainer(cfg, data, steps=steps * world, init_dir=str(init_dir) if init_dir else None, device=device) if keep_trained else None,
     )
     write_decision(router_dir, fitted.params.to_json())

@@ -25,7 +25,7 @@ import numpy as np
 
 from icl_router.config import DecisionFitConfig, TrainStepsConfig
 from icl_router.data.routing_set import RoutingSet
-from icl_router.routing.decision import DecisionParams, View
+from icl_router.routing.decision import DecisionError, DecisionParams, View
 from icl_router.routing.decision_fit import anchor_query_groups, fit_on_views, router_views
 from icl_router.train.data import TrainData
 
@@ -110,6 +110,8 @@ def fit_decision_on_held_out(
         assign = np.random.default_rng(seed + 13).permutation(len(seen)) % folds
         parts += [(fold_router(seen[assign == f]), seen[assign == f]) for f in range(folds)]
     parts = [(r, rows) for r, rows in parts if len(rows)]
+    if not parts:
+        raise DecisionError("the decision layer needs held-out train queries (train queries that are not anchors); the split has none")
     rows = np.concatenate([p[1] for p in parts])
     profiles = rs.profiles([rs.models[c] for c in cols])
     anchor_emb = router.anchor_emb.detach().float().cpu().numpy()
