@@ -86,3 +86,37 @@ def test_a_kept_trained_step_fits_the_layer_on_as_many_queries_as_step_0(value_s
     thin = fit_decision_on_held_out(trained, rs, cols=cols, decision=decision.model_copy(update={"folds": 0}), max_text_tokens=32, trained_on=seen,
                                     fold_router=fold_router)
     assert thin.rows == len(held) - len(seen) < at_0.rows
+
+
+def test_the_train_job_fits_the_kept_router_on_every_held_out_query_either_way(value_setup, tmp_path, monkeypatch):
+    """driver.keep_and_fit_decision, as the rank-0 worker runs it: whichever router validation keeps,
+    the decision layer written into its directory was fitted on every held-out train query."""
+    from icl_router.config import TrainConfig
+    from icl_router.evaluation import baselines
+    from icl_router.model.router_dir import RouterMeta, read_meta, save_router_dir
+    from icl_router.train.driver import keep_and_fit_decision
+
+    rs = _routing_set(value_setup)
+    tiny = TinyRouterConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, intermediate_size=64, vocab_size=600)
+    cfg = TrainConfig(
+        stage=2, dataset="unused", output=str(tmp_path / "out"), router=RouterConfig(tiny=tiny, anchor_evidence=True),
+        phases=[PhaseConfig(lr_projector=1e-3, lr_router=1e-3)], batch_size=8, max_steps=6, val_fraction=0.2,
+        decision=DecisionFitConfig(clusters=3, tasks=False, folds=2),
+    )
+    data, val = build_train_data(rs, stage=2, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    init = str(build_tiny_init(cfg, rs.texts, tmp_path / "init"))
+    trained = build_router(cfg, anchor_emb=data.anchor_emb, init_dir=init)
+    steps = sum(1 for _ in train_steps(cfg, PlainEngine(trained, make_optimizer(trained, cfg), clip=1.0), data))
+    layout = trained.layout
+    meta = RouterMeta("test-embedder", 16, "vector", "pairs", layout.placeholder_id, layout.yes_id, layout.no_id, rs.anchor_ids, anchor_evidence=True)
+    held = len(held_out_rows(rs))
+    out = {}
+    for keep in ("trained", "untrained"):
+        path = save_router_dir(trained.eval(), tmp_path / keep, meta=meta, pool=dict(zip(data.models, data.profiles)))
+        monkeypatch.setattr(baselines, "earliest_within_se", lambda hits, keep=keep: 1 if keep == "trained" else 0)
+        out[keep] = keep_and_fit_decision(cfg, path, rs=rs, val=val, data=data, init_dir=init, untrained_to=tmp_path / f"{keep}-kept", steps=steps)
+        assert out[keep]["kept"] == keep
+        assert read_meta(out[keep]["dir"]).decision["fitted"]["rows"] == held
+    assert out["trained"]["decision_rows"] == out["untrained"]["decision_rows"] == held
+    assert out["trained"]["decision_folds"] == 2 and 0 < out["trained"]["decision_rows_folds"] < held
+    assert out["untrained"]["decision_folds"] == 0 and out["untrained"]["decision_rows_kept"] == held
