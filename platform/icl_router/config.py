@@ -18,6 +18,9 @@ builds imports this module, so no import loop runs through here.
 from __future__ import annotations
 
 import copy
+import os
+import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -40,6 +43,24 @@ from icl_router.kinds import (
 
 class ConfigError(UserError):
     """A config that cannot be used; the message names the key and the fix."""
+
+
+ENV_REF = re.compile(r"\$\{(\w+)\}|\$(\w+)")
+
+
+def expand_env(item: str, *, where: str, env: Mapping[str, str] | None = None) -> str:
+    """``$NAME`` / ``${NAME}`` in an app-args override, from ``env`` (default: this process's environment):
+    a RayService names the cluster's settings (the icl-router-settings ConfigMap) the way its RayJobs' shells do."""
+    env = os.environ if env is None else env
+
+    def value(m: re.Match) -> str:
+        name = m.group(1) or m.group(2)
+        if name not in env:
+            raise ConfigError(f"{where} {item!r}: ${name} is not set in the environment; set it (cluster/kuberay: "
+                              "the icl-router-settings ConfigMap) or write the value")
+        return env[name]
+
+    return ENV_REF.sub(value, item)
 
 
 class Config(BaseModel):

@@ -22,8 +22,8 @@ import yaml
 
 from icl_router import config as config_mod
 from icl_router.cli import build_parser
-from icl_router.config import ServeConfig, load_config
-from icl_router.serving.app import expand_env, serve_config
+from icl_router.config import ServeConfig, expand_env, load_config
+from icl_router.serving.app import serve_config
 
 REPO = Path(__file__).resolve().parents[2]
 KUBERAY = REPO / "cluster" / "kuberay"

@@ -17,8 +17,7 @@ import yaml
 
 from icl_router import config as config_mod
 from icl_router.cli import build_parser
-from icl_router.config import load_config
-from icl_router.serving.app import expand_env
+from icl_router.config import expand_env, load_config
 from icl_router.submit import excluded_paths
 
 REPO = Path(__file__).resolve().parents[2]

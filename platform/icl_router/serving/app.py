@@ -7,34 +7,12 @@ or the ServeConfig fields inline). ``icl-router serve`` starts it locally with `
 
 from __future__ import annotations
 
-import os
-import re
 import socket
 import time
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from icl_router.config import ServeConfig, build_config, load_config
-
-ENV_REF = re.compile(r"\$\{(\w+)\}|\$(\w+)")
-
-
-def expand_env(item: str, *, where: str, env: Mapping[str, str] | None = None) -> str:
-    """``$NAME`` / ``${NAME}`` in an app-args override, from ``env`` (default: this process's environment):
-    a RayService names the cluster's settings (the icl-router-settings ConfigMap) the way its RayJobs' shells do."""
-    from icl_router.config import ConfigError
-
-    env = os.environ if env is None else env
-
-    def value(m: re.Match) -> str:
-        name = m.group(1) or m.group(2)
-        if name not in env:
-            raise ConfigError(f"{where} {item!r}: ${name} is not set in the environment; set it (cluster/kuberay: "
-                              "the icl-router-settings ConfigMap) or write the value")
-        return env[name]
-
-    return ENV_REF.sub(value, item)
+from icl_router.config import ServeConfig, build_config, expand_env, load_config
 
 
 def serve_config(args: dict[str, Any]) -> ServeConfig:

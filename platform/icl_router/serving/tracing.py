@@ -80,7 +80,7 @@ class Tracing:
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
         from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
-        from icl_router.serving.app import expand_env
+        from icl_router.config import expand_env
 
         headers = {k: expand_env(v, where=f"tracing.headers.{k}") for k, v in cfg.headers.items()}
         if cfg.protocol == "grpc":
