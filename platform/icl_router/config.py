@@ -934,6 +934,20 @@ class ShadowConfig(Config):
         return self
 
 
+class DecisionLogConfig(Config):
+    """The decision log (serving/decision_log.py): one Parquet row per routed request, and the feedback
+    (``POST /v1/feedback``) on them, under ``dir``: ``decisions/`` and ``feedback/``, rotated shards."""
+
+    dir: str | None = None  # null: no log, and /v1/feedback answers 404 (nothing to give feedback on)
+    log_text: bool = False  # keep the routed text (re-profiling needs it); else only its sha256
+    log_embedding: bool = False  # keep the query's embedding (the router's embedder)
+    shard_rows: int = Field(default=5000, ge=1)  # a shard is written once this many rows wait ...
+    flush_interval_s: float = Field(default=2.0, gt=0)  # ... or this long after the last one
+    max_bytes: int = Field(default=1 << 30, ge=1)  # per kind (decisions, feedback): the oldest shards go beyond it
+    feedback_ttl_s: float = Field(default=7 * 86400.0, gt=0)  # feedback on an older request is refused (404 expired)
+    recent: int = Field(default=100_000, ge=0)  # request ids each ingress replica remembers (older ones: read from the shards)
+
+
 class ServeConfig(Config):
     """``icl-router serve``: the OpenAI-compatible routing service on Ray Serve."""
 
@@ -954,6 +968,7 @@ class ServeConfig(Config):
     max_body_bytes: int = 1_048_576  # larger request bodies get 413 request_too_large
     persist_profiles: bool = False  # onboarded profiles written back to <router>/profiles.parquet
     onboarding: OnboardingConfig = OnboardingConfig()
+    decision_log: DecisionLogConfig = DecisionLogConfig()
     ingress_replicas: int = 1
     ingress_max_ongoing_requests: int = 256
     ray: RayConfig = RayConfig(num_cpus=8)  # ray.serve.llm: a model replica takes {CPU: 2}
