@@ -95,7 +95,8 @@ class Router:
         models = self._models(models)
         s = self.online.score(texts, tasks=_tasks(tasks, len(texts)))
         cols = [s.models.index(m) for m in models]
-        return Scores(models, s.p[:, cols], np.full(len(texts), np.inf) if s.mass is None else s.mass, s.task_rows)
+        mass = np.full(len(texts), np.inf) if s.mass is None else s.mass if s.model_mass is None else s.model_mass[:, cols]  # [Q] or, with the evidence store, [Q, T]
+        return Scores(models, s.p[:, cols], mass, s.task_rows)
 
     def scores(self, texts: Sequence[str], *, models: Sequence[str] | None = None, tasks: Sequence[str | None] | None = None) -> np.ndarray:
         """p(correct) [Q, T] as the policies see it (after the decision layer, if the router has one)."""

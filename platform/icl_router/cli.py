@@ -29,6 +29,7 @@ BENCHES = {
     "route": "route",
     "chaos": "chaos",
     "value": "value",
+    "feedback": "feedback",
 }
 
 

@@ -946,6 +946,7 @@ class DecisionLogConfig(Config):
     max_bytes: int = Field(default=1 << 30, ge=1)  # per kind (decisions, feedback): the oldest shards go beyond it
     feedback_ttl_s: float = Field(default=7 * 86400.0, gt=0)  # feedback on an older request is refused (404 expired)
     recent: int = Field(default=100_000, ge=0)  # request ids each ingress replica remembers (older ones: read from the shards)
+    graders: dict[str, str] = {}  # task -> grader (graders.GRADERS) for feedback's reference, over the router anchors' own
 
 
 class ServeConfig(Config):

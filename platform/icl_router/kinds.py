@@ -11,7 +11,7 @@ from typing import Literal
 
 # Public routing-data formats ``icl-router import`` reads (data/importers.py).
 # ``local``: LLMRouter's questions with the outcomes of the packaged real LMs recorded here.
-DatasetFormat = Literal["llmrouter", "zeroeval", "routerbench", "iclrouter", "local"]
+DatasetFormat = Literal["llmrouter", "zeroeval", "routerbench", "iclrouter", "local", "decisions"]
 
 # Routing policies (routing/policy.py): from p(correct) per model to one model.
 PolicyKind = Literal["highest", "threshold", "margin", "budget", "cost"]

@@ -116,6 +116,6 @@ def test_find_request_reads_the_shards(tmp_path):
 
 def test_feedback_shards_are_a_kind_of_their_own(tmp_path):
     fb = dl.DecisionLog(tmp_path, "feedback")
-    fb.append({"request_id": "req-1", "time": dl.now(), "model": "a", "task": None, "correct": True, "score": None, "reference": None, "key": "k"})
+    fb.append({"request_id": "req-1", "time": dl.now(), "model": "a", "task": None, "correct": True, "score": None, "reference": None, "grader": None, "key": "k"})
     fb.flush()
     assert dl.read_log(tmp_path, "feedback").num_rows == 1 and dl.read_log(tmp_path).num_rows == 0

@@ -42,7 +42,7 @@ def test_both_paths_score_the_pool(routers):
     for s, r in routers.items():
         assert r.score(["x"])[0] == []  # an empty pool scores nothing
         r.sync(routable)
-        models, p, mass, ms, _ = r.score(["Who wrote Hamlet?", "What is 2 + 2?", "Who wrote Hamlet?"])
+        models, p, mass, ms, *_ = r.score(["Who wrote Hamlet?", "What is 2 + 2?", "Who wrote Hamlet?"])
         assert models == ["m0", "m1"] and p.shape == (3, 2) and ms["cached"] == 1  # the repeated text is embedded once
         assert mass is None  # no decision layer in this directory
         assert np.abs(p[0] - p[2]).max() < 1e-6 and ((p > 0) & (p < 1)).all()

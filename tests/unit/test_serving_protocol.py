@@ -190,7 +190,7 @@ def test_the_schema_documents_every_route_its_body_and_its_errors():
     schema = service_schema(app.routes)
     ops = {(m.upper(), p): op for p, item in schema["paths"].items() for m, op in item.items()}
     assert set(ops) == {
-        ("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("GET", "/v1/models"), ("GET", "/v1/models/{model}"),
+        ("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("POST", "/v1/feedback"), ("GET", "/v1/models"), ("GET", "/v1/models/{model}"),
         ("GET", "/health"), ("GET", "/ready"), ("GET", "/admin/models"), ("POST", "/admin/models"),
         ("GET", "/admin/models/{name}"), ("DELETE", "/admin/models/{name}"),
     }  # /openapi.json itself is not in it

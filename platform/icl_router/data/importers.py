@@ -398,6 +398,8 @@ def import_dataset(fmt: DatasetFormat, inputs: list[str], output: str | Path, *,
         raise DatasetError(f"format {fmt!r} is not known; use one of {', '.join(FORMATS)}")
     if on_missing_label not in ("error", "skip"):
         raise DatasetError(f"on_missing_label={on_missing_label!r}: use 'error' or 'skip'")
+    if fmt == "decisions":
+        return write_dataset_atomically(output, *decisions_tables(inputs), overwrite=overwrite)
     files = _expand(fmt, inputs)
     if fmt == "iclrouter":
         rows = _iclrouter(files)
@@ -408,6 +410,60 @@ def import_dataset(fmt: DatasetFormat, inputs: list[str], output: str | Path, *,
         rows = [q for path in files for q in read(path)]
     queries, outcomes = _tables(_pool(rows), on_missing_label)
     return write_dataset_atomically(output, queries, outcomes, overwrite=overwrite)
+
+
+TRAFFIC_SPLIT = "traffic"  # the split of queries imported from a decision log
+
+
+def decisions_tables(inputs: list[str], *, since: Any = None) -> tuple[pa.Table, pa.Table]:
+    """(queries, outcomes) from decision-log directories (``serving/decision_log.py``; ``decision_log.dir``
+    of a serve config): every routed request whose text was logged is a query (id: its request id,
+    task: the request's or ``unknown``, split ``traffic``); a feedback ``reference`` becomes its gold
+    (with the grader of its task), a feedback ``correct`` / ``score`` an outcome of the model that answered,
+    with the answer's cost, latency and tokens. Rows before ``since`` (a datetime) are left out."""
+    from icl_router.serving.decision_log import read_log
+
+    queries: dict[str, dict] = {}
+    no_text = 0
+    feedback: list[dict] = []
+    for item in inputs:
+        if not Path(item).is_dir():
+            raise DatasetError(f"--input {item}: not a decision-log directory (decision_log.dir of the serve config)")
+        d = read_log(item, "decisions")
+        if d.num_rows == 0 and not (Path(item) / "decisions").is_dir():
+            raise DatasetError(f"--input {item}: no decisions/ shards: not a decision-log directory (decision_log.dir of the serve config)")
+        for r in d.to_pylist():
+            if since is not None and r["time"] < since:
+                continue
+            if not r["query_text"]:
+                no_text += 1
+                continue
+            queries[r["request_id"]] = r
+        feedback += read_log(item, "feedback").to_pylist()
+    if not queries:
+        raise DatasetError(f"--input {inputs}: no logged request has its text ({no_text} without): serve with decision_log.log_text: true")
+    gold: dict[str, tuple[str, str]] = {}
+    labels: dict[tuple[str, str], float] = {}
+    for f in sorted(feedback, key=lambda f: f["time"]):  # the latest feedback of a kind wins
+        if f["request_id"] not in queries:
+            continue
+        if f["reference"] is not None and f["grader"]:
+            gold[f["request_id"]] = (f["reference"], f["grader"])
+        score = f["score"] if f["score"] is not None else None if f["correct"] is None else float(f["correct"])
+        if score is not None and f["model"]:
+            labels[(f["request_id"], f["model"])] = score
+    rows = list(queries.values())
+    q = pa.table({
+        S.QUERY_ID: [r["request_id"] for r in rows], S.TEXT: [r["query_text"] for r in rows], S.TASK: [r["task"] or "unknown" for r in rows],
+        S.SPLIT: [TRAFFIC_SPLIT] * len(rows), S.GOLD: [gold.get(r["request_id"], (None, None))[0] for r in rows],
+        S.GRADER: [gold.get(r["request_id"], (None, None))[1] for r in rows], S.METRIC: [None] * len(rows),
+    }, schema=S.QUERIES_SCHEMA)
+    out = [{S.QUERY_ID: rid, S.MODEL_ID: m, S.SAMPLE: 0, S.SCORE: s, S.CORRECT: s >= S.CORRECT_THRESHOLD, S.COST: queries[rid]["cost"],
+            S.LATENCY_S: queries[rid]["latency_ms"] / 1e3, S.PROMPT_TOKENS: queries[rid]["prompt_tokens"],
+            S.COMPLETION_TOKENS: queries[rid]["completion_tokens"]} for (rid, m), s in labels.items()]
+    outcomes = pa.Table.from_pylist(out, schema=pa.schema([S.OUTCOMES_SCHEMA.field(c) for c in (
+        S.QUERY_ID, S.MODEL_ID, S.SAMPLE, S.SCORE, S.CORRECT, S.COST, S.LATENCY_S, S.PROMPT_TOKENS, S.COMPLETION_TOKENS)]))
+    return q, outcomes
 
 
 def export_outcomes(dataset: str | Path, models: list[str], output: str | Path) -> dict[str, Any]:

@@ -144,10 +144,13 @@ def evidence_mass(sim: np.ndarray, tau: float) -> np.ndarray:
 
 
 def shrink(p: np.ndarray, mass: np.ndarray, prior: np.ndarray, prior_weight: float) -> np.ndarray:
-    """p [Q, T] toward prior [T] by prior_weight / (S + prior_weight); mass S [Q]."""
+    """p [Q, T] toward prior [T] by prior_weight / (S + prior_weight); mass S [Q], or [Q, T] when each
+    model has its own (the evidence store's outcomes, routing/evidence_store.py)."""
     if prior_weight == 0:
         return p
-    w = (mass / (mass + prior_weight))[:, None]  # [Q, 1] the evidence's share
+    mass = np.asarray(mass, dtype=np.float64)
+    w = mass / (mass + prior_weight)  # the evidence's share
+    w = w[:, None] if w.ndim == 1 else w  # [Q, 1] or [Q, T]
     return w * p + (1 - w) * prior[None]
 
 

@@ -35,6 +35,8 @@ class Scored(NamedTuple):
     mass: np.ndarray | None  # [Q] evidence mass at the temperature of each query's layer; None without a decision layer
     ms: dict  # stage times in ms: embed, score, cached
     task_rows: np.ndarray  # bool [Q]: routed by the decision layer's task layer (``decision.layer_input``)
+    model_mass: np.ndarray | None = None  # [Q, T] each model's evidence mass with the evidence store's rows; None: no store
+    emb: np.ndarray | None = None  # [Q, E] the query embeddings (None: the router reads text only)
 
 
 class OnlineRouter:
@@ -89,6 +91,9 @@ class OnlineRouter:
         self.cache: OrderedDict[str, np.ndarray] = OrderedDict()  # exact query text -> embedding (LRU)
         self.cache_size = embed_cache
         self.profiles: dict[str, list[bool]] = {}  # what the scorer holds
+        # the evidence store beside the anchors (routing/evidence_store.py): reloaded by ``sync`` when its generation moves
+        self.router_dir, self.store, self.store_gen = Path(router_dir), None, ""
+        self.store_scores = np.zeros((0, 0))  # [T, N] in the scorer's model order
         self.profile_matrix = np.zeros((0, len(self.anchor_emb)), dtype=bool)  # [T, K] in the scorer's model order: the task kernel's
 
     # ---- the pool -----------------------------------------------------------
@@ -99,8 +104,9 @@ class OnlineRouter:
 
     def sync(self, routable: dict[str, list[bool]]) -> None:
         """Make the scorer's pool ``routable`` (model -> outcomes on the anchors): adds, replaces, removes;
-        then the decision layer's guard for that pool (``decision_fit.refit_guard``)."""
-        changed = False
+        then the decision layer's guard for that pool (``decision_fit.refit_guard``); and the evidence
+        store, when it was written since the last sync."""
+        changed = self._sync_store()
         for m in [m for m in self.profiles if m not in routable]:
             self.scorer.remove(m)
             del self.profiles[m]
@@ -112,6 +118,7 @@ class OnlineRouter:
                 changed = True
         if changed:
             self.profile_matrix = np.array([self.profiles[m] for m in self.scorer.models], dtype=bool).reshape(-1, len(self.anchor_emb))
+            self.store_scores = self.store.matrix(self.scorer.models) if self.store is not None else np.zeros((0, 0))
         if changed and self.stored is not None:
             from icl_router.routing.decision_fit import fitted_here, refit_guard
 
@@ -119,6 +126,29 @@ class OnlineRouter:
             # records none (one written by hand, say)
             here = fitted_here(self.stored, self.scorer.models)
             self.decision = self.stored if here else refit_guard(self.evidence, self.stored, profiles=self.profile_matrix, anchor_tasks=self.anchor_tasks)
+
+    def _sync_store(self) -> bool:
+        """Reload the evidence store if its generation moved; whether it did."""
+        from icl_router.routing import evidence_store
+
+        gen = evidence_store.generation(self.router_dir)
+        if gen == self.store_gen:
+            return False
+        self.store = evidence_store.load(self.router_dir, dim=self.anchor_emb.shape[1])
+        self.store_gen = gen
+        return True
+
+    def _with_store(self, p: np.ndarray, mass: np.ndarray, emb: np.ndarray, task_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """p [Q, T] and each model's mass [Q, T] with the evidence store's outcomes (``evidence_store.combine``),
+        at the temperature of each query's layer."""
+        from icl_router.routing.evidence_store import combine, store_kernel
+
+        sim = emb @ self.store.emb.T  # [Q, N]: both unit vectors
+        out_p, out_m = np.array(p, dtype=np.float64), np.repeat(np.asarray(mass, dtype=np.float64)[:, None], p.shape[1], axis=1)
+        for layer, rows in self.decision.row_layers(task_rows):
+            E, W = store_kernel(sim[rows], self.store_scores, layer.tau)
+            out_p[rows], out_m[rows] = combine(p[rows], mass[rows], E, W)
+        return out_p, out_m
 
     # ---- queries ------------------------------------------------------------
 
@@ -174,13 +204,17 @@ class OnlineRouter:
         else:
             sim = None
             p = self.scorer.score(list(texts), query_emb=emb if self.query_emb else None, models=models)  # [Q, T]
-        mass, task_rows = None, none
+        mass, task_rows, model_mass = None, none, None
         if self.decision is not None:
             li = layer_input(p, cosine(emb, self.anchor_emb) if sim is None else sim, params=self.decision, profiles=self.profile_matrix,
                              query_tasks=tasks, anchor_tasks=self.anchor_tasks)
             p, mass, task_rows = li.p.astype(np.float32), li.mass, li.task_rows
+            if self.store is not None and self.store.n and self.store_scores.shape == (len(models), self.store.n):
+                p, model_mass = self._with_store(p, mass, emb, task_rows)
+                p = p.astype(np.float32)
         t2 = time.perf_counter()
-        return Scored(models, p, mass, {"embed": round((t1 - t0) * 1e3, 3), "score": round((t2 - t1) * 1e3, 3), "cached": cached}, task_rows)
+        ms = {"embed": round((t1 - t0) * 1e3, 3), "score": round((t2 - t1) * 1e3, 3), "cached": cached}
+        return Scored(models, p, mass, ms, task_rows, model_mass, emb)
 
     def nearest(self, text: str, k: int = 5) -> list[tuple[int, float]]:
         """(anchor position, cosine) of the ``k`` anchors nearest ``text``, nearest first (its embedding from the

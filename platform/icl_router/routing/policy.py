@@ -140,12 +140,12 @@ def choose(
     policy: Policy = Policy(),
     costs: dict[str, float] | None = None,
     prior: dict[str, float] | None = None,
-    mass: float | None = None,
+    mass: float | dict[str, float] | None = None,
     params: DecisionParams | None = None,
     task_row: bool = False,
 ) -> Decision:
     """Pick one model for one query from ``{model: p(correct)}`` (with a decision layer: ``prior``
-    per model, the query's evidence ``mass`` and ``params``; ``task_row``: p and mass are the task
+    per model, the query's evidence ``mass`` (or each model's, with the evidence store) and ``params``; ``task_row``: p and mass are the task
     layer's, ``decision.layer_input``)."""
     if not p:
         raise PolicyError("the pool is empty: register at least one model before routing")
@@ -165,8 +165,9 @@ def choose(
             raise PolicyError(f"no prior (profile accuracy) for models {missing}")
         prior_vec = np.array([prior[m] for m in models])
     probs = np.array([p[m] for m in models])
+    mass_arr = None if mass is None else np.array([[mass[m] for m in models]]) if isinstance(mass, dict) else np.array([mass])
     pick, q, default = route_batch(
-        probs[None], policy=policy, models=models, costs=cost_vec, prior=prior_vec, mass=None if mass is None else np.array([mass]), params=params,
+        probs[None], policy=policy, models=models, costs=cost_vec, prior=prior_vec, mass=mass_arr, params=params,
         task_rows=np.array([task_row]),
     )
     chosen = models[int(pick[0])]

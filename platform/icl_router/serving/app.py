@@ -63,12 +63,15 @@ def compose(cfg: ServeConfig) -> Any:
     registry = Registry.bind(router_dir, costs={m.name: m.cost for m in pool}, persist=cfg.persist_profiles, deploy_timeout_s=cfg.deploy_timeout_s,
                              onboarding=onboarding.model_dump(mode="json"), deployments={m.name: pool_deployment_name(m) for m in pool},
                              limits=limits)
+    if cfg.decision_log.dir:  # replicas run elsewhere: an absolute path
+        cfg = cfg.model_copy(update={"decision_log": cfg.decision_log.model_copy(update={"dir": str(Path(cfg.decision_log.dir).resolve())})})
+    embeddings = bool(cfg.decision_log.dir and cfg.decision_log.log_embedding)
     r = cfg.router
     threads = r.threads or max(1, int(r.num_cpus))
     shadow = shadow_args(cfg, router_dir, registry, embedder)
     if r.placement == "ingress":  # the router lives in each ingress replica, which scales as the router would
         local = dict(router_dir=router_dir, embedder=embedder, threads=threads, embed_cache=r.embed_cache, embed_dtype=r.embed_dtype, scoring=r.scoring,
-                     device=r.device, dtype=r.dtype)
+                     device=r.device, dtype=r.dtype, embeddings=embeddings)
         return Ingress.options(
             autoscaling_config=r.autoscaling.model_dump(),
             max_ongoing_requests=r.max_ongoing_requests,
@@ -81,6 +84,7 @@ def compose(cfg: ServeConfig) -> Any:
     ).bind(
         router_dir, registry=registry, embedder=embedder, max_batch_size=r.max_batch_size, batch_wait_timeout_s=r.batch_wait_timeout_s,
         threads=threads, embed_cache=r.embed_cache, embed_dtype=r.embed_dtype, scoring=r.scoring, device=r.device, dtype=r.dtype,
+        embeddings=embeddings,
     )
     return Ingress.options(num_replicas=cfg.ingress_replicas, max_ongoing_requests=cfg.ingress_max_ongoing_requests).bind(
         router, registry, pools, cfg=cfg, shadow=shadow

@@ -86,7 +86,8 @@ FEEDBACK_SCHEMA = pa.schema(
         pa.field("task", pa.string()),
         pa.field("correct", pa.bool_()),  # one of correct / score / reference
         pa.field("score", pa.float64()),
-        pa.field("reference", pa.string()),  # the correct answer: the query becomes gradable
+        pa.field("reference", pa.string()),  # the correct answer: the query becomes gradable ...
+        pa.field("grader", pa.string()),  # ... with this grader (graders.GRADERS), the request's task's
         pa.field("key", pa.string()),
     ],
     metadata={"icl_router.decision_log": str(FORMAT_VERSION)},

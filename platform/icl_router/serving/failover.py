@@ -41,6 +41,8 @@ class RouterScores:
     ms: dict[str, float] = field(default_factory=dict)  # where the router replica spent the time
     min_gain: float | None = None  # the guard's margin for the replica's pool (refitted when the pool changed), of the query's layer
     task_row: bool = False  # p and mass are the decision layer's task layer's (the query's task has anchors)
+    model_mass: dict[str, float] | None = None  # each model's evidence mass, anchors + evidence store (routing/evidence_store.py)
+    embedding: tuple[float, ...] | None = None  # the query's embedding, when the decision log keeps it
     nearest: tuple[tuple[int, float], ...] = ()  # (anchor position, cosine) of the query's nearest anchors, when asked (routing.explain)
 
 
@@ -53,7 +55,8 @@ class Plan:
     timing: dict[str, float]
     params: DecisionParams | None = None  # the decision layer as used (the pool's guard, the request's overrides)
     task_layer: bool = False  # ``params`` is the task layer (the query named a task the anchors have)
-    mass: float | None = None  # the query's evidence mass (None: no decision layer; 0 when routed by the priors)
+    mass: float | None = None  # the query's evidence mass (the anchors'), as the decision layer used it
+    embedding: tuple[float, ...] | None = None  # the router's embedding of the query, when it returned one
     raw_p: dict[str, float] = field(default_factory=dict)  # p before the decision layer (the router's, or the priors)
     nearest: tuple[tuple[int, float], ...] = ()  # RouterScores.nearest
 
@@ -171,6 +174,8 @@ async def plan(
     if scores is not None:
         p = {m: scores.p.get(m, priors[m]) for m in candidates}  # a model the replica has not loaded yet: its prior
         mass = scores.mass
+        if mass is not None and scores.model_mass is not None:  # the evidence store: each model its own mass
+            mass = {m: scores.model_mass.get(m, scores.mass) for m in candidates}
     else:
         p = {m: priors[m] for m in candidates}
         mass = 0.0  # no evidence about the query: the decision layer keeps the priors
@@ -184,7 +189,8 @@ async def plan(
         use = use.replace(default_model=None)  # the configured default is not a candidate here: the best prior is
     decision = choose(p, policy=policy, costs=costs, prior=prior if use else None, mass=mass if use else None, params=use)
     return Plan(decision, "router" if scores is not None else "prior", skipped, scoring_ms, dict(scores.ms) if scores else {}, use,
-                task_layer=use is not None and scores is not None and scores.task_row, mass=mass, raw_p=p,
+                task_layer=use is not None and scores is not None and scores.task_row,
+                mass=None if scores is None else scores.mass, embedding=None if scores is None else scores.embedding, raw_p=p,
                 nearest=scores.nearest if scores is not None else ())
 
 

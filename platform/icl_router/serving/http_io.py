@@ -25,7 +25,10 @@ log = logging.getLogger("ray.serve")
 
 def reply(request: Request, e: ApiError, headers: dict[str, str] | None = None) -> JSONResponse:
     request.state.error_code = e.code
-    return JSONResponse(error_body(e.message, code=e.code, param=e.param, type_=e.type), status_code=e.status, headers={**(headers or {}), **e.headers})
+    rid = getattr(request.state, "request_id", None)  # a /v1 generation request's id (v1.V1Handler._start), refused or not
+    ids = {"x-icl-router-request-id": rid} if rid else {}
+    return JSONResponse(error_body(e.message, code=e.code, param=e.param, type_=e.type), status_code=e.status,
+                        headers={**ids, **(headers or {}), **e.headers})
 
 
 def install_error_handlers(app: Any) -> None:

@@ -34,6 +34,8 @@ from icl_router.serving.protocol import (
     Completion,
     CompletionBody,
     Deleted,
+    FeedbackBody,
+    FeedbackStored,
     Health,
     ModelCard,
     ModelList,
@@ -85,6 +87,10 @@ class Ingress:
     @app.post("/v1/completions", response_model=None, openapi_extra=body_spec(CompletionBody), responses=responses(400, 401, 404, 413, 415, 503, ok=Completion, stream=True))
     async def completions(self, request: Request) -> Response:
         return await self.v1.completions(request)
+
+    @app.post("/v1/feedback", response_model=None, openapi_extra=body_spec(FeedbackBody), responses=responses(400, 401, 404, 409, 410, 413, 415, ok=FeedbackStored))
+    async def feedback(self, request: Request) -> dict:
+        return await self.v1.feedback(request)
 
     @app.get("/v1/models", response_model=None, responses=responses(401, 503, ok=ModelList))
     async def models(self, request: Request) -> dict:

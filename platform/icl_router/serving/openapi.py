@@ -10,16 +10,17 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from icl_router.config import PoolModelConfig
-from icl_router.serving.protocol import ChatBody, CompletionBody, ErrorResponse, RegisterBody
+from icl_router.serving.protocol import ChatBody, CompletionBody, ErrorResponse, FeedbackBody, RegisterBody
 
-BODY_MODELS = (ChatBody, CompletionBody, RegisterBody)
+BODY_MODELS = (ChatBody, CompletionBody, FeedbackBody, RegisterBody)
 
 ERROR_DESCRIPTIONS = {
     400: "invalid request (the error's param names the field)",
     401: "missing or wrong key",
-    404: "no such model or path",
+    404: "no such model, path or request",
     405: "method not allowed",
     409: "conflicts with the pool's state",
+    410: "gone: the request is older than the feedback window",
     413: "request body too large",
     415: "Content-Type is not application/json",
     503: "not ready, or no model can answer now (see Retry-After)",

@@ -46,6 +46,12 @@ class PoolView:
         replicas = cfg.ingress_replicas if cfg.router.placement == "deployment" else max(1, cfg.router.autoscaling.min_replicas)
         self.rate = RateLimiter(cfg.auth, time.monotonic, share=1.0 / replicas)
         self.ledger = SpendLedger(cfg.auth, time.monotonic)
+        # the decision log and the feedback on it (serving/traffic.py), flushed by the background rounds
+        from icl_router.serving.traffic import Traffic, task_graders
+
+        self.traffic = Traffic(cfg.decision_log, graders=task_graders(cfg.router.path, cfg.decision_log.graders) if cfg.decision_log.dir else {},
+                               on_drop=lambda kind, n: self.metrics["log_dropped"].inc(n, tags={"kind": kind}),
+                               on_feedback=lambda what: self.metrics["feedback"].inc(tags={"kind": what}))
 
     async def start(self) -> None:
         """Probe rounds before taking traffic, then the background watcher.
@@ -84,6 +90,7 @@ class PoolView:
         except Exception as e:  # the registry restarting: keep the last pool
             log.warning("registry poll failed: %s: %s", type(e).__name__, str(e)[:200])
         await self._sync_spend()
+        await self.traffic.flush()
         self.circuits.forget([ROUTER, *self.snap.models])
         ready = self.snap.ready
         await asyncio.gather(

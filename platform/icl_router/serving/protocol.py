@@ -130,6 +130,26 @@ class CompletionBody(_Generation):
     suffix: str | None = None
 
 
+class FeedbackBody(_Strict):
+    """``POST /v1/feedback``: the outcome of a routed request, by its ``x-icl-router-request-id``: whether its
+    answer was right (``correct``), how good it was (``score`` in [0, 1]), or the right answer (``reference``,
+    graded with the grader of the request's task). ``correct`` and ``score`` exclude each other."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"request_id": "req-0f3c...", "correct": True},
+                                                              {"request_id": "req-0f3c...", "reference": "42"}]})
+    request_id: str = Field(min_length=1, max_length=128)
+    correct: StrictBool | None = None
+    score: float | None = Field(default=None, ge=0, le=1)
+    reference: str | None = Field(default=None, min_length=1, max_length=100_000)
+
+
+class FeedbackStored(BaseModel):
+    request_id: str
+    model: str | None
+    task: str | None
+    stored: list[str]
+
+
 class RegisterBody(_Strict):
     """A model's profile (given, or a dataset's anchor outcomes); or ``serving`` alone: the service deploys
     the model, profiles it on the router's anchors and registers it (``GET /admin/models/{model}`` follows it)."""

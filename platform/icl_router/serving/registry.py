@@ -137,6 +137,9 @@ class Registry:
         # the service's spend per key name (serving/limits.py): the ingress replicas send theirs each round
         self.spend = SpendTotals(AuthConfig.model_validate({**(limits or {}), "open": True}), time.monotonic)
         self.epoch, self.version = uuid.uuid4().hex[:12], 0
+        from icl_router.routing import evidence_store
+
+        self.evidence_generation, self._evidence_checked = evidence_store.generation(router_dir), 0.0
         self.serving = False
         self.lock = asyncio.Lock()
         unserved = sorted(set(self.profiles) - set(self.models))
@@ -187,6 +190,18 @@ class Registry:
         self._start_resuming(asyncio.get_running_loop())
 
     def get_version(self) -> tuple[str, int]:
+        """The pool's (epoch, version); a new generation of the router directory's evidence store
+        (``icl-router reprofile``) moves the version, so every router replica reloads it on its next sync."""
+        from icl_router.routing import evidence_store
+
+        now = time.monotonic()
+        if now - self._evidence_checked >= 1.0:
+            self._evidence_checked = now
+            gen = evidence_store.generation(self.router_dir)
+            if gen != self.evidence_generation:
+                self.evidence_generation = gen
+                self.version += 1
+                log.info("evidence store generation %s: pool version %d", gen or "(none)", self.version)
         return self.epoch, self.version
 
     def add_spend(self, deltas: dict[str, float]) -> dict[str, float]:

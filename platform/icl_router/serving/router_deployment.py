@@ -34,6 +34,7 @@ class PoolRouter:
         from icl_router.serving.metrics import router_metrics
 
         self.online, self.registry, self.extra = online, registry, dict(extra or {})
+        self.embeddings = False  # return each query's embedding (the decision log keeps it: decision_log.log_embedding)
         self.pool, self.lock = ("", -1), asyncio.Lock()
         self.metrics = router_metrics()
 
@@ -80,7 +81,10 @@ class PoolRouter:
             task_row = bool(s.task_rows[i])
             guard = None if decision is None else decision.for_task(task_row).min_gain
             mass = None if s.mass is None else float(s.mass[i])
-            out.append(RouterScores(dict(zip(s.models, s.p[i].tolist())), mass, {"queue": round((t0 - tq) * 1e3, 2), **stages}, guard, task_row))
+            model_mass = None if s.model_mass is None else dict(zip(s.models, s.model_mass[i].tolist()))
+            emb = tuple(s.emb[i].tolist()) if self.embeddings and s.emb is not None else None
+            out.append(RouterScores(dict(zip(s.models, s.p[i].tolist())), mass, {"queue": round((t0 - tq) * 1e3, 2), **stages}, guard, task_row,
+                                    model_mass, emb))
         return out
 
 
@@ -97,6 +101,7 @@ class RouterDeployment:
     async def __init__(
         self, router_dir: str, *, registry: Any, embedder: str | None, max_batch_size: int, batch_wait_timeout_s: float,
         threads: int = 1, embed_cache: int = 4096, embed_dtype: str = "float32", scoring: str = "auto", device: str = "auto", dtype: str = "auto",
+        embeddings: bool = False,
         extra: dict[str, list[bool]] | None = None,
     ) -> None:
         from icl_router.routing.online import OnlineRouter
@@ -108,6 +113,7 @@ class RouterDeployment:
                               device=device, dtype=dtype)
         log.info("router replica: scoring %s, embedder %s, on %s in %s", online.scoring, online.embedder_name, online.device, online.dtype)
         self.router = PoolRouter(online, registry, extra)
+        self.router.embeddings = embeddings
         self._batch.set_max_batch_size(max_batch_size)
         self._batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         await self.router.sync(None)
@@ -153,7 +159,8 @@ class InProcessRouter:
 
     @classmethod
     async def create(cls, router_dir: str, *, registry: Any, embedder: str | None, threads: int = 1, embed_cache: int = 4096,
-                     embed_dtype: str = "float32", scoring: str = "auto", device: str = "auto", dtype: str = "auto") -> InProcessRouter:
+                     embed_dtype: str = "float32", scoring: str = "auto", device: str = "auto", dtype: str = "auto",
+                     embeddings: bool = False) -> InProcessRouter:
         from icl_router.routing.online import OnlineRouter
 
         online = await asyncio.to_thread(
@@ -162,6 +169,7 @@ class InProcessRouter:
         )
         log.info("router in the ingress replica: scoring %s, embedder %s", online.scoring, online.embedder_name)
         self = cls(PoolRouter(online, registry))
+        self.router.embeddings = embeddings
         await self.router.sync(None)
         online.score(["warm up the embedder and the router"])
         return self

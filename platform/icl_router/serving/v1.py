@@ -23,6 +23,7 @@ from pydantic import ValidationError
 from icl_router.routing.policy import Policy
 from icl_router.serving.api_errors import ApiError, validation_error
 from icl_router.serving.auth import Keys
+from icl_router.serving.decision_log import REQUEST_ID_HEADER, new_request_id
 from icl_router.serving.engine_calls import first_output
 from icl_router.serving.explain import explanation, header_value
 from icl_router.serving.failover import (
@@ -39,7 +40,7 @@ from icl_router.serving.failover import (
 )
 from icl_router.serving.http_io import read_json, reply
 from icl_router.serving.pool_view import PoolView
-from icl_router.serving.protocol import HEADER, ROUTED, ChatBody, CompletionBody, RoutingOptions
+from icl_router.serving.protocol import HEADER, ROUTED, ChatBody, CompletionBody, FeedbackBody, RoutingOptions
 from icl_router.serving.registry import PoolSnapshot
 from icl_router.serving.sse import relay
 from icl_router.serving.tracing import MODEL, REQUEST, ROUTER, Tracing, clean, decision_attrs
@@ -91,6 +92,8 @@ class Route:
     more: Callable[[], Awaitable[list[str]]] | None = None
     plan: Plan | None = None  # a routed request's decision
     candidates: list[str] = field(default_factory=list)
+    plan: Plan | None = None  # the routing decision (a direct request: once it fell back)
+    pool: tuple[str, int] = ("", -1)  # the pool version it was routed on
 
 
 class V1Handler:
@@ -104,6 +107,7 @@ class V1Handler:
     # ---- the endpoints ------------------------------------------------------------------------
 
     async def chat(self, request: Request) -> Response:
+        self._start(request)
         body: ChatBody = await self._read(request, ChatBody)
         texts = [m.plain_text() for m in body.messages]
         self._check_length(sum(map(len, texts)), "messages")
@@ -113,12 +117,19 @@ class V1Handler:
         return await self._answer(request, "chat", body, users[-1] if users else "\n".join(texts))
 
     async def completions(self, request: Request) -> Response:
+        self._start(request)
         body: CompletionBody = await self._read(request, CompletionBody)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         self._check_length(sum(map(len, prompts)), "prompt")
         if not any(p.strip() for p in prompts):
             raise ApiError(400, "prompt is empty", code="invalid_value", param="prompt")
         return await self._answer(request, "completions", body, prompts[0])
+
+    async def feedback(self, request: Request) -> dict:
+        """``POST /v1/feedback``: the outcome of a routed request (serving/traffic.py)."""
+        key = self.keys.check(request.headers.get("authorization"))
+        body: FeedbackBody = await read_json(request, FeedbackBody, limit=self.cfg.max_body_bytes)
+        return await self.view.traffic.feedback(body, key)
 
     def models(self, request: Request) -> dict:
         self.keys.check(request.headers.get("authorization"))
@@ -133,6 +144,12 @@ class V1Handler:
         return card(model)
 
     # ---- reading ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _start(request: Request) -> None:
+        """The request's id (``x-icl-router-request-id`` on every answer, errors too) and its start time."""
+        request.state.request_id = new_request_id()
+        request.state.started = time.perf_counter()
 
     async def _read(self, request: Request, cls: type) -> Any:
         key = self.keys.check(request.headers.get("authorization"))
@@ -181,14 +198,16 @@ class V1Handler:
 
     async def _route(self, body: ChatBody | CompletionBody, text: str) -> Route:
         snap, r = self.view.snap, body.routing or RoutingOptions()
+        pool = (snap.epoch, snap.version)
         if body.model in ROUTED:
             p = await self._plan(text, r, snap)
             cands = candidates(r, snap)
             return Route(list(p.decision.order), "routed", plan_headers(p), list(p.skipped), plan=p, candidates=cands)
+            return Route(list(p.decision.order), "routed", plan_headers(p), list(p.skipped), plan=p, pool=pool)
         entry = snap.models.get(body.model)
         if entry is None or entry.state != "ready":
             raise self._unknown(body.model)
-        route = Route([body.model], "direct", {HEADER + "route": "direct", HEADER + "model": body.model})
+        route = Route([body.model], "direct", {HEADER + "route": "direct", HEADER + "model": body.model}, pool=pool)
         if r.fallback:
             resolve(r, snap, default=self.default_policy)  # checked now: a bad routing field is a 400 whether or not the model fails
             if r.models:
@@ -202,6 +221,7 @@ class V1Handler:
                     return []
                 route.headers.update({k: v for k, v in plan_headers(p).items() if k != HEADER + "route"})
                 route.skipped.extend(p.skipped)
+                route.plan = p
                 return p.decision.order
 
             route.more = more
@@ -237,6 +257,19 @@ class V1Handler:
             span.set_attributes(clean({**decision_attrs(route.plan, explain=expl), "route": "routed", "request_id": request_id}))
         else:
             span.set_attributes(clean({"route": route.kind, "request_id": request_id}))
+        headers[REQUEST_ID_HEADER] = request.state.request_id
+
+        def logged(model: str | None, status: str, skipped: list[tuple[str, str]], usage: Any = None) -> None:
+            if route.plan is None:  # a direct request that did not fall back: no decision to log
+                return
+            entry = self.view.snap.models.get(model) if model else None
+            self.view.traffic.record(
+                request_id=request.state.request_id, started=request.state.started, text=text, task=(body.routing or RoutingOptions()).task,
+                plan=route.plan, route=route.kind, kind=kind, stream=body.stream, model=model, status=status,
+                skipped=[s for s in skipped if s not in route.plan.skipped], usage=usage, cost=None if entry is None else entry.cost,
+                key=getattr(request.state, "key", None), pool=route.pool, policy=headers.get(HEADER + "policy", route.plan.decision.policy.kind),
+                embedding=None if route.plan.embedding is None else list(route.plan.embedding),
+            )
 
         async def call(model: str) -> tuple[Any, Any]:
             with self.tracing.span(MODEL, kind="client", attrs={"model": model}) as mspan:
@@ -253,8 +286,10 @@ class V1Handler:
             served = await failover(route.order, call=call, circuits=self.view.circuits, timeout_s=self.cfg.first_output_timeout_s,
                                     more=route.more, skipped=route.skipped)
         except ModelRefused as e:
+            logged(None, "refused", list(route.skipped))
             return reply(request, ApiError(e.status, e.message, code=e.code or "invalid_request_error", param=e.param), headers)
         except Exhausted as e:
+            logged(None, "unavailable", e.skipped)
             return self._unavailable(request, route, e.skipped)
         headers[HEADER + "model"] = served.model
         if served.skipped:
@@ -267,6 +302,7 @@ class V1Handler:
         if self.shadow is not None and route.plan is not None and self.shadow.sampled():
             self.shadow.submit(text=text, task=r.task, live=route.plan, snap=self.view.snap, candidates=route.candidates,
                                request_id=request_id, served_model=served.model)
+        logged(served.model, "ok", served.skipped, None if body.stream else getattr(served.first, "usage", None))
         if not body.stream:
             payload = served.first.model_dump_json()
             if expl is not None:
