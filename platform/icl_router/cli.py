@@ -61,6 +61,8 @@ JOBS = {
                 config_required=False, output_flag=True),
     "evaluate": Job("icl_router.evaluation.run", "run_evaluate", "EvaluateConfig", "the standard protocol beside every baseline: report.json, report.md, plots",
                     output_flag=True),
+    "reprofile": Job("icl_router.data.reprofile", "run_reprofile", "ReprofileConfig",
+                     "run sampled logged queries on every pool model, grade them, add the outcomes to the router's evidence store"),
     "value": Job("icl_router.value", "run_value", "ValueConfig", "estimate each candidate model's marginal routed gain from its profile: value.json, value.md, value.png",
                  output_flag=True),
 }

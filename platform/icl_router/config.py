@@ -993,6 +993,33 @@ class ServeConfig(Config):
         return self
 
 
+class ReprofileConfig(Config):
+    """``icl-router reprofile`` (data/reprofile.py): sampled logged queries run on every pool model, graded,
+    and added to the router directory's evidence store; every router replica loads it on its next pool sync."""
+
+    serve: str | None = None  # a serve config: the router, the decision log and the pool come from it unless given below
+    router: str | None = None  # the router directory (the store is <router>/evidence)
+    decision_log: str | None = None  # the decision-log directory (decision_log.dir of the serve config)
+    dataset: str | None = None  # the working dataset (queries, outcomes; re-runs skip pairs done); default <decision_log>/reprofile
+    models: list[CandidateModelConfig] = []  # default: the serve config's pool models with a path (vLLM on Ray Data)
+    endpoints: dict[str, EndpointConfig] = {}  # default: the serve config's endpoint models (asked through their endpoint)
+    via: Literal["ray-data", "service"] = "ray-data"  # service: ask the running service for each pool model by name instead
+    service_url: str | None = None  # via service: the service's base URL (…/v1); default from the serve config's host and port
+    service_key_env: str = "ICL_ROUTER_API_KEYS"  # via service: an API key (the first entry; name:key allowed); else the serve config's first
+    sample: float = Field(default=0.3, gt=0, le=1)  # share of the gradable logged queries re-profiled
+    max_queries: int | None = Field(default=1000, ge=1)  # and at most this many per run
+    seed: int = 0
+    feedback: bool = True  # feedback outcomes (correct / score) of the answering model join the store too
+    max_store_queries: int = Field(default=20_000, ge=1)  # the store's bound (the newest queries are kept)
+    prompt_style: PromptStyle = "json"
+    max_tokens: dict[str, int] = {}
+    sampling: SamplingConfig = SamplingConfig()  # via service / endpoints
+    concurrency: int = Field(default=4, ge=1)  # via service / endpoints: requests in flight
+    batch_size: int = 32
+    shard_size: int = 256
+    ray: RayConfig = RayConfig(num_cpus=8)
+
+
 # ---------------------------------------------------------------------------
 # The end-to-end demo (icl-router demo, make demo)
 

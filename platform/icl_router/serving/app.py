@@ -44,6 +44,7 @@ def compose(cfg: ServeConfig) -> Any:
     from icl_router.serving.router_deployment import RouterDeployment
 
     router_dir = str(Path(cfg.router.path).resolve())  # replicas run elsewhere: no relative paths
+    cfg = cfg.model_copy(update={"router": cfg.router.model_copy(update={"path": router_dir})})  # the ingress reads it too (task graders)
     read_meta(router_dir)  # fail here, not in a replica that Serve retries forever
     read_anchor_queries(router_dir)  # likewise: anchors.parquet, when present, must match the anchor ids
     onboarding = cfg.onboarding.model_copy(update={"dir": str(Path(cfg.onboarding.dir).resolve())} if cfg.onboarding.dir else {})
