@@ -22,10 +22,11 @@ LIGHT = [
     "icl_router.routing.marginal",
     "icl_router.graders",
     "icl_router.serving.decision_log",
+    "icl_router.routing.evidence_store",
     "icl_router.cli",
 ]
 HEAVY = ("ray", "deepspeed", "vllm")
-NO_TORCH = ["icl_router.serving.decision_log", "icl_router.graders", "icl_router.config", "icl_router.kinds", "icl_router.routing.decision"]  # not even torch
+NO_TORCH = ["icl_router.serving.decision_log", "icl_router.routing.evidence_store", "icl_router.graders", "icl_router.config", "icl_router.kinds", "icl_router.routing.decision"]  # not even torch
 
 
 def heavy_imported(module: str, heavy: tuple[str, ...] = HEAVY) -> list[str]:

@@ -54,7 +54,15 @@ def _routed(url: str, text: str) -> tuple[int, dict]:
 
 
 def test_logged_traffic_reprofiled_changes_the_served_routing(monkeypatch):
-    from icl_router.config import AuthConfig, CandidateModelConfig, DecisionLogConfig, RayConfig, ReprofileConfig, SamplingConfig, ScorerServeConfig
+    from icl_router.config import (
+        AuthConfig,
+        CandidateModelConfig,
+        DecisionLogConfig,
+        RayConfig,
+        ReprofileConfig,
+        SamplingConfig,
+        ScorerServeConfig,
+    )
     from icl_router.data.profile import build_prompt
     from icl_router.data.reprofile import run_reprofile
     from icl_router.graders import grade
