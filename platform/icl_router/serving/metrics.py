@@ -54,7 +54,12 @@ def ingress_metrics() -> dict:
             "icl_router_log_dropped", description="decision-log rows dropped (a full disk, an unwritable directory), by kind", tag_keys=("kind",)
         ),
         "feedback": metrics.Counter(
-            "icl_router_feedback", description="feedback stored on routed requests, by what it gave (correct, score, reference)", tag_keys=("kind",)
+            "icl_router_feedback", description="feedback stored on routed requests, by the model that answered and what it gave (correct, score, reference)",
+            tag_keys=("model", "kind"),
+        ),
+        "feedback_score": metrics.Counter(
+            "icl_router_feedback_score", description="sum of feedback outcomes (correct as 1/0, or the score) by the model that answered: "
+            "divided by icl_router_feedback_total{kind!='reference'}, its outcome accuracy", tag_keys=("model",),
         ),
     }
 

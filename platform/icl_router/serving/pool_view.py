@@ -51,7 +51,12 @@ class PoolView:
 
         self.traffic = Traffic(cfg.decision_log, graders=task_graders(cfg.router.path, cfg.decision_log.graders) if cfg.decision_log.dir else {},
                                on_drop=lambda kind, n: self.metrics["log_dropped"].inc(n, tags={"kind": kind}),
-                               on_feedback=lambda what: self.metrics["feedback"].inc(tags={"kind": what}))
+                               on_feedback=self._count_feedback)
+
+    def _count_feedback(self, model: str, kind: str, outcome: float | None) -> None:
+        self.metrics["feedback"].inc(tags={"model": model, "kind": kind})
+        if outcome:  # a counter only grows: a wrong answer counts in icl_router_feedback_total alone
+            self.metrics["feedback_score"].inc(outcome, tags={"model": model})
 
     async def start(self) -> None:
         """Probe rounds before taking traffic, then the background watcher.

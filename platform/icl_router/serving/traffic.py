@@ -45,7 +45,7 @@ def task_graders(router_dir: str | Path | None, configured: dict[str, str] | Non
 
 class Traffic:
     def __init__(self, cfg: DecisionLogConfig, *, graders: dict[str, str] | None = None,
-                 on_drop: Callable[[str, int], None] | None = None, on_feedback: Callable[[str], None] | None = None) -> None:
+                 on_drop: Callable[[str, int], None] | None = None, on_feedback: Callable[[str, str, float | None], None] | None = None) -> None:
         self.cfg, self.graders = cfg, dict(graders or {})
         self.on = cfg.dir is not None
         self.on_feedback = on_feedback
@@ -117,8 +117,12 @@ class Traffic:
         self.logs["feedback"].append({"request_id": body.request_id, "time": dl.now(), "model": req["model"], "task": req["task"],
                                       "correct": body.correct, "score": body.score, "reference": body.reference,
                                       "grader": None if body.reference is None else self.graders[req["task"]], "key": key})
-        if self.on_feedback is not None:
-            self.on_feedback(given[0])
+        if self.on_feedback is not None:  # (model, what it gave, the outcome: correct as 1/0, the score, None for a reference)
+            outcome = body.score if body.score is not None else None if body.correct is None else float(body.correct)
+            try:
+                self.on_feedback(req["model"], given[0], outcome)
+            except Exception as e:  # a metric never fails the request
+                log.warning("feedback metric: %s", e)
         return {"request_id": body.request_id, "model": req["model"], "task": req["task"], "stored": given}
 
     async def _find(self, request_id: str) -> dict:
