@@ -78,6 +78,12 @@ class Ingress:
         self.admin, self.probes = AdminHandler(self.view, keys=keys), HealthHandler(self.view, keys=keys)
         await self.view.start()
 
+    def __del__(self) -> None:
+        """Serve's graceful shutdown: the decision-log rows still buffered are written (a write never raises)."""
+        view = getattr(self, "view", None)
+        for lg in getattr(getattr(view, "traffic", None), "logs", {}).values():
+            lg.flush()
+
     # ---- /v1 ------------------------------------------------------------------------------------
 
     @app.post("/v1/chat/completions", response_model=None, openapi_extra=body_spec(ChatBody), responses=responses(400, 401, 404, 413, 415, 503, ok=Completion, stream=True))
