@@ -128,7 +128,7 @@ def test_logged_traffic_reprofiled_changes_the_served_routing(monkeypatch):
                 answers[(t, m)] = out["choices"][0]["message"]["content"] or ""
             other = chosen[t]
             tgt = "tiny-b" if other == "tiny-a" else "tiny-a"
-            if grade("exact_match", answers[(t, tgt)], answers[(t, tgt)], plain=True) == 1 and grade(
+            if answers[(t, tgt)].strip() and grade("exact_match", answers[(t, tgt)], answers[(t, tgt)], plain=True) == 1 and grade(
                     "exact_match", answers[(t, other)], answers[(t, tgt)], plain=True) == 0:
                 text, target = t, tgt
                 break
@@ -139,7 +139,9 @@ def test_logged_traffic_reprofiled_changes_the_served_routing(monkeypatch):
         _, before = _routed(url, text)
         assert before["x-icl-router-chosen"] != target
 
-        time.sleep(1.5)  # the feedback shard is flushed
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and dl.read_log(log_dir, "feedback").num_rows < 1:  # the feedback shard is flushed
+            time.sleep(0.5)
         monkeypatch.setenv("TRAFFIC_TEST_KEY", API_KEY)
         summary = run_reprofile(ReprofileConfig(
             router=str(router_dir), decision_log=str(log_dir), via="service", service_url=url, service_key_env="TRAFFIC_TEST_KEY",

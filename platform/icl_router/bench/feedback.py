@@ -102,12 +102,35 @@ def fit_layer(rs: Any, profiles: np.ndarray, rows: np.ndarray, *, seed: int) -> 
     return fit_decision(views, rs.labels[rows], profiles.mean(axis=1))
 
 
-def replay(p: np.ndarray, mass: np.ndarray, sim_ss: np.ndarray, labels: np.ndarray, *, prior: np.ndarray, params: Any, models: list[str],
-           mode: str, partial: str, discount: float, sample: np.ndarray | None) -> np.ndarray:
-    """Route the stream (p [S, T], anchor mass [S], stream-to-stream cosine [S, S], labels [S, T]) one query
-    at a time; after each, add outcomes per ``mode``. The chosen column per query [S]."""
+def refit_guard_on_store(p: np.ndarray, mass: np.ndarray, sim_ss: np.ndarray, labels: np.ndarray, cols: np.ndarray, *, prior: np.ndarray,
+                         params: Any, models: list[str]) -> Any:
+    """``params`` with min_gain picked by routed accuracy on the store's queries ``cols`` (every model's outcome
+    known), each routed with the store's other rows (leave one out): the guard refitted on the grown evidence."""
+    from icl_router.routing.decision import MIN_GAINS
     from icl_router.routing.evidence_store import combine, store_kernel
     from icl_router.routing.policy import Policy, route_batch
+
+    sim = sim_ss[np.ix_(cols, cols)].copy()
+    np.fill_diagonal(sim, -np.inf)  # a query's own row is hidden: weight 0
+    E, W = store_kernel(sim, labels[cols].T, params.tau)
+    q, m = combine(p[cols], mass[cols], E, W)
+    acc = {}
+    for g in MIN_GAINS:
+        pick, _, _ = route_batch(q, policy=Policy("highest"), models=models, prior=prior, mass=m, params=params.replace(min_gain=g))
+        acc[g] = float(labels[cols][np.arange(len(cols)), pick].mean())
+    g = max(MIN_GAINS, key=lambda x: (round(acc[x], 9), x))
+    return params.replace(min_gain=g)
+
+
+def replay(p: np.ndarray, mass: np.ndarray, sim_ss: np.ndarray, labels: np.ndarray, *, prior: np.ndarray, params: Any, models: list[str],
+           mode: str, partial: str, discount: float, sample: np.ndarray | None, refit_every: int = 0) -> np.ndarray:
+    """Route the stream (p [S, T], anchor mass [S], stream-to-stream cosine [S, S], labels [S, T]) one query
+    at a time; after each, add outcomes per ``mode`` (``refit_every`` > 0: the guard refitted on the store's
+    full rows that often, once it holds 100). The chosen column per query [S]."""
+    from icl_router.routing.evidence_store import combine, store_kernel
+    from icl_router.routing.policy import Policy, route_batch
+
+    fitted = params
 
     n, t = p.shape
     store = np.full((t, n), np.nan)  # [T, S]: outcomes known so far, by stream position
@@ -123,6 +146,10 @@ def replay(p: np.ndarray, mass: np.ndarray, sim_ss: np.ndarray, labels: np.ndarr
             pi, m2 = combine(pi, mi, E, W)
         pick, _, _ = route_batch(pi, policy=policy, models=models, prior=prior, mass=m2, params=params)
         c = int(pick[0])
+        if refit_every and i and i % refit_every == 0:
+            full = np.flatnonzero(filled & ~np.isnan(store).any(axis=0))
+            if len(full) >= 100:
+                params = refit_guard_on_store(p, mass, sim_ss, labels, full, prior=prior, params=fitted, models=models)
         chosen[i] = c
         if mode == "static":
             continue
@@ -170,9 +197,10 @@ def run(args: argparse.Namespace) -> dict:
         runs = {"static": ("static", args.partial), "routed_only": ("routed_only", args.partial), "reprofile": ("reprofile", args.partial),
                 "reprofile_30": ("reprofile_30", args.partial)}
         runs.update({f"routed_only_{x}": ("routed_only", x) for x in PARTIALS})
+        runs.update({"reprofile_refit": ("reprofile", args.partial), "reprofile_30_refit": ("reprofile_30", args.partial)})
         for name, (mode, partial) in runs.items():
             ch = replay(p, mass, sim_ss, labels, prior=prior, params=params, models=rs.models, mode=mode, partial=partial,
-                        discount=args.discount, sample=sample)
+                        discount=args.discount, sample=sample, refit_every=args.window if name.endswith("_refit") else 0)
             hit = labels[np.arange(len(stream)), ch]
             per.setdefault(name, []).append({"seed": seed, "id": 100 * float(hit[~is_ood].mean()), "ood": 100 * float(hit[is_ood].mean())})
             curves.setdefault(name, []).append(np.stack([hit, is_ood]))
