@@ -68,3 +68,30 @@ def test_choose_takes_a_mass_per_model():
     # b's estimate rests on much more evidence, a's is mostly its prior
     d = choose(p, policy=Policy("highest"), prior=prior, mass={"a": 0.01, "b": 100.0}, params=params)
     assert d.model == "b" and d.p["a"] == pytest.approx(0.5 + 0.4 * 0.01 / 1.01)
+
+
+def test_a_router_reloads_the_store_on_sync_and_routes_on_it(tmp_path):
+    import os
+
+    from icl_router.routing.online import OnlineRouter
+    from icl_router.testing import make_tiny_router_dir, tiny_profile
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    d = make_tiny_router_dir(tmp_path / "router", k=8, both=True, decision=DecisionParams(tau=0.1, prior_weight=1.0, min_gain=0.0).to_json())
+    r = OnlineRouter(d, scoring="evidence")
+    pool = {"tiny-a": tiny_profile(8).tolist(), "tiny-b": (np.arange(8) % 2 == 0).tolist()}
+    r.sync(pool)
+    text = "Who wrote Hamlet?"
+    before = r.score([text])
+    assert before.model_mass is None
+    emb, _ = r.embed([text])
+    es.append(d, rows(["q1", "q1"], ["tiny-a", "tiny-b"], [0.0, 1.0], [emb[0], emb[0]]))
+    r.sync(pool)  # the same pool: only the store's generation moved
+    after = r.score([text])
+    a, b = after.models.index("tiny-a"), after.models.index("tiny-b")
+    assert after.p[0, b] > 0.9 and after.p[0, a] < 0.1  # the random anchors say nothing; the store row says all
+    assert after.model_mass[0, a] == pytest.approx(before.mass[0] + 1.0, rel=1e-3)
+    prior = {"tiny-a": float(np.mean(pool["tiny-a"])), "tiny-b": 0.5}
+    d2 = choose(dict(zip(after.models, after.p[0].tolist())), policy=Policy("highest"), prior=prior,
+                mass=dict(zip(after.models, after.model_mass[0].tolist())), params=r.decision)
+    assert d2.model == "tiny-b"
