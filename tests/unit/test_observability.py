@@ -16,11 +16,12 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 
-from icl_router.config import AuthConfig, ServeConfig, ShadowConfig, TracingConfig
+from icl_router.config import AuthConfig, DecisionLogConfig, ServeConfig, ShadowConfig, TracingConfig
 from icl_router.routing.decision import DecisionParams
 from icl_router.serving.circuits import Circuits
 from icl_router.serving.failover import ROUTER, RouterScores
 from icl_router.serving.registry import ModelEntry, PoolSnapshot
+from icl_router.serving.traffic import Traffic
 
 pytestmark = pytest.mark.unit
 
@@ -90,7 +91,7 @@ def view(*, decision: DecisionParams | None = None, fail: tuple[str, ...] = (), 
     return SimpleNamespace(
         cfg=cfg, snap=snapshot(decision), router=SimpleNamespace(score=SimpleNamespace(remote=score)), circuits=circuits, metrics=metrics,
         gate=lambda: None, limit=lambda key: None, spent=lambda key, model: None, retry_after="1",
-        handle=lambda m: Handle(m, fail=m in fail),
+        handle=lambda m: Handle(m, fail=m in fail), traffic=Traffic(DecisionLogConfig()),  # no decision log
     )
 
 

@@ -101,7 +101,7 @@ def query_hash(text: str) -> str:
 
 
 def new_request_id() -> str:
-    return "req-" + uuid.uuid4().hex
+    return uuid.uuid4().hex
 
 
 def now() -> datetime:

@@ -41,9 +41,9 @@ class RouterScores:
     ms: dict[str, float] = field(default_factory=dict)  # where the router replica spent the time
     min_gain: float | None = None  # the guard's margin for the replica's pool (refitted when the pool changed), of the query's layer
     task_row: bool = False  # p and mass are the decision layer's task layer's (the query's task has anchors)
+    nearest: tuple[tuple[int, float], ...] = ()  # (anchor position, cosine) of the query's nearest anchors, when asked (routing.explain)
     model_mass: dict[str, float] | None = None  # each model's evidence mass, anchors + evidence store (routing/evidence_store.py)
     embedding: tuple[float, ...] | None = None  # the query's embedding, when the decision log keeps it
-    nearest: tuple[tuple[int, float], ...] = ()  # (anchor position, cosine) of the query's nearest anchors, when asked (routing.explain)
 
 
 @dataclass(frozen=True)

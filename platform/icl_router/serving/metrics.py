@@ -50,6 +50,7 @@ def ingress_metrics() -> dict:
         ),
         "shadow_dropped": metrics.Counter(
             "icl_router_shadow_dropped", description="shadow rows dropped: the log directory could not be written, or too many decisions in flight"
+        ),
         "log_dropped": metrics.Counter(
             "icl_router_log_dropped", description="decision-log rows dropped (a full disk, an unwritable directory), by kind", tag_keys=("kind",)
         ),

@@ -57,6 +57,10 @@ class PoolView:
         self.metrics["feedback"].inc(tags={"model": model, "kind": kind})
         if outcome:  # a counter only grows: a wrong answer counts in icl_router_feedback_total alone
             self.metrics["feedback_score"].inc(outcome, tags={"model": model})
+        if outcome is not None:  # the dashboard's outcome accuracy per model (metrics.count_outcome)
+            from icl_router.serving.metrics import count_outcome
+
+            count_outcome(self.metrics, model, outcome, "feedback")
 
     async def start(self) -> None:
         """Probe rounds before taking traffic, then the background watcher.

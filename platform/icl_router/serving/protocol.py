@@ -135,8 +135,8 @@ class FeedbackBody(_Strict):
     answer was right (``correct``), how good it was (``score`` in [0, 1]), or the right answer (``reference``,
     graded with the grader of the request's task). ``correct`` and ``score`` exclude each other."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [{"request_id": "req-0f3c...", "correct": True},
-                                                              {"request_id": "req-0f3c...", "reference": "42"}]})
+    model_config = ConfigDict(json_schema_extra={"examples": [{"request_id": "9f2c41d0...", "correct": True},
+                                                              {"request_id": "9f2c41d0...", "reference": "42"}]})
     request_id: str = Field(min_length=1, max_length=128)
     correct: StrictBool | None = None
     score: float | None = Field(default=None, ge=0, le=1)

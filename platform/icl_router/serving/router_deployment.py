@@ -84,7 +84,7 @@ class PoolRouter:
             model_mass = None if s.model_mass is None else dict(zip(s.models, s.model_mass[i].tolist()))
             emb = tuple(s.emb[i].tolist()) if self.embeddings and s.emb is not None else None
             out.append(RouterScores(dict(zip(s.models, s.p[i].tolist())), mass, {"queue": round((t0 - tq) * 1e3, 2), **stages}, guard, task_row,
-                                    model_mass, emb))
+                                    model_mass=model_mass, embedding=emb))
         return out
 
 

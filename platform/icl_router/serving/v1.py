@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -246,8 +245,7 @@ class V1Handler:
         r = body.routing or RoutingOptions()
         route = await self._route(body, text)
         headers = route.headers
-        request_id = uuid.uuid4().hex
-        headers[HEADER + "request-id"] = request_id
+        request_id = request.state.request_id  # one id: the header, the span, the decision log and the shadow's row
         expl = None
         if route.plan is not None:
             snap = self.view.snap
