@@ -454,15 +454,15 @@ def decisions_tables(inputs: list[str], *, since: Any = None) -> tuple[pa.Table,
             labels[(f["request_id"], f["model"])] = score
     rows = list(queries.values())
     q = pa.table({
-        S.QUERY_ID: [r["request_id"] for r in rows], S.TEXT: [r["query_text"] for r in rows], S.TASK: [r["task"] or "unknown" for r in rows],
-        S.SPLIT: [TRAFFIC_SPLIT] * len(rows), S.GOLD: [gold.get(r["request_id"], (None, None))[0] for r in rows],
-        S.GRADER: [gold.get(r["request_id"], (None, None))[1] for r in rows], S.METRIC: [None] * len(rows),
-    }, schema=S.QUERIES_SCHEMA)
-    out = [{S.QUERY_ID: rid, S.MODEL_ID: m, S.SAMPLE: 0, S.SCORE: s, S.CORRECT: s >= S.CORRECT_THRESHOLD, S.COST: queries[rid]["cost"],
-            S.LATENCY_S: queries[rid]["latency_ms"] / 1e3, S.PROMPT_TOKENS: queries[rid]["prompt_tokens"],
-            S.COMPLETION_TOKENS: queries[rid]["completion_tokens"]} for (rid, m), s in labels.items()]
-    outcomes = pa.Table.from_pylist(out, schema=pa.schema([S.OUTCOMES_SCHEMA.field(c) for c in (
-        S.QUERY_ID, S.MODEL_ID, S.SAMPLE, S.SCORE, S.CORRECT, S.COST, S.LATENCY_S, S.PROMPT_TOKENS, S.COMPLETION_TOKENS)]))
+        schemas.QUERY_ID: [r["request_id"] for r in rows], schemas.TEXT: [r["query_text"] for r in rows], schemas.TASK: [r["task"] or "unknown" for r in rows],
+        schemas.SPLIT: [TRAFFIC_SPLIT] * len(rows), schemas.GOLD: [gold.get(r["request_id"], (None, None))[0] for r in rows],
+        schemas.GRADER: [gold.get(r["request_id"], (None, None))[1] for r in rows], schemas.METRIC: [None] * len(rows),
+    }, schema=schemas.QUERIES_SCHEMA)
+    out = [{schemas.QUERY_ID: rid, schemas.MODEL_ID: m, schemas.SAMPLE: 0, schemas.SCORE: s, schemas.CORRECT: s >= schemas.CORRECT_THRESHOLD, schemas.COST: queries[rid]["cost"],
+            schemas.LATENCY_S: queries[rid]["latency_ms"] / 1e3, schemas.PROMPT_TOKENS: queries[rid]["prompt_tokens"],
+            schemas.COMPLETION_TOKENS: queries[rid]["completion_tokens"]} for (rid, m), s in labels.items()]
+    outcomes = pa.Table.from_pylist(out, schema=pa.schema([schemas.OUTCOMES_SCHEMA.field(c) for c in (
+        schemas.QUERY_ID, schemas.MODEL_ID, schemas.SAMPLE, schemas.SCORE, schemas.CORRECT, schemas.COST, schemas.LATENCY_S, schemas.PROMPT_TOKENS, schemas.COMPLETION_TOKENS)]))
     return q, outcomes
 
 

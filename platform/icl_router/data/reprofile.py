@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from icl_router import schemas as S
+from icl_router import schemas
 from icl_router.config import (
     CandidateModelConfig,
     ConfigError,
@@ -74,15 +74,15 @@ def _working_dataset(path: Path, queries: pa.Table) -> Dataset:
     ds = Dataset(path)
     if ds.queries_path.is_file():
         old = ds.read_queries()
-        known = set(old.column(S.QUERY_ID).to_pylist())
-        new = queries.filter(pc.invert(pc.is_in(queries.column(S.QUERY_ID), pa.array(list(known), pa.string()))))
+        known = set(old.column(schemas.QUERY_ID).to_pylist())
+        new = queries.filter(pc.invert(pc.is_in(queries.column(schemas.QUERY_ID), pa.array(list(known), pa.string()))))
         # a reference given since the last run: the later table wins for a query's gold
-        ref = {q: (g, gr) for q, g, gr in zip(*(queries.column(c).to_pylist() for c in (S.QUERY_ID, S.GOLD, S.GRADER))) if g is not None}
+        ref = {q: (g, gr) for q, g, gr in zip(*(queries.column(c).to_pylist() for c in (schemas.QUERY_ID, schemas.GOLD, schemas.GRADER))) if g is not None}
         rows = old.to_pylist()
         for r in rows:
-            if r[S.QUERY_ID] in ref and r[S.GOLD] is None:
-                r[S.GOLD], r[S.GRADER] = ref[r[S.QUERY_ID]]
-        queries = pa.concat_tables([pa.Table.from_pylist(rows, schema=S.QUERIES_SCHEMA), new.cast(S.QUERIES_SCHEMA)])
+            if r[schemas.QUERY_ID] in ref and r[schemas.GOLD] is None:
+                r[schemas.GOLD], r[schemas.GRADER] = ref[r[schemas.QUERY_ID]]
+        queries = pa.concat_tables([pa.Table.from_pylist(rows, schema=schemas.QUERIES_SCHEMA), new.cast(schemas.QUERIES_SCHEMA)])
     path.mkdir(parents=True, exist_ok=True)
     ds.write_queries(queries)
     return ds
@@ -106,8 +106,8 @@ def _ask_http(ds: Dataset, todo: pa.Table, *, model: str, url: str, key: str | N
 
     def one(row: dict) -> dict:
         t0 = time.perf_counter()
-        text, usage = _chat(url, key, remote_name, build_prompt(row[S.GRADER], row[S.TEXT], style=cfg.prompt_style),
-                            max_tokens=cfg.max_tokens.get(row[S.TASK], cfg.sampling.max_tokens), temperature=cfg.sampling.temperature)
+        text, usage = _chat(url, key, remote_name, build_prompt(row[schemas.GRADER], row[schemas.TEXT], style=cfg.prompt_style),
+                            max_tokens=cfg.max_tokens.get(row[schemas.TASK], cfg.sampling.max_tokens), temperature=cfg.sampling.temperature)
         return graded_outcome(row, text, model_id=model, cost=None, latency_s=time.perf_counter() - t0,
                               prompt_tokens=usage.get("prompt_tokens"), completion_tokens=usage.get("completion_tokens"), style=cfg.prompt_style)
 
@@ -135,9 +135,9 @@ def run_reprofile(cfg: ReprofileConfig) -> dict:
     router = Path(cfg.router)
     queries, feedback = decisions_tables([cfg.decision_log])
     work = Path(cfg.dataset or Path(cfg.decision_log) / "reprofile")
-    gradable = np.array([g is not None and gr in GRADERS for g, gr in zip(queries.column(S.GOLD).to_pylist(), queries.column(S.GRADER).to_pylist())])
+    gradable = np.array([g is not None and gr in GRADERS for g, gr in zip(queries.column(schemas.GOLD).to_pylist(), queries.column(schemas.GRADER).to_pylist())])
     in_store = set(evidence_store.read_table(router).filter(pc.equal(pc.field("source"), "reprofile")).column("query_id").to_pylist())
-    fresh = np.array([q not in in_store for q in queries.column(S.QUERY_ID).to_pylist()])
+    fresh = np.array([q not in in_store for q in queries.column(schemas.QUERY_ID).to_pylist()])
     pick = np.flatnonzero(gradable & fresh)
     rng = np.random.default_rng(cfg.seed)
     n = min(len(pick), max(1 if len(pick) else 0, int(round(cfg.sample * len(pick)))), cfg.max_queries or len(pick))
@@ -147,15 +147,15 @@ def run_reprofile(cfg: ReprofileConfig) -> dict:
                                "sampled": int(n), "models": {}, "feedback_outcomes": feedback.num_rows}
     _log(f"{queries.num_rows} logged queries with text, {int(gradable.sum())} gradable, {n} sampled ({cfg.sample:g}, at most {cfg.max_queries})")
     ds = _working_dataset(work, queries)
-    ids = [queries.column(S.QUERY_ID)[int(i)].as_py() for i in chosen]
-    todo_all = queries.take(pa.array(chosen, pa.int64())).select([S.QUERY_ID, S.TEXT, S.TASK, S.GRADER, S.GOLD])
+    ids = [queries.column(schemas.QUERY_ID)[int(i)].as_py() for i in chosen]
+    todo_all = queries.take(pa.array(chosen, pa.int64())).select([schemas.QUERY_ID, schemas.TEXT, schemas.TASK, schemas.GRADER, schemas.GOLD])
     names = [m.name for m in cfg.models] + list(cfg.endpoints)
     if ids:
         if cfg.via == "service":
             url, key = _service(cfg, serve)
             for m in names:
-                done = set(ds.read_outcomes([m]).column(S.QUERY_ID).to_pylist())
-                todo = todo_all.filter(pc.invert(pc.is_in(todo_all.column(S.QUERY_ID), pa.array(list(done), pa.string()))))
+                done = set(ds.read_outcomes([m]).column(schemas.QUERY_ID).to_pylist())
+                todo = todo_all.filter(pc.invert(pc.is_in(todo_all.column(schemas.QUERY_ID), pa.array(list(done), pa.string()))))
                 summary["models"][m] = {"ran": _ask_http(ds, todo, model=m, url=url, key=key, remote_name=m, cfg=cfg), "via": "service"}
         else:
             if cfg.models:
@@ -166,8 +166,8 @@ def run_reprofile(cfg: ReprofileConfig) -> dict:
                 for m, info in run_profile(pcfg, query_ids=ids)["models"].items():
                     summary["models"][m] = {"ran": info["ran"], "via": "ray-data"}
             for m, ep in cfg.endpoints.items():
-                done = set(ds.read_outcomes([m]).column(S.QUERY_ID).to_pylist())
-                todo = todo_all.filter(pc.invert(pc.is_in(todo_all.column(S.QUERY_ID), pa.array(list(done), pa.string()))))
+                done = set(ds.read_outcomes([m]).column(schemas.QUERY_ID).to_pylist())
+                todo = todo_all.filter(pc.invert(pc.is_in(todo_all.column(schemas.QUERY_ID), pa.array(list(done), pa.string()))))
                 key = os.environ.get(ep.api_key_env) if ep.api_key_env else None
                 summary["models"][m] = {"ran": _ask_http(ds, todo, model=m, url=ep.base_url, key=key, remote_name=ep.model, cfg=cfg), "via": "endpoint"}
     rows = _store_rows(cfg, router, ds, ids, names, feedback, queries)
@@ -186,16 +186,16 @@ def _store_rows(cfg: ReprofileConfig, router: Path, ds: Dataset, ids: list[str],
     from icl_router.serving.decision_log import now
 
     out = ds.read_outcomes(models)
-    out = out.filter(pc.is_in(out.column(S.QUERY_ID), pa.array(ids, pa.string()))) if ids else out.slice(0, 0)
-    recs = [(r[S.QUERY_ID], r[S.MODEL_ID], float(r[S.SCORE]), "reprofile") for r in out.select([S.QUERY_ID, S.MODEL_ID, S.SCORE]).to_pylist()]
+    out = out.filter(pc.is_in(out.column(schemas.QUERY_ID), pa.array(ids, pa.string()))) if ids else out.slice(0, 0)
+    recs = [(r[schemas.QUERY_ID], r[schemas.MODEL_ID], float(r[schemas.SCORE]), "reprofile") for r in out.select([schemas.QUERY_ID, schemas.MODEL_ID, schemas.SCORE]).to_pylist()]
     if cfg.feedback:
         stored = {(r["query_id"], r["model_id"]) for r in read_table(router).select(["query_id", "model_id"]).to_pylist()}
         done = set(ids)
-        recs += [(r[S.QUERY_ID], r[S.MODEL_ID], float(r[S.SCORE]), "feedback") for r in feedback.to_pylist()
-                 if r[S.QUERY_ID] not in done and (r[S.QUERY_ID], r[S.MODEL_ID]) not in stored]
+        recs += [(r[schemas.QUERY_ID], r[schemas.MODEL_ID], float(r[schemas.SCORE]), "feedback") for r in feedback.to_pylist()
+                 if r[schemas.QUERY_ID] not in done and (r[schemas.QUERY_ID], r[schemas.MODEL_ID]) not in stored]
     if not recs:
         return EVIDENCE_SCHEMA.empty_table()
-    text = dict(zip(queries.column(S.QUERY_ID).to_pylist(), queries.column(S.TEXT).to_pylist()))
+    text = dict(zip(queries.column(schemas.QUERY_ID).to_pylist(), queries.column(schemas.TEXT).to_pylist()))
     qids = list(dict.fromkeys(q for q, *_ in recs))
     emb = dict(zip(qids, embed_for_router(router, [text[q] for q in qids])))
     t = now()
