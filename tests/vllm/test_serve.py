@@ -107,6 +107,7 @@ def service():
     from icl_router.config import (
         AuthConfig,
         AutoscalingConfig,
+        DecisionLogConfig,
         RayConfig,
         ScorerServeConfig,
         ShadowConfig,
@@ -144,6 +145,7 @@ def service():
             # a candidate beside the live router: the same directory, and a model the service does not serve
             shadow=ShadowConfig(name="with-new", pool=[{"name": SHADOW_MODEL, "profile": [True] * K, "cost": 0.0}],
                                 log_dir=str(root / "shadow"), flush_s=1.0),
+            decision_log=DecisionLogConfig(dir=str(root / "log"), flush_interval_s=1.0),  # feedback feeds the outcome panel
         )
         t0 = time.monotonic()
         url = start(cfg)
@@ -726,17 +728,21 @@ def test_every_dashboard_metric_is_exported_and_the_status_page_shows_each_panel
     from icl_router.serving.dashboard import PANELS, metric_names
 
     for model in ("icl-router", "tiny-a", "tiny-b"):  # routed and direct latency, both models' answers and spend
-        _chat(client, model=model, max_tokens=1)
-    feedback = _http(service.url + "/feedback", method="POST", key=API_KEY, body={})
-    awaiting = {"ray_icl_router_outcomes_total", "ray_icl_router_outcome_score_total"} if feedback[0] == 404 else set()
-    want = [m for m in metric_names() if m not in awaiting]
+        headers, _ = _chat(client, model=model, max_tokens=1)
+        if model == "icl-router":  # an outcome of the routed answer: the outcome counters
+            body, t0 = {"request_id": headers["x-icl-router-request-id"], "correct": True}, time.monotonic()
+            # another ingress replica knows the id once the log's shard is written (flush_interval_s): a bounded retry
+            while (fb := _http(service.url + "/feedback", method="POST", key=API_KEY, body=body))[0] == 404 and time.monotonic() - t0 < 30:
+                time.sleep(1)
+            assert fb[0] == 200, fb
+    want = metric_names()
     deadline, missing = time.monotonic() + 240, want
     while time.monotonic() < deadline and missing:  # a bounded wait for the exporter
         text = urllib.request.urlopen(service.metrics, timeout=10).read().decode()
         names = {line.split("{", 1)[0].split(" ", 1)[0] for line in text.splitlines() if line and not line.startswith("#")}
         missing = [m for m in want if m not in names]
         time.sleep(2)
-    print(f"dashboard metrics {want}; awaiting /v1/feedback: {sorted(awaiting)}")
+    print(f"dashboard metrics {want}")
     assert not missing, missing
     lat = [line for line in text.splitlines() if line.startswith("ray_icl_router_request_latency_ms_count")]
     assert any('route="routed"' in x for x in lat) and any('route="direct"' in x for x in lat)
