@@ -111,7 +111,7 @@ class PromptLayout:
         if len(ids) != 1:
             raise ValueError(
                 f"{what} {text!r} must be a single token of the router tokenizer, got {len(ids)} tokens {ids}; "
-                "use a tokenizer that has it as one token (Qwen2.5 does; tiny.train_tokenizer ensures it)"
+                "load the router with model.tiny.load_router_lm, which adds it (model/vocab.py)"
             )
         return ids[0]
 

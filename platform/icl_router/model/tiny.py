@@ -102,10 +102,15 @@ def load_router_lm(name_or_path: str | Path, *, dtype: torch.dtype = torch.float
     """(causal LM, tokenizer) from a local directory or a hub id, with SDPA attention.
 
     The shared path for the tiny router saved by ``save_pretrained`` and for real
-    checkpoints (e.g. Qwen/Qwen2.5-7B-Instruct on a GPU cluster).
+    checkpoints (e.g. Qwen/Qwen2.5-7B-Instruct on a GPU cluster). A tokenizer without the
+    prompt's placeholder (or with ``Yes`` / ``No`` split) gets them added and the LM's
+    embeddings grown (``model/vocab.py``); a router directory saved after that reloads as is.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from icl_router.model.vocab import prepare_router_lm
+
     tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
     lm = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dtype, attn_implementation="sdpa")
+    prepare_router_lm(lm, tokenizer)
     return lm, tokenizer

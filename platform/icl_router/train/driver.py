@@ -330,4 +330,8 @@ def publish_router(checkpoint: Any, output: Path, *, dataset: str, anchor_ids: l
 def _load_tokenizer(src: str | Path) -> Any:
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(src))
+    from icl_router.model.vocab import add_prompt_tokens
+
+    tokenizer = AutoTokenizer.from_pretrained(str(src))
+    add_prompt_tokens(tokenizer)  # the ids the workers get from load_router_lm (which also grows the LM)
+    return tokenizer
