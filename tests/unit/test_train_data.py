@@ -74,3 +74,14 @@ def test_no_anchors_or_no_rows_is_a_clear_error(rs):
     rs.labels[4:] = np.nan  # the anchors keep their outcomes (profiles), no train query has one
     with pytest.raises(DatasetError, match="no usable rows"):
         build_train_data(rs, stage=2)
+
+
+def test_local_router_paths_reach_the_workers_absolute(tmp_path, monkeypatch):
+    """Ray Train workers run in their own directory: the driver hands them absolute local paths."""
+    from icl_router.train.driver import _absolute_if_local
+
+    (tmp_path / "runs" / "models" / "lm").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert _absolute_if_local("runs/models/lm") == str(tmp_path / "runs" / "models" / "lm")
+    assert _absolute_if_local("Qwen/Qwen2.5-7B-Instruct") == "Qwen/Qwen2.5-7B-Instruct"  # a hub id stays
+    assert _absolute_if_local(None) is None

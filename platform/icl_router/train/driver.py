@@ -242,6 +242,9 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     from icl_router.raycluster import ensure_ray
 
     t0 = time.time()
+    # workers run in their own working directory: a relative local path would be read as a hub id there
+    cfg = cfg.model_copy(update={"init_from": _absolute_if_local(cfg.init_from),
+                                 "router": cfg.router.model_copy(update={"name_or_path": _absolute_if_local(cfg.router.name_or_path)})})
     output = Path(cfg.output).resolve()
     storage = Path(cfg.storage_path or f"{output}.runs").resolve()
     run_name = f"stage{cfg.stage}"
@@ -325,6 +328,11 @@ def publish_router(checkpoint: Any, output: Path, *, dataset: str, anchor_ids: l
             if staging.exists():
                 shutil.rmtree(staging)
     return kept
+
+
+def _absolute_if_local(path: str | None) -> str | None:
+    """An existing local path made absolute; a hub id (or None) as given."""
+    return str(Path(path).resolve()) if path and Path(path).exists() else path
 
 
 def _load_tokenizer(src: str | Path) -> Any:
