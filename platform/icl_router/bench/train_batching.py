@@ -1,6 +1,8 @@
 """Stage-2 training steps: naive per-pair prompts vs shared-prefix packing, same pairs, one run.
 
-Both sides start from the same tiny router weights, take the same batches (one
+Both sides start from the same router weights (the tiny router built here, or
+``--router``: a router LM directory or hub id, e.g. runs/models/smollm2-135m-instruct,
+loaded as training loads it), take the same batches (one
 model's B pairs each) and do forward + backward + an AdamW step (the training
 loop's optimiser, ``train.loop.make_optimizer``); the losses of the
 two trajectories must agree (``max_loss_diff``).
@@ -32,6 +34,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--query-words", type=int, default=40, help="mean words per synthetic query")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadiest on a shared 2-core machine)")
+    p.add_argument("--router", help="a router LM directory or hub id (default: the tiny router built from the queries)")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -41,7 +44,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from icl_router.config import PhaseConfig, TrainConfig
     from icl_router.model.prompt import PromptLayout
     from icl_router.model.router import ICLRouter
-    from icl_router.model.tiny import build_tiny_router_lm
+    from icl_router.model.tiny import build_tiny_router_lm, load_router_lm
     from icl_router.train.loop import PlainEngine, make_optimizer
     from icl_router.train.steps import collate_stage2, stage2_loss
 
@@ -50,7 +53,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     n_models, emb_dim, B = 4, 384, args.batch_size
     n_q = B * (args.steps + 1)
     texts = [" ".join(rng.choice(WORDS, size=rng.integers(args.query_words // 2, args.query_words * 3 // 2 + 1))) + "?" for _ in range(n_q)]
-    lm, tok = build_tiny_router_lm(texts, seed=args.seed)
+    lm, tok = load_router_lm(args.router) if args.router else build_tiny_router_lm(texts, seed=args.seed)
     layout = PromptLayout(tok, query_input=args.query_input, profile_layout=args.layout)
     torch.manual_seed(args.seed)
     router = ICLRouter(lm, layout, anchor_emb=torch.randn(args.k, emb_dim))
@@ -96,6 +99,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "shared_pairs_per_s": round(pairs / t_shared, 2),
         "speedup": round(t_naive / t_shared, 2),
         "max_loss_diff": max(abs(a - b) for a, b in zip(l_naive, l_shared)),
+        "router": args.router or "tiny",
+        "router_parameters": sum(p.numel() for p in lm.parameters()),
         "K": args.k,
         "batch_size": B,
         "layout": args.layout,
