@@ -688,6 +688,9 @@ class EvaluateConfig(Config):
     pool_sizes: list[int] = [3, 5, 7]  # accuracy vs pool size (first dataset and seed; the first n models by train accuracy)
     sweep_max_steps: int | None = None  # caps each training of the add-model, K and pool-size sweeps
     threads: int | None = None  # torch threads (null: torch's default); 1 on an oversubscribed machine
+    # a seeded sample of at most this many ID-test and as many OOD queries per seed, the same rows for every
+    # method: for routers too slow to score every query on the machine at hand (a pretrained router LM on CPU)
+    test_sample: int | None = Field(default=None, ge=1)
     routerbench: RouterBenchEvalConfig | None = RouterBenchEvalConfig()
     output: str | None = None  # the report directory (or --output)
 

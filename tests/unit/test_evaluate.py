@@ -122,3 +122,19 @@ def test_quick_evaluation_on_a_slice(tmp_path):
     assert {"suite_delta.png", "reliability.png"} <= set(report["plots"])
     md = (out / "report.md").read_text()
     assert "| ICL-Router (with its decision layer; queries name their task) |" in md and "| synthetic | OOD |" in md
+
+
+def test_test_sample_takes_the_same_seeded_rows_and_keeps_train():
+    from icl_router.data.routing_set import RoutingSet
+    from icl_router.data.splits import Split
+    from icl_router.evaluation.run import sample_test
+
+    ids = [f"q{i:03d}" for i in range(300)]
+    rs = RoutingSet(models=["a", "b"], query_ids=ids, texts=ids, tasks=["t"] * 300, labels=np.zeros((300, 2), np.float32),
+                    embeddings=np.zeros((300, 4), np.float32), split=Split(ids[:100], ids[100:270], ids[270:]), anchor_ids=ids[:5], embedder="e")
+    assert sample_test(rs, None, seed=0) is rs
+    small = sample_test(rs, 40, seed=1)
+    assert small.split.train == rs.split.train and small.anchor_ids == rs.anchor_ids
+    assert len(small.split.test) == 40 and small.split.test == sorted(small.split.test) and set(small.split.test) <= set(ids[100:270])
+    assert small.split.ood == rs.split.ood  # 30 OOD queries: fewer than the sample, all kept
+    assert sample_test(rs, 40, seed=1).split.test == small.split.test != sample_test(rs, 40, seed=2).split.test

@@ -11,6 +11,7 @@ Writes ``report.json``, ``report.md`` and PNG plots to the output directory.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -462,6 +463,21 @@ def routerbench_section(cfg: EvaluateConfig, *, cache: Path) -> dict:
 # One dataset
 
 
+def sample_test(rs: RoutingSet, n: int | None, *, seed: int) -> RoutingSet:
+    """The routing set with at most ``n`` of its ID-test and ``n`` of its OOD queries (a seeded sample, in
+    dataset order); train, and so the anchors and every method's fit, unchanged. ``n`` None: as is."""
+    if n is None:
+        return rs
+    from icl_router.data.splits import Split
+
+    rng = np.random.RandomState(seed)
+
+    def pick(ids: list[str]) -> list[str]:
+        return list(ids) if len(ids) <= n else [ids[i] for i in sorted(rng.choice(len(ids), n, replace=False))]
+
+    return dataclasses.replace(rs, split=Split(list(rs.split.train), pick(rs.split.test), pick(rs.split.ood)))
+
+
 PARTS = (("test", "id"), ("ood", "ood"))  # (split part, report key)
 CALIBRATION = ("ece", "brier", "ece_raw", "brier_raw", "away_from_default")
 
@@ -528,7 +544,7 @@ def evaluate_seed(cfg: EvaluateConfig, d: EvalDatasetConfig, rs: RoutingSet, rs0
     for name, rc in (("icl-router", cfg.icl_router.model_copy(update={"k": k})), ("icl-router-text", cfg.icl_router_text)):
         if rc is None:
             continue
-        rs_v = rs if rc.k == k else for_seed(rs0, queries, d.split, seed=seed, k=rc.k)
+        rs_v = rs if rc.k == k else sample_test(for_seed(rs0, queries, d.split, seed=seed, k=rc.k), cfg.test_sample, seed=seed)
         r = get_router(rc, rs_v, seed=seed, seed_i=si, cache=cache, label=f"{d.name} {name} seed {seed}")
         extra["train_info"][f"{name}/{seed}"] = dict(r.info)
         for part, key in PARTS:
@@ -556,7 +572,7 @@ def evaluate_dataset(cfg: EvaluateConfig, d: EvalDatasetConfig, *, first: bool, 
     results = []
     for si, seed in enumerate(cfg.seeds):
         say(f"{d.name}: seed {seed} ({si + 1}/{len(cfg.seeds)})")
-        rs = for_seed(rs0, queries, d.split, seed=seed, k=k)
+        rs = sample_test(for_seed(rs0, queries, d.split, seed=seed, k=k), cfg.test_sample, seed=seed)
         result, routed = evaluate_seed(cfg, d, rs, rs0, queries, seed=seed, si=si, k=k, cache=cache, extra=extra)
         results.append(result)
         if si == 0 and first:
