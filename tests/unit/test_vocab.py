@@ -103,7 +103,9 @@ def test_segments_are_the_chat_template_rendering(lm_dir):
     for query_input in ("text", "vector"):
         layout = PromptLayout(tok, query_input=query_input)
         for labels, query in (([True, False, True], QUERIES[0]), ([False], QUERIES[1])):
-            msgs = P.stage2_messages(labels, query, query_input=query_input)
+            profile = "".join(P.PLACEHOLDER + (P.YES if y else P.NO) for y in labels)
+            body = P.PLACEHOLDER if query_input == "vector" else query
+            msgs = [{"role": "system", "content": P.SYSTEM}, {"role": "user", "content": P.user_text(profile, body)}]
             want = tok(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
             assert layout.prompt(labels, query).ids == list(want)
     seg, n_prompt = PromptLayout(tok).stage1(QUERIES[2])

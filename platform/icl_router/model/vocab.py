@@ -27,14 +27,14 @@ from typing import Any
 
 import torch
 
-from icl_router.model import prompt as P
+from icl_router.model import prompt
 
 
 def _ids(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def add_prompt_tokens(tokenizer: Any, *, placeholder: str = P.PLACEHOLDER) -> dict[str, list[int]]:
+def add_prompt_tokens(tokenizer: Any, *, placeholder: str = prompt.PLACEHOLDER) -> dict[str, list[int]]:
     """Add the placeholder / ``Yes`` / ``No`` where ``tokenizer`` does not hold them as one token.
 
     Returns ``{added string: the ids it encoded to before}`` (empty: nothing added). The
@@ -45,7 +45,7 @@ def add_prompt_tokens(tokenizer: Any, *, placeholder: str = P.PLACEHOLDER) -> di
     if len(_ids(tokenizer, placeholder)) != 1:
         added[placeholder] = _ids(tokenizer, placeholder)
         tokenizer.add_tokens([AddedToken(placeholder, special=True, normalized=False)], special_tokens=True)
-    for word in (P.YES, P.NO):
+    for word in (prompt.YES, prompt.NO):
         if len(_ids(tokenizer, word)) != 1:
             added[word] = _ids(tokenizer, word)
             tokenizer.add_tokens([AddedToken(word, single_word=True, normalized=False)])
@@ -72,7 +72,7 @@ def fit_prompt_tokens(lm: Any, tokenizer: Any, added: dict[str, list[int]]) -> N
             for text, pieces in added.items():
                 new_id = _ids(tokenizer, text)[0]
                 pieces = [i for i in pieces if i < old]
-                row = part[pieces].float().mean(0) if text != P.PLACEHOLDER and pieces else mean
+                row = part[pieces].float().mean(0) if text != prompt.PLACEHOLDER and pieces else mean
                 part[new_id] = row.to(part.dtype)
 
 
