@@ -16,7 +16,6 @@ directory drops rows, counts them (``icl_router_shadow_dropped_total``) and says
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import os
@@ -27,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+
+from icl_router.serving.decision_log import query_hash
 
 log = logging.getLogger("ray.serve")
 RETRY_S = 5.0  # a shadow router that failed is asked again after this long
@@ -50,10 +51,6 @@ SHADOW_SCHEMA = pa.schema([
     ("predicted_gain", pa.float64()),  # shadow's p of its pick - shadow's p of the live pick (the shadow's own view)
     ("shadow_error", pa.string()),
 ])
-
-
-def query_hash(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()  # as the decision log's (serving/decision_log.py)
 
 
 class ShadowLog:
