@@ -101,3 +101,12 @@ def test_evidence_mass_for_the_decision_layer(router_dir, tmp_path):
 def test_mismatched_embedder_is_refused_by_name(router_dir):
     with pytest.raises(EmbedderError, match=r"anchors were embedded with 'all-MiniLM-L6-v2' \(sentence-transformers\) but the queries would be embedded with 'all-MiniLM-L6-v2@onnx-int8'"):
         OnlineRouter(router_dir, embedder=f"{BUNDLED}@onnx-int8")
+
+
+def test_a_bulk_embedding_goes_by_length_in_chunks_and_keeps_each_texts_vector(routers):
+    r = routers["evidence"]
+    assert r.direct  # the modules are called directly: the chunked path is under test
+    texts = [("word " * (1 + (i * 7) % 40)).strip() + f" {i}" for i in range(70)]  # lengths out of order, over two chunks
+    got = r._forward(texts, batch=32)  # [Q, E]
+    ref = r.embedder.encode(texts, normalize_embeddings=True, convert_to_numpy=True)
+    assert got.shape == (70, E) and np.abs(got - ref).max() < 1e-4

@@ -163,14 +163,22 @@ class OnlineRouter:
             self.embedder.to(getattr(torch, embed_dtype))  # bfloat16: moved vectors, opt-in
         return ok
 
-    def _forward(self, texts: list[str]) -> np.ndarray:
+    def _forward(self, texts: list[str], *, batch: int = 32) -> np.ndarray:
         import torch
 
         e = self.embedder
         prompt = e.prompts.get(e.default_prompt_name) if e.default_prompt_name else None
+        # a batch pads every text to its longest: bulk calls (the Python API over a test set) go by length, in chunks
+        order = np.argsort([len(t) for t in texts], kind="stable")
+        parts = []
         with torch.inference_mode():
-            v = e(e.preprocess(texts, prompt=prompt))["sentence_embedding"].float()
-            return torch.nn.functional.normalize(v, dim=-1).numpy()
+            for i in range(0, len(texts), batch):
+                chunk = [texts[j] for j in order[i:i + batch]]
+                v = e(e.preprocess(chunk, prompt=prompt))["sentence_embedding"].float()
+                parts.append(torch.nn.functional.normalize(v, dim=-1).numpy())
+        out = np.empty((len(texts), parts[0].shape[1]), dtype=np.float32)  # [Q, E]
+        out[order] = np.concatenate(parts)
+        return out
 
     def embed(self, texts: Sequence[str]) -> tuple[np.ndarray, int]:
         """([Q, E] unit vectors, how many came from the cache): each distinct text embedded once."""
