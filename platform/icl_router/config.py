@@ -788,6 +788,7 @@ class PoolModelConfig(Config):
             engine_kwargs=dict(self.engine_kwargs),
             deployment_config={"autoscaling_config": self.autoscaling.model_dump(), "max_ongoing_requests": self.max_ongoing_requests},
             runtime_env={"env_vars": {**VLLM_CPU_ENV, **self.env_vars} if cpu else dict(self.env_vars)},
+            callback_config={"callback_class": "icl_router.serving.local_model.LocalModelCallback"},  # a directory: no download task
             **hw,
         )
 

@@ -147,3 +147,18 @@ def test_a_pool_model_is_a_path_or_an_endpoint():
             from icl_router.config import build_config
 
             build_config(PoolModelConfig, data)
+
+
+def test_a_model_in_a_directory_skips_the_download_task_and_a_hub_id_keeps_it(tmp_path):
+    """ray.serve.llm's node initialisation (a Ray task per node that downloads the model) is skipped
+    only when the source is a directory on disk."""
+    pytest.importorskip("vllm")
+    import asyncio
+
+    from icl_router.config import PoolModelConfig
+
+    for source, runs in ((str(tmp_path), False), ("HuggingFaceTB/SmolLM2-135M-Instruct", True)):
+        lc = PoolModelConfig(name="m", path=source).build()
+        callback = lc.get_or_create_callback()
+        asyncio.run(callback.run_callback("on_before_node_init"))
+        assert callback.ctx.run_init_node is runs, source

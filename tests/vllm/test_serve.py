@@ -136,7 +136,7 @@ def service():
             port=free_port(),
             first_output_timeout_s=10,
             router_timeout_s=5,
-            deploy_timeout_s=45,
+            deploy_timeout_s=20,  # only the broken registration deploys here: it fails by this deadline
             max_prompt_chars=2000,
             max_body_bytes=262144,  # the hostile-input test's 100,000 nested brackets fit; its 30 MB do not
             persist_profiles=True,  # onboarded profiles survive the registry replica's restart (the chaos test)
@@ -481,7 +481,7 @@ def test_a_registration_that_cannot_deploy_fails_by_its_deadline_and_can_be_retr
     again = _http(_admin(service), method="POST", body=body, key=ADMIN_KEY)
     assert again[0] == 409 and again[2]["error"]["code"] == "deployment_in_progress"
     t0, row = time.monotonic(), {}
-    while time.monotonic() - t0 < 300:  # a bounded wait: deploy_timeout_s is 45 s
+    while time.monotonic() - t0 < 300:  # a bounded wait: deploy_timeout_s is 20 s
         row = _http(_admin(service, "broken"), key=ADMIN_KEY)[2]
         if row.get("state") != "deploying":
             break
