@@ -997,6 +997,38 @@ class ServeConfig(Config):
         return self
 
 
+class JudgeConfig(Config):
+    """``reprofile.judge``: a judge model grades the answers to sampled logged queries that have neither a
+    reference nor a gold (data/judge.py), gated by its agreement with the project's graders on a
+    calibration sample of graded answers. Off by default."""
+
+    enabled: bool = False
+    model: str | None = None  # a pool model's name: vLLM on Ray Data from its path, its endpoint, or through the service (via: service)
+    endpoint: EndpointConfig | None = None  # instead of model: any OpenAI-compatible endpoint ({base_url, model, api_key_env})
+    rubric: str | None = None  # the judge's prompt, with {question} and {answer}; null: data/judge.py's DEFAULT_RUBRIC
+    max_tokens: int = Field(default=8, ge=1)  # the verdict's length (Yes / No)
+    metric: Literal["kappa", "accuracy"] = "kappa"  # the agreement with the graders that the gate reads
+    min_agreement: float = 0.6  # the gate: the judge's outcomes join the evidence only at or above it
+    calibration: int = Field(default=200, ge=1)  # graded answers the judge also judges (reference unseen) to measure its agreement
+    min_calibration: int = Field(default=30, ge=1)  # fewer readable calibration verdicts than this: the gate stays shut
+
+    @model_validator(mode="after")
+    def _check(self) -> JudgeConfig:
+        if self.enabled and (self.model is None) == (self.endpoint is None):
+            raise ValueError("judge: give exactly one of model (a pool model's name) or endpoint ({base_url, model, api_key_env})")
+        lo = -1.0 if self.metric == "kappa" else 0.0
+        if not lo <= self.min_agreement <= 1.0:
+            raise ValueError(f"judge.min_agreement: {self.metric} lies in [{lo:g}, 1], got {self.min_agreement}; e.g. 0.6")
+        if self.min_calibration > self.calibration:
+            raise ValueError(f"judge.min_calibration ({self.min_calibration}) exceeds judge.calibration ({self.calibration}): "
+                             "the gate could never open; raise calibration or lower min_calibration")
+        if self.rubric is not None:
+            missing = [p for p in ("{question}", "{answer}") if p not in self.rubric]
+            if missing:
+                raise ValueError(f"judge.rubric: has no {' or '.join(missing)}; the judge must see the question and the answer")
+        return self
+
+
 class ReprofileConfig(Config):
     """``icl-router reprofile`` (data/reprofile.py): sampled logged queries run on every pool model, graded,
     and added to the router directory's evidence store; every router replica loads it on its next pool sync."""
@@ -1022,6 +1054,7 @@ class ReprofileConfig(Config):
     batch_size: int = 32
     shard_size: int = 256
     ray: RayConfig = RayConfig(num_cpus=8)
+    judge: JudgeConfig = JudgeConfig()  # grades the sampled queries without a reference or gold (off by default)
 
 
 # ---------------------------------------------------------------------------

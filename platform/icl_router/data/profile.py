@@ -90,7 +90,11 @@ def select_queries(ds: Dataset, cfg: ProfileConfig, *, query_ids: list[str] | No
     return table
 
 
-def build_prompt(grader: str, question: str, *, style: PromptStyle = "json") -> str:
+def build_prompt(grader: str | None, question: str, *, style: PromptStyle = "json") -> str:
+    """The prompt asking ``question`` for ``grader``; a question no grader reads (logged traffic without a
+    reference, judged instead) is asked as it came."""
+    if grader not in PROMPTS[style]:
+        return question
     return PROMPTS[style][grader].replace("{question}", question)  # not format(): the templates hold JSON braces
 
 
@@ -127,13 +131,21 @@ def graded_outcome(
     }
 
 
-def _outcome(row: dict[str, Any], *, model_id: str, cost_in: float, cost_out: float, style: PromptStyle) -> dict[str, Any]:
-    """Ray Data postprocess: grade one response into an outcome row."""
+def answer_row(row: dict[str, Any], response: str, *, model_id: str, cost: float | None, latency_s: float | None,
+               prompt_tokens: int | None, completion_tokens: int | None) -> dict[str, Any]:
+    """One query's answer, ungraded (a judge grades it later): an outcome row without score and correct."""
+    return {schemas.QUERY_ID: row[schemas.QUERY_ID], schemas.MODEL_ID: model_id, schemas.RESPONSE: response, schemas.COST: cost,
+            schemas.LATENCY_S: latency_s, schemas.PROMPT_TOKENS: prompt_tokens, schemas.COMPLETION_TOKENS: completion_tokens}
+
+
+def _outcome(row: dict[str, Any], *, model_id: str, cost_in: float, cost_out: float, style: PromptStyle, graded: bool = True) -> dict[str, Any]:
+    """Ray Data postprocess: grade one response into an outcome row (``graded=False``: keep it ungraded)."""
     n_in, n_out = int(row["num_input_tokens"]), int(row["num_generated_tokens"])
     # latency per row: the engine's time from submitting this request to its last token (other
     # requests of the batch run alongside, so the sum over rows exceeds the wall time)
-    return graded_outcome(row, row["generated_text"], model_id=model_id, cost=n_in * cost_in + n_out * cost_out,
-                          latency_s=float(row["time_taken_llm"]), prompt_tokens=n_in, completion_tokens=n_out, style=style)
+    make = partial(graded_outcome, style=style) if graded else answer_row
+    return make(row, row["generated_text"], model_id=model_id, cost=n_in * cost_in + n_out * cost_out,
+                latency_s=float(row["time_taken_llm"]), prompt_tokens=n_in, completion_tokens=n_out)
 
 
 def engine_config(m: CandidateModelConfig, *, batch_size: int) -> Any:
@@ -160,15 +172,18 @@ def engine_config(m: CandidateModelConfig, *, batch_size: int) -> Any:
 
 def generate_outcomes(
     todo: pa.Table, m: CandidateModelConfig, *, batch_size: int, shard_size: int, style: PromptStyle, max_tokens: dict[str, int],
+    graded: bool = True,
 ) -> Iterator[pa.Table]:
-    """Outcome tables of ``shard_size`` rows (the last may be smaller), in completion order."""
+    """Outcome tables of ``shard_size`` rows (the last may be smaller), in completion order; ``graded=False``:
+    answer rows (``answer_row``) of queries no grader reads."""
     import ray
     from ray.data.llm import build_processor
 
     processor = build_processor(
         engine_config(m, batch_size=batch_size),
         preprocess=partial(_request, sampling=m.sampling.model_dump(), style=style, max_tokens=max_tokens),
-        postprocess=partial(_outcome, model_id=m.name, cost_in=m.cost_per_input_token, cost_out=m.cost_per_output_token, style=style),
+        postprocess=partial(_outcome, model_id=m.name, cost_in=m.cost_per_input_token, cost_out=m.cost_per_output_token, style=style,
+                            graded=graded),
     )
     blocks = [todo.slice(i, shard_size) for i in range(0, len(todo), shard_size)]
     yield from processor(ray.data.from_arrow(blocks)).iter_batches(batch_size=shard_size, batch_format="pyarrow")
