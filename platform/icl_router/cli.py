@@ -30,6 +30,7 @@ BENCHES = {
     "chaos": "chaos",
     "value": "value",
     "feedback": "feedback",
+    "judge": "judge",
 }
 
 

@@ -83,3 +83,28 @@ def test_the_judge_is_off_by_default_and_a_disabled_one_needs_nothing():
     cfg = build_config(ReprofileConfig, {"judge": {"enabled": True, "model": "gemma-3-270m", "min_agreement": 0.4}})
     assert cfg.judge.metric == "kappa" and cfg.judge.calibration == 200 and cfg.judge.rubric is None
 
+
+def test_bench_judge_scores_a_judge_against_the_graders(tmp_path):
+    """bench judge's arithmetic on a dataset's graded answers (its judges' vLLM runs are left to the bench itself)."""
+    from argparse import Namespace
+
+    import pyarrow as pa
+
+    from icl_router.bench.judge import graded_answers, score_judge
+    from icl_router.data.dataset import Dataset
+
+    ds = Dataset(tmp_path / "ds")
+    (tmp_path / "ds").mkdir()
+    ds.write_queries(pa.Table.from_pylist([{"query_id": f"q{i}", "text": f"question {i}", "task": "qa" if i < 2 else "math", "split": "train",
+                                            "gold": "x", "grader": "exact_match"} for i in range(4)]))
+    ds.append_outcomes(pa.Table.from_pylist([{"query_id": f"q{i}", "model_id": m, "sample": 0, "score": float(i == 0), "correct": i == 0,
+                                              "response": None if (i, m) == (3, "b") else f"answer {i}"} for i in range(4) for m in ("a", "b")]))
+    rows = graded_answers(str(ds.root), models=None, limit=0, seed=0)
+    assert len(rows) == 7 and sum(r["correct"] for r in rows) == 2  # the answer without a response is left out
+    assert len(graded_answers(str(ds.root), models=["a"], limit=2, seed=0)) == 2
+    args = Namespace(min_agreement=0.6, min_calibration=3)
+    res = score_judge(rows, [1.0 if r["correct"] else (None if r["query_id"] == "q1" else 0.0) for r in rows], args)
+    assert res["n"] == 5 and res["unparsed"] == 2 and res["kappa"] == 1.0 and res["gate"]["passed"]
+    assert res["by_task"]["qa"] == {"n": 2, "accuracy": 1.0, "kappa": None, "unparsed": 2} and set(res["by_model"]) == {"a", "b"}
+    constant = score_judge(rows, [0.0] * len(rows), args)
+    assert constant["accuracy"] == round(5 / 7, 4) and constant["kappa"] == 0.0 and not constant["gate"]["passed"]
