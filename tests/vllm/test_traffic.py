@@ -8,6 +8,8 @@ weights: their text is noise, but greedy and deterministic). For a query the two
 differently, the reference sent as feedback is the answer of the model the router does *not* pick;
 re-profiling the logged queries through the service grades that model right and the other wrong, the
 outcomes join the router directory's evidence store, and the next routed request for that query goes to it.
+The same run judges the logged queries without a reference with tiny-a as the judge (through the service, by
+its name): a random-weight judge on two calibration answers never opens the gate, so its outcomes stay out.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ def test_logged_traffic_reprofiled_changes_the_served_routing(monkeypatch):
         AuthConfig,
         CandidateModelConfig,
         DecisionLogConfig,
+        JudgeConfig,
         RayConfig,
         ReprofileConfig,
         SamplingConfig,
@@ -146,10 +149,13 @@ def test_logged_traffic_reprofiled_changes_the_served_routing(monkeypatch):
         summary = run_reprofile(ReprofileConfig(
             router=str(router_dir), decision_log=str(log_dir), via="service", service_url=url, service_key_env="TRAFFIC_TEST_KEY",
             models=[CandidateModelConfig(name=m.name, path=m.path) for m in cfg.pool], sample=1.0, prompt_style="short",
-            sampling=SamplingConfig(max_tokens=4), concurrency=2,
+            sampling=SamplingConfig(max_tokens=4), concurrency=2, judge=JudgeConfig(enabled=True, model="tiny-a"),
         ))
         print("reprofile:", summary)
-        assert summary["sampled"] == 1 and summary["store_rows_added"] == 2
+        assert summary["sampled"] - summary["sampled_for_judge"] == 1 and summary["store_rows_added"] == 2
+        j = summary["judge"]
+        assert j["via"] == "service" and j["answers"] == 2 * summary["sampled_for_judge"] > 0 and j["failed_requests"] == 0
+        assert j["calibration"]["n"] + j["calibration"]["unparsed"] == 2 and not j["gate"]["passed"] and j["outcomes_added"] == 0
         assert evidence_store.generation(router_dir) == summary["store"]["generation"]
 
         # the served routing moves, without a restart: the registry sees the store's generation, the router replica reloads it
