@@ -311,6 +311,25 @@ class OpenAIServer:
     proc: object
     log: Path
 
+    def wait_ready(self, ready_s: float = 300) -> None:
+        """Wait, bounded, until GET /v1/models answers 200; raises with the log's tail if it exits or times out."""
+        import time
+        import urllib.request
+
+        t0 = time.monotonic()
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the OpenAI server exited ({self.proc.returncode}):\n{self.log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(self.base_url + "/models", timeout=5) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            if time.monotonic() - t0 > ready_s:
+                raise TimeoutError(f"the OpenAI server did not answer within {ready_s:g} s:\n{self.log.read_text()[-3000:]}")
+            time.sleep(1)
+
     def stop(self) -> None:
         """Stop it (SIGTERM, then SIGKILL after a bounded wait): a pool endpoint going down."""
         import subprocess
@@ -325,15 +344,14 @@ class OpenAIServer:
 
 
 @contextmanager
-def openai_server(model_dir: str | Path, *, root: str | Path, name: str = "tiny-endpoint", ready_s: float = 300) -> Iterator[OpenAIServer]:
+def openai_server(model_dir: str | Path, *, root: str | Path, name: str = "tiny-endpoint", ready_s: float | None = 300) -> Iterator[OpenAIServer]:
     """vLLM's OpenAI server (``python -m vllm.entrypoints.openai.api_server``) serving ``model_dir`` as
     ``name`` on a free loopback port, with the fast CPU settings (../shared/ENVIRONMENT.md); waits, bounded,
-    for GET /v1/models, and stops it on exit. Its output goes to ``root``/openai-server.log."""
+    for GET /v1/models (``ready_s``; None: the caller calls ``wait_ready`` once it has started something
+    else meanwhile), and stops it on exit. Its output goes to ``root``/openai-server.log."""
     import socket
     import subprocess
     import sys
-    import time
-    import urllib.request
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -348,19 +366,8 @@ def openai_server(model_dir: str | Path, *, root: str | Path, name: str = "tiny-
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     server = OpenAIServer(f"http://127.0.0.1:{port}/v1", name, proc, log)
     try:
-        t0 = time.monotonic()
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the OpenAI server exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(server.base_url + "/models", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() - t0 > ready_s:
-                raise TimeoutError(f"the OpenAI server did not answer within {ready_s:g} s:\n{log.read_text()[-3000:]}")
-            time.sleep(1)
+        if ready_s is not None:
+            server.wait_ready(ready_s)
         yield server
     finally:
         server.stop()

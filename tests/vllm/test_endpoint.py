@@ -77,7 +77,7 @@ def service():
     metrics_port = free_port()
     with served_root("ep-", num_cpus=8, _metrics_export_port=metrics_port, _system_config={"metrics_report_interval_ms": 1000}) as root:
         upstream = make_tiny_causal_lm(root / "upstream", seed=7, texts=TINY_TEXTS)
-        with openai_server(upstream, root=root, name="upstream-tiny") as server:
+        with openai_server(upstream, root=root, name="upstream-tiny", ready_s=None) as server:  # starts beside the service
             endpoint = {"base_url": server.base_url, "model": server.model}
             pool = [
                 PoolModelConfig(name="tiny-a", path=str(make_tiny_causal_lm(root / "tiny-a", seed=0, texts=TINY_TEXTS)), cost=0.01,
@@ -90,6 +90,7 @@ def service():
             cfg = ServeConfig(router=ScorerServeConfig(path=str(make_tiny_router_dir(root / "router", k=K)), num_cpus=1), pool=pool, auth=auth,
                               port=free_port(), first_output_timeout_s=20, probe_interval_s=1, deploy_timeout_s=300, ray=RayConfig(num_cpus=8))
             base = start(cfg).removesuffix("/v1")
+            server.wait_ready(300)
             t0, circuits = time.monotonic(), {}
             while time.monotonic() - t0 < 600:  # bounded: the router and both models answer
                 status, _, raw = _http(base + "/admin/models", key=ADMIN_KEY)
