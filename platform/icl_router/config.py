@@ -624,6 +624,9 @@ class EvalRouterConfig(Config):
     eval_every: int = 100  # steps between validation checks
     decision: DecisionFitConfig | None = DecisionFitConfig()  # null: route by the raw p's argmax
     checkpoints: list[str] | None = None  # one trained router directory per seed instead of training
+    # with checkpoints: fit the decision layer here, as this code fits it, instead of using the one stored in each
+    # directory (a checkpoint that kept a trained step cannot be refitted here: its trained-on queries are unknown)
+    refit_decision: bool = False
 
 
 # The same router reading the query's text (no evidence: it reads the query's vector); a text step costs several vector

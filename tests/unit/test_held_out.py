@@ -120,3 +120,44 @@ def test_the_train_job_fits_the_kept_router_on_every_held_out_query_either_way(v
     assert out["trained"]["decision_rows"] == out["untrained"]["decision_rows"] == held
     assert out["trained"]["decision_folds"] == 2 and 0 < out["trained"]["decision_rows_folds"] < held
     assert out["untrained"]["decision_folds"] == 0 and out["untrained"]["decision_rows_kept"] == held
+
+
+def _set_checkpoint(path, *, decision, extra) -> None:
+    """Give a router directory a stored decision layer and the train job's provenance."""
+    import json
+
+    from icl_router.model.router_dir import META_FILE
+
+    meta = json.loads((path / META_FILE).read_text())
+    meta.update(decision=decision, extra=extra)
+    (path / META_FILE).write_text(json.dumps(meta))
+
+
+def test_evaluate_refits_a_checkpoints_layer_only_when_asked_and_only_where_it_can(value_setup, tmp_path):
+    import pytest
+
+    from icl_router.config import ConfigError, EvalRouterConfig
+    from icl_router.evaluation.run import get_router
+    from icl_router.routing.decision import DecisionParams
+
+    rs = _routing_set(value_setup)
+    _, path, _ = value_setup
+    stored = DecisionParams(min_gain=1.0, fitted={"rows": 3}).to_json()  # a layer this code would never fit
+    _set_checkpoint(path, decision=stored, extra={"steps": 24, "kept": "untrained"})  # the keep-check kept step 0
+    rc = EvalRouterConfig(k=12, checkpoints=[str(path)], decision=DecisionFitConfig(clusters=3, tasks=False))
+
+    def routed(**update):
+        return get_router(rc.model_copy(update=update), rs, seed=0, seed_i=0, cache=tmp_path, label="test")
+
+    assert routed().decision.min_gain == 1.0  # the stored layer, as the train job fitted it
+    refit = routed(refit_decision=True)
+    assert refit.info["kept_step"] == 0
+    assert refit.decision.fitted["rows"] == len(held_out_rows(rs)) == 48  # fitted here, on every held-out query
+    # a checkpoint kept at a trained step: the queries it trained on are unknown here, so no fit on them
+    _set_checkpoint(path, decision=stored, extra={"steps": 24})
+    with pytest.raises(ConfigError, match="kept trained step 24"):
+        routed(refit_decision=True)
+    _set_checkpoint(path, decision=None, extra={"steps": 24})
+    with pytest.raises(ConfigError, match="kept trained step 24"):
+        routed()
+    assert routed(decision=None).decision is None  # no layer asked for: the raw argmax, nothing to fit

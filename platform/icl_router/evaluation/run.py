@@ -204,8 +204,13 @@ def get_router(rc: EvalRouterConfig, rs: RoutingSet, *, seed: int, seed_i: int, 
                 f"checkpoint {rc.checkpoints[seed_i]} was trained with other anchors than seed {seed}'s; "
                 f"train it on this split with k={rc.k} and seed {seed}"
             )
-        router, info = loaded.router.eval(), {"checkpoint": rc.checkpoints[seed_i]}
-        stored = None if loaded.meta.decision is None else DecisionParams.from_json(loaded.meta.decision)
+        router, info = loaded.router.eval(), {"checkpoint": rc.checkpoints[seed_i], "kept_step": checkpoint_kept_step(loaded.meta.extra)}
+        stored = None if loaded.meta.decision is None or rc.refit_decision else DecisionParams.from_json(loaded.meta.decision)
+        if rc.decision is not None and stored is None and info["kept_step"]:
+            raise ConfigError(
+                f"checkpoint {rc.checkpoints[seed_i]} kept trained step {info['kept_step']} and its decision layer is to be fitted here, "
+                "but the queries it trained on are unknown to evaluate; fit it with the train job (decision:), or set icl_router.decision=null"
+            )
     else:
         cfg = train_config(rc, seed=seed, max_steps=max_steps)
         data, val = build_train_data(rs, stage=2, val_fraction=rc.val_fraction, seed=seed, models=models)
@@ -222,6 +227,12 @@ def get_router(rc: EvalRouterConfig, rs: RoutingSet, *, seed: int, seed_i: int, 
         decision = fitted.params
         info.update(fitted.summary())
     return Routed(router, info, cols, profiles, decision)
+
+
+def checkpoint_kept_step(extra: dict) -> int:
+    """The step a router directory's weights are from, by its provenance (``RouterMeta.extra``): 0 when the
+    train job's keep-check kept the untrained router, else the steps it trained (0 when it records none)."""
+    return 0 if extra.get("kept") == "untrained" else int(extra.get("steps", 0))
 
 
 def raw_p(r: Routed, rs: RoutingSet, rows: np.ndarray, rc: EvalRouterConfig) -> np.ndarray:
