@@ -22,7 +22,7 @@ def test_demo_onboards_the_real_models_and_routes_real_questions():
     with served_root("demo-", num_cpus=8) as root:  # the demo's outputs live under it: check them inside
         out = root / "demo"
         cfg = DemoConfig(output=str(out), models_dir=str(MODELS), data_root=str(ROOT.parent / "shared" / "data"), k=8,
-                         stage1_epochs=1, stage2_epochs=1, ray=RayConfig(num_cpus=8))
+                         stage1_epochs=1, stage2_epochs=1, num_workers=1, ray=RayConfig(num_cpus=8))
         run_demo_result = run_demo(cfg)
         report = json.loads((out / "report.json").read_text())
         assert run_demo_result["seconds"] > 0 and report["models"] == ["smollm2-135m-instruct", "gemma-3-270m"]

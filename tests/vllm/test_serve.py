@@ -5,7 +5,8 @@ One app serves the module (its start dominates the time): a tiny router director
 weights (routing quality is not the point: the plumbing is) and a decision layer, whose profiles
 cover tiny-a only, and two tiny vLLM models, tiny-a and tiny-b (icl_router.testing.tiny_serve_config). tiny-b is served
 by name until the onboarding test registers its profile, so the tests run in file order; the
-test that kills replicas is the last.
+traffic test (the decision log re-profiled through the service moves the routing) comes after the
+metrics test, and the test that kills replicas is the last.
 
 Every response of the ingress that a test receives is counted here (``SENT``), so the service's
 own counter ``icl_router_requests_total`` can be checked against it.
@@ -145,7 +146,8 @@ def service():
             # a candidate beside the live router: the same directory, and a model the service does not serve
             shadow=ShadowConfig(name="with-new", pool=[{"name": SHADOW_MODEL, "profile": [True] * K, "cost": 0.0}],
                                 log_dir=str(root / "shadow"), flush_s=1.0),
-            decision_log=DecisionLogConfig(dir=str(root / "log"), flush_interval_s=1.0),  # feedback feeds the outcome panel
+            # feedback feeds the outcome panel; the traffic test re-profiles the logged text, its task graded as exact_match
+            decision_log=DecisionLogConfig(dir=str(root / "log"), flush_interval_s=1.0, log_text=True, graders={"qa": "exact_match"}),
         )
         t0 = time.monotonic()
         url = start(cfg)
@@ -768,6 +770,130 @@ def test_every_dashboard_metric_is_exported_and_the_status_page_shows_each_panel
     out = os.environ.get("ICL_ROUTER_DASHBOARD_PNG")  # docs/dashboard.png is refreshed this way
     if out:
         shutil.copy(png, out)
+
+
+# ---- production traffic feeds the profiles (issue 25) ------------------------------------------------
+
+TRAFFIC_TASK = "qa"  # not the anchors' task: the plain layer routes it; decision_log.graders grades its references
+TRAFFIC_TEXTS = ["What is the sum of 17 and 25?", "Who wrote Hamlet?", "Name a prime number.", "What colour is the sky?", "Spell the word cat."]
+
+
+def _routed(service, text: str) -> tuple[int, dict]:
+    body = {"model": "icl-router", "messages": [{"role": "user", "content": text}], "max_tokens": 2, "routing": {"task": TRAFFIC_TASK}}
+    status, headers, _ = _http(service.url + "/chat/completions", method="POST", body=body, key=API_KEY)
+    return status, headers
+
+
+@pytest.mark.timeout(600)
+def test_logged_traffic_reprofiled_changes_the_served_routing(service, monkeypatch):
+    """N routed requests write N decision-log rows; for a query the two tiny models answer differently, the
+    reference sent as feedback is the answer of the model the router does *not* pick; `icl-router reprofile`
+    through the service grades that model right and the other wrong, the outcomes join the router
+    directory's evidence store, and the next routed request for that query goes to it, without a restart.
+    A second run judges logged queries without a reference with tiny-a as the judge: a random-weight judge
+    never opens the gate, so its outcomes stay out. (After the metrics test: its requests are not counted.)"""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from icl_router.config import CandidateModelConfig, JudgeConfig, ReprofileConfig, SamplingConfig
+    from icl_router.data.profile import build_prompt
+    from icl_router.data.reprofile import run_reprofile
+    from icl_router.graders import grade
+    from icl_router.routing import evidence_store
+    from icl_router.serving import decision_log as dl
+
+    router_dir, log_dir = service.root / "router", service.root / "log"
+    ids, chosen = [], {}
+    for text in TRAFFIC_TEXTS:  # N routed requests: N rows, one per request id
+        for _ in range(2):
+            status, headers = _routed(service, text)
+            assert status == 200, headers
+            ids.append(headers["x-icl-router-request-id"])
+            chosen[text] = headers["x-icl-router-chosen"]
+
+    def ours():
+        log = dl.read_log(log_dir)
+        return [r for r in log.to_pylist() if r["request_id"] in set(ids)]
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and len(ours()) < len(ids):
+        time.sleep(0.5)
+    rows = ours()
+    assert sorted(r["request_id"] for r in rows) == sorted(ids)  # N requests, N rows
+    assert all(r["task"] == TRAFFIC_TASK and r["query_text"] in TRAFFIC_TEXTS and r["model"] in COSTS and len(r["p"]) == 2 for r in rows)
+
+    # bad feedback changes nothing and names the field
+    status, _, body = _http(service.url + "/feedback", method="POST", body={"request_id": "req-nope", "correct": True}, key=API_KEY)
+    assert status == 404 and body["error"]["param"] == "request_id"
+    status, _, body = _http(service.url + "/feedback", method="POST", body={"request_id": ids[0], "correct": True, "score": 1.0}, key=API_KEY)
+    assert status == 400 and body["error"]["param"] == "score"
+
+    # a query the two models answer differently (asked as reprofile will ask it: greedy, the short style)
+    answers, text, target = {}, None, None
+    for t in TRAFFIC_TEXTS:
+        prompt = build_prompt("exact_match", t, style="short")
+        for m in COSTS:
+            s, _, out = _http(service.url + "/chat/completions", method="POST", key=API_KEY,
+                              body={"model": m, "messages": [{"role": "user", "content": prompt}], "max_tokens": 4, "temperature": 0.0})
+            assert s == 200
+            answers[(t, m)] = out["choices"][0]["message"]["content"] or ""
+        other = chosen[t]
+        tgt = next(m for m in COSTS if m != other)
+        if answers[(t, tgt)].strip() and grade("exact_match", answers[(t, tgt)], answers[(t, tgt)], plain=True) == 1 and grade(
+                "exact_match", answers[(t, other)], answers[(t, tgt)], plain=True) == 0:
+            text, target = t, tgt
+            break
+    assert text is not None, f"the tiny models answered every query alike: {answers}"
+    rid = ids[TRAFFIC_TEXTS.index(text) * 2]
+    t0 = time.monotonic()  # another ingress replica knows the id once the log's shard is written: a bounded retry
+    while (fb := _http(service.url + "/feedback", method="POST", key=API_KEY, body={"request_id": rid, "reference": answers[(text, target)]}))[0] == 404 \
+            and time.monotonic() - t0 < 30:
+        time.sleep(1)
+    assert fb[0] == 200 and fb[2]["stored"] == ["reference"], fb
+    _, before = _routed(service, text)
+    assert before["x-icl-router-chosen"] != target
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and rid not in dl.read_log(log_dir, "feedback").column("request_id").to_pylist():  # flushed
+        time.sleep(0.5)
+    monkeypatch.setenv("TRAFFIC_TEST_KEY", API_KEY)
+    base = dict(router=str(router_dir), decision_log=str(log_dir), via="service", service_url=service.url, service_key_env="TRAFFIC_TEST_KEY",
+                models=[CandidateModelConfig(name=m, path=str(service.root / m)) for m in COSTS], prompt_style="short",
+                sampling=SamplingConfig(max_tokens=4), concurrency=2)
+    summary = run_reprofile(ReprofileConfig(**base, sample=1.0))
+    print("reprofile:", summary)
+    # the two models' graded outcomes, and the dashboard test's `correct` feedback on the model that answered it
+    assert summary["sampled"] == 1 and summary["store_rows_added"] == 2 + summary["feedback_outcomes"]
+    assert evidence_store.generation(router_dir) == summary["store"]["generation"]
+
+    # the served routing moves, without a restart: the registry sees the store's generation, the router replicas reload it
+    deadline, after = time.monotonic() + 60, None
+    while time.monotonic() < deadline:
+        status, after = _routed(service, text)
+        assert status == 200
+        if after["x-icl-router-chosen"] == target:
+            break
+        time.sleep(1)
+    assert after["x-icl-router-chosen"] == target, (before, after)
+    assert after["x-icl-router-p"] != before["x-icl-router-p"]
+    print(f"routing moved {before['x-icl-router-chosen']} -> {target} ({before['x-icl-router-p']} -> {after['x-icl-router-p']})")
+
+    # the judge, through the service by its name, on this test's logged queries without a reference (a log of
+    # its rows alone: the module's other routed texts are the fuzzer's); calibrated on the graded query's answers
+    mine = service.root / "log-traffic"
+    for kind, keep in (("decisions", set(ids)), ("feedback", {rid})):
+        (mine / kind).mkdir(parents=True)
+        table = dl.read_log(log_dir, kind)
+        pq.write_table(table.filter(pc.is_in(table.column("request_id"), pa.array(sorted(keep)))), mine / kind / "part-00000.parquet")
+    judged = run_reprofile(ReprofileConfig(**{**base, "decision_log": str(mine)}, dataset=str(log_dir / "reprofile"), sample=1.0, max_queries=4,
+                                           judge=JudgeConfig(enabled=True, model="tiny-a")))
+    print("reprofile with a judge:", judged)
+    j = judged["judge"]
+    assert judged["sampled_for_judge"] == judged["sampled"] == 4 and j["via"] == "service" and j["answers"] == 2 * 4 and j["failed_requests"] == 0
+    assert j["calibration"]["n"] + j["calibration"]["unparsed"] == 2 and not j["gate"]["passed"] and j["outcomes_added"] == 0
+    assert judged["store_rows_added"] == 0
+    assert _routed(service, text)[1]["x-icl-router-chosen"] == target  # nothing judged joined the store
 
 
 @pytest.mark.timeout(1260)  # the three bounded waits below (300 + 480 + 300 s) and slack
