@@ -3,6 +3,7 @@
 The head has no CPUs, so the embed actors run on the worker node while the driver runs on the
 head: the job crosses nodes. Killing the worker's raylet mid-job, then starting a new worker
 (what an autoscaler does), must end in a clear failure or in complete output, never in less.
+`icl-router value` submitted to it writes what the same job writes locally.
 """
 
 from __future__ import annotations
@@ -142,6 +143,42 @@ def test_a_failing_job_exits_nonzero_with_its_message(cluster, tmp_path):
     assert no_mode.returncode != 0 and "Authentication required" in no_mode.stderr, no_mode.stderr[-2000:]
     token = subprocess.run(ray_cli, cwd=REPO, env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=120)
     assert token.returncode == 1 and "is not a dataset" in token.stdout + token.stderr, token.stderr[-2000:]
+
+
+VALUE_ROW_KEYS = {"model", "gain", "traffic_share", "cost_change"}
+
+
+def _value_result(path: Path) -> dict:
+    result = json.loads((path / "value.json").read_text())
+    for key in ("candidates", "removals"):
+        assert all(set(r) == VALUE_ROW_KEYS for r in result[key])
+        assert [r["gain"] for r in result[key]] == sorted((r["gain"] for r in result[key]), reverse=True)
+    assert sorted(r["model"] for r in result["candidates"]) == ["m-best", "m-strong"]
+    assert (path / "value.md").is_file() and (path / "value.png").read_bytes()[:4] == b"\x89PNG"
+    return result
+
+
+def test_value_runs_locally_and_as_a_submitted_ray_job(cluster, value_setup, tmp_path):
+    """``icl-router value`` run locally, then submitted through ``icl-router submit``: both write the same value.json."""
+    env, address, _ = cluster
+    ds, router, _ = value_setup
+    costs = "{m-weak: 0.001, m-mid: 0.002, m-strong: 0.004, m-best: 0.01}"
+    over = [f"router={router}", f"dataset={ds.root}", "pool=null", "candidates=[{name: m-strong}, {name: m-best}]", "evaluation.split=null", f"costs={costs}"]
+    plain = {k: v for k, v in env.items() if not k.startswith("RAY")}
+    local = subprocess.run([str(BIN / "icl-router"), "value", "--config", "jobs/value/config.yaml", *over, f"output={tmp_path / 'local'}"],
+                           cwd=REPO, env=plain, capture_output=True, text=True, timeout=120)
+    assert local.returncode == 0, local.stderr[-3000:]
+    assert "[value " in local.stderr and "scored 48/48 queries x 4 models" in local.stderr  # progress on stderr
+    here = _value_result(tmp_path / "local")
+    job = _submit(env, address, *over, f"output={tmp_path / 'job'}", job="value", config="jobs/value/config.yaml", timeout=180)
+    assert job.returncode == 0, job.stderr[-3000:] + job.stdout[-3000:]
+    assert json.loads(job.stdout.strip().splitlines()[-1])["status"] == "SUCCEEDED"
+    assert "scored 48/48 queries x 4 models" in job.stdout  # the job's stderr, streamed back
+    there = _value_result(tmp_path / "job")
+    for key in ("candidates", "removals"):
+        assert [r["model"] for r in there[key]] == [r["model"] for r in here[key]]
+        for a, b in zip(there[key], here[key]):
+            assert a["gain"] == pytest.approx(b["gain"], abs=1e-3) and a["traffic_share"] == pytest.approx(b["traffic_share"], abs=1e-3)
 
 
 def test_killing_the_worker_mid_job_fails_clearly_or_completes(cluster, tmp_path):
