@@ -125,3 +125,26 @@ def test_queries_naming_their_task_get_the_task_layer(task_router_dir, capsys):
         main(["route", "--router", str(task_router_dir), "--text", "hi", "--task", "geo", "--task", "math"])
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("icl-router")]
     assert e.value.code == 2 and len(err) == 1 and "--task" in err[0], err
+
+
+def test_a_stored_default_routes_until_the_pool_loses_it(router_dir):
+    """A layer whose fit chose 'weak' as the default (the best on its held-out queries, though 'strong' leads
+    on the anchors): the service routes to it; when 'weak' leaves the pool the guard falls back to the
+    best prior instead of refusing, and takes it up again when 'weak' returns."""
+    from icl_router import Router
+    from icl_router.model.router_dir import write_decision
+    from icl_router.routing.decision import DecisionParams, with_default
+
+    stored = with_default(DecisionParams(tau=0.1, prior_weight=1.0, min_gain=1.0, fitted={"models": ["strong", "weak"]}), "weak")
+    write_decision(router_dir, stored.to_json())
+    weak = np.array([0, 0, 1, 0, 0, 0], bool)  # its profile, as the fixture registered it
+    r = Router.load(router_dir)
+    texts = ["What is 17 * 23?", "Name the capital of France."]
+    assert [(d.model, d.default) for d in r.route(texts)] == [("weak", "weak")] * 2
+    r.register("new", np.array([1, 0, 1, 0, 1, 0], bool))
+    assert r.decision.default_model == "weak" and r.route(texts)[0].default == "weak"  # the guard refitted, the default kept
+    r.remove("weak")
+    assert r.decision.default_model is None and r.decision.fitted["guard"]["models"] == 2
+    assert [d.default for d in r.route(texts)] == ["strong"] * 2  # the best prior of this pool
+    r.register("weak", weak)
+    assert r.route(texts)[0].default == "weak"

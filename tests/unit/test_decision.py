@@ -243,3 +243,73 @@ def test_the_task_layer_round_trips_and_takes_the_same_overrides():
         D.DecisionParams(task=params)
     with pytest.raises(D.DecisionError, match="decision.task_weight must be a number >= 0.0 and <= 1.0"):
         D.DecisionParams.from_json({"task": {"task_weight": 2.0}})
+
+
+def _misleading_anchors(seed: int = 0, n: int = 600):
+    """Held-out queries where 'mid' is right 80% and 'strong' 50%, while the anchors (and the router's p,
+    slightly) favour 'strong': the anchors' best is not the best model."""
+    rng = np.random.default_rng(seed)
+    labels = (rng.random((n, 3)) < np.array([0.5, 0.8, 0.3])).astype(float)
+    p = np.clip(np.array([0.62, 0.58, 0.3]) + 0.02 * rng.normal(size=(n, 3)), 0.01, 0.99)
+    sim = rng.uniform(-0.2, 0.2, (n, 20))  # [V, K]: no anchor says much about any query
+    profiles = np.zeros((3, 20), dtype=bool)
+    profiles[0, :16], profiles[1, :8], profiles[2, :4] = True, True, True  # anchor accuracy 0.8 / 0.4 / 0.2
+    return [D.View(p, sim)], labels, profiles
+
+
+def test_the_fitted_default_comes_from_the_held_out_queries_not_the_anchors():
+    from icl_router.routing.decision_fit import fit_on_views
+
+    views, labels, profiles = _misleading_anchors()
+    prior = profiles.mean(1)
+    assert D.held_out_default(labels) == 1 and int(np.argmax(prior)) == 0  # they disagree
+    tasks = ["t"] * len(labels)
+    anchor_tasks = ["t"] * profiles.shape[1]
+    old = fit_on_views(views, labels=labels, profiles=profiles, models=MODELS, query_tasks=tasks, anchor_tasks=anchor_tasks)
+    new = fit_on_views(views, labels=labels, profiles=profiles, models=MODELS, query_tasks=tasks, anchor_tasks=anchor_tasks, default="held_out")
+    assert old.default_model is None and D.default_index(MODELS, prior, old) == 0
+    assert new.default_model == new.task.default_model == "mid" and D.fitted_default(new) and D.fitted_default(new.task)
+    assert D.default_index(MODELS, prior, new) == D.default_index(MODELS, prior, new.task) == 1
+    assert new.fitted["models"] == MODELS
+    # the margin is picked for that default: leaving 'mid' for 'strong' on its slightly higher p loses, so the guard holds
+    q = D.adjusted(views[0].p, D.evidence_mass(views[0].sim, new.tau), prior, new)
+    routed = D.routed_accuracy(D.guarded_choice(q, 1, new.min_gain), labels)
+    assert routed == pytest.approx(100 * labels[:, 1].mean()) and new.fitted["accuracy"] == pytest.approx(routed, abs=1e-3)
+    assert old.fitted["accuracy"] < routed - 20  # the anchors' default routes at 'strong's 50%
+    again = D.DecisionParams.from_json(new.to_json())  # stored in the router directory and read back: still the fitted one
+    assert D.fitted_default(again) and D.fitted_default(again.task)
+
+
+def test_a_fitted_default_missing_from_the_pool_or_priced_falls_back_to_the_best_prior():
+    fitted = D.with_default(D.DecisionParams(min_gain=0.1, task=D.DecisionParams()), "mid")
+    assert D.default_index(MODELS, PRIOR, fitted) == 1
+    assert D.default_index(["strong", "niche"], PRIOR[[0, 2]], fitted) == 0  # no error: the best prior of this pool
+    assert D.default_index(MODELS, PRIOR, fitted, cost_weight=0.5, costs=np.array([1.0, 0.1, 0.0])) == 1  # utility: 0.3, 0.55, 0.4
+    assert D.default_index(MODELS, PRIOR, fitted, cost_weight=0.5, costs=np.array([0.0, 0.5, 0.0])) == 0  # not 'mid' for being fitted
+    configured = fitted.replace(default_model="niche")  # a request's own default is no fitted one: it must be in the pool
+    assert not D.fitted_default(configured) and D.default_index(MODELS, PRIOR, configured) == 2
+    with pytest.raises(D.DecisionError, match="is not in the pool"):
+        D.default_index(["strong", "mid"], PRIOR[:2], configured)
+    assert D.with_default(fitted, None).default_model is None and "default" not in D.with_default(fitted, None).task.fitted
+
+
+def test_the_guard_refitted_for_another_pool_keeps_the_fitted_default_only_if_the_pool_has_it():
+    from types import SimpleNamespace
+
+    import torch
+
+    from icl_router.model.evidence import AnchorEvidence
+    from icl_router.routing.decision_fit import PoolDecisions, refit_guard
+
+    anchors, profiles, _, _, _ = _pool(0)  # profiles [K, T]: 'strong' is the anchors' best
+    router = SimpleNamespace(evidence=AnchorEvidence().eval(), anchor_emb=torch.as_tensor(anchors, dtype=torch.float32))
+    stored = D.with_default(D.DecisionParams(tau=0.1, prior_weight=1.0, min_gain=0.2, fitted={"models": ["strong", "mid"]}), "mid")
+    kept = refit_guard(router, stored, profiles=profiles.T, models=MODELS)  # 'niche' registered
+    assert kept.default_model == "mid" and D.fitted_default(kept) and kept.fitted["guard"]["on"] == "anchors"
+    dropped = refit_guard(router, stored, profiles=profiles.T[[0, 2]], models=["strong", "niche"])  # 'mid' removed
+    assert dropped.default_model is None and not D.fitted_default(dropped) and dropped.fitted["guard"]["models"] == 2
+    assert D.default_index(["strong", "niche"], profiles.T[[0, 2]].mean(1), dropped) == 0
+    unnamed = refit_guard(router, stored, profiles=profiles.T)  # a caller that does not name the pool: nothing to keep it by
+    assert unnamed.default_model is None
+    pools = PoolDecisions(router, stored, models=MODELS, profiles=profiles.T)  # what the value job and bench value route each pool with
+    assert pools([0, 1, 2]).default_model == "mid" and pools([0, 2]).default_model is None

@@ -332,7 +332,8 @@ def add_model_section(cfg: EvaluateConfig, rs: RoutingSet, full: Routed, *, seed
     for j, name in enumerate(rs.models):
         others = [m for m in range(len(rs.models)) if m != j]
         without = get_router(rc, rs, seed=seed, seed_i=0, cache=cache, label=f"add-model -{name}", models=others, max_steps=cfg.sweep_max_steps)
-        guard = None if without.decision is None else refit_guard(without.router, without.decision, profiles=rs.profiles(), anchor_tasks=task_names(rs, rs.anchor_rows), seed=seed)
+        guard = None if without.decision is None else refit_guard(without.router, without.decision, profiles=rs.profiles(), models=rs.models,
+                                                                   anchor_tasks=task_names(rs, rs.anchor_rows), seed=seed)
         added = Routed(without.router, without.info, list(range(len(rs.models))), rs.profiles(), guard)
         p = raw_p(added, rs, te, rc)  # all models; j's profile was never trained on
         choice, _, _ = decide(added, rs, te, p)

@@ -11,10 +11,10 @@ router is trained and stored in its directory (``icl_router.json``, ``decision``
   ``prior_weight / (S + prior_weight)``: a query unlike every anchor routes as the
   priors say. Then a Platt map shared by all models (so a model registered by its
   profile alone gets it too) calibrates the level.
-- **A default guard.** The router leaves the default model (a configured one, or the
-  model with the best prior) only when the predicted gain exceeds ``min_gain``. With
-  costs, the gain is in utility ``p - cost_weight * cost`` and the default is the model
-  whose prior utility is best.
+- **A default guard.** The router leaves the default model (a configured one, the one the
+  fit chose as the best on the held-out queries, or else the model with the best prior) only
+  when the predicted gain exceeds ``min_gain``. With costs, the gain is in utility
+  ``p - cost_weight * cost`` and the default is the model whose prior utility is best.
 - **The query's task, when the caller names it.** Anchors of the same task say more about a
   query than its nearest anchors of any task. For a query whose task some anchor has, p first
   moves toward the outcome rate over that task's anchors (``task_kernel``):
@@ -32,7 +32,8 @@ within one standard error of the best (``pick_min_gain``).
 The guard's margin depends on the pool: one fitted on a pool without its strongest model
 keeps a strong newcomer from being used. When the pool is not the one the layer was
 fitted on (``fitted["models"]``), the margin is refitted on the anchors, whose outcomes
-every registered model has (``decision_fit.refit_guard``).
+every registered model has (``decision_fit.refit_guard``); a fitted default that is not in
+that pool gives way to the best prior there.
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ class DecisionParams:
     min_gain: float = 0.0  # predicted gain over the default needed to leave it; 1: always the default
     default_model: str | None = None  # None: the model with the best prior
     calibration: tuple[float, float] = (1.0, 0.0)  # Platt (scale, offset) on logit p, shared by all models
-    fitted: dict = field(default_factory=dict, compare=False)  # how the fit went (rows, accuracies); informative only
+    # how the fit went (rows, accuracies); informative, except "models" (the pool fitted on) and "default" (``fitted_default``)
+    fitted: dict = field(default_factory=dict, compare=False)
     task_weight: float = 0.0  # share of the same-task anchors' rate in p; 0: the query's task is not read
     task_tau: float = 0.15  # temperature over the same-task anchors (cosine similarity units)
     task: DecisionParams | None = None  # the layer for queries whose task has anchors; None: the plain layer routes them
@@ -212,13 +214,38 @@ def adjusted(p: np.ndarray, mass: np.ndarray, prior: np.ndarray, params: Decisio
 
 
 def default_index(models: list[str], prior: np.ndarray, params: DecisionParams, *, cost_weight: float = 0.0, costs: np.ndarray | None = None) -> int:
-    """The default model's column: the configured one (it must be in ``models``), else the best prior utility."""
-    if params.default_model is not None:
+    """The default model's column: the configured one (it must be in ``models``); the one the fit chose on
+    held-out queries (``fitted_default``) when it is in ``models`` and no cost is weighed; else the best prior utility."""
+    fitted = fitted_default(params)
+    if params.default_model is not None and not fitted:
         if params.default_model not in models:
             raise DecisionError(f"decision.default_model {params.default_model!r} is not in the pool {models}; register it or unset it")
         return models.index(params.default_model)
+    if fitted and params.default_model in models and not cost_weight:
+        return models.index(params.default_model)
     u = prior - cost_weight * (costs if costs is not None else 0.0)
     return int(np.argmax(u))  # first best wins ties
+
+
+def fitted_default(params: DecisionParams) -> bool:
+    """True when ``default_model`` is the one ``fit_decision`` chose on held-out queries (``fitted["default"]``),
+    not one a user configured: a pool without it, or a cost weighed, falls back to the best prior utility."""
+    return params.default_model is not None and params.fitted.get("default") == params.default_model
+
+
+def held_out_default(labels: np.ndarray) -> int:
+    """The column of the best mean accuracy over held-out queries' labels [V, T] (NaN: unknown; first best wins ties)."""
+    labels = np.asarray(labels, dtype=np.float64)
+    known = (~np.isnan(labels)).sum(axis=0)
+    acc = np.where(known > 0, np.nansum(labels, axis=0) / np.maximum(known, 1), -np.inf)
+    return int(np.argmax(acc))
+
+
+def with_default(params: DecisionParams, model: str | None) -> DecisionParams:
+    """``params`` (and its task layer) with ``model`` as the fitted default; None: no fitted default (the best prior)."""
+    fitted = {k: v for k, v in params.fitted.items() if k != "default"} | ({} if model is None else {"default": model})
+    task = None if params.task is None else with_default(params.task, model)
+    return dataclass_replace(params, default_model=model, fitted=fitted, task=task)
 
 
 def guarded_choice(p: np.ndarray, default: int, min_gain: float, *, cost_weight: float = 0.0, costs: np.ndarray | None = None) -> np.ndarray:
@@ -272,8 +299,10 @@ def fit_decision(
     taus: tuple[float, ...] = TAUS,
     prior_weights: tuple[float, ...] = PRIOR_WEIGHTS,
     min_gains: tuple[float, ...] = MIN_GAINS,
+    default: int | None = None,
 ) -> DecisionParams:
-    """Fit on ``views`` of the same held-out queries (labels [V, T], NaN where unknown).
+    """Fit on ``views`` of the same held-out queries (labels [V, T], NaN where unknown); the guard's
+    margin is picked for the ``default`` column (None: the best prior, as routing picks it without one).
 
     The shrinkage (tau, prior_weight) is an estimate of p, so it is picked by log loss, a proper
     scoring rule: the cost policies trade p itself against money, and an accuracy objective
@@ -297,7 +326,7 @@ def fit_decision(
     shrunk = [shrink(v.p, evidence_mass(v.sim, tau), prior, m) for v in views]
     cal = fit_platt(shrunk[0], labels)
     final = [calibrate(q, cal) for q in shrunk]
-    default = int(np.argmax(prior))
+    default = int(np.argmax(prior)) if default is None else default
     rows = np.arange(len(labels))
     hits = {g: np.mean([labels[rows, guarded_choice(q, default, g)] for q in final], axis=0) for g in min_gains}  # [V], over the views
     g = pick_min_gain(hits)
@@ -316,6 +345,7 @@ def fit_task_layer(
     anchor_tasks: object,
     task_weights: tuple[float, ...] = TASK_WEIGHTS,
     task_taus: tuple[float, ...] = TASK_TAUS,
+    default: int | None = None,
 ) -> DecisionParams | None:
     """The layer for queries whose task has anchors, fitted on such held-out queries (None if there are none).
 
@@ -336,7 +366,7 @@ def fit_task_layer(
 
     loss = {(w, t): float(np.mean([log_loss(v.p[known], y) for v in mixed(w, t)])) for t in task_taus for w in task_weights}
     w, t = min(loss, key=lambda k: (round(loss[k], 9), k))  # ties: the smaller weight, then the sharper kernel
-    layer = fit_decision(mixed(w, t), labels[rows], prior)
+    layer = fit_decision(mixed(w, t), labels[rows], prior, default=default)
     return dataclass_replace(layer, task_weight=w, task_tau=t, fitted={**layer.fitted, "task_log_loss": round(loss[(w, t)], 5)})
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import Literal
 
 import numpy as np
 import torch
@@ -29,12 +30,15 @@ from icl_router.routing.decision import (
     evidence_mass,
     fit_decision,
     fit_task_layer,
+    fitted_default,
     guarded_choice,
+    held_out_default,
     hide_own_cluster,
     layer_input,
     logit,
     pick_min_gain,
     shrink,
+    with_default,
 )
 
 
@@ -113,22 +117,32 @@ def fit_on_views(
     models: Sequence[str],
     query_tasks: Sequence[str] | None = None,
     anchor_tasks: Sequence[str] | None = None,
+    default: Literal["anchors", "held_out"] = "anchors",
 ) -> DecisionParams:
     """The decision layer fitted on ``views`` of V held-out queries (``router_views``; labels [V, T]),
-    with the task layer when the queries' and the anchors' tasks are given, and the pool recorded."""
+    with the task layer when the queries' and the anchors' tasks are given, and the pool recorded.
+    ``default``: the guard's default model is the best prior (``anchors``: its accuracy on the anchors,
+    chosen when routing), or the best mean accuracy on these queries (``held_out``: stored in both
+    layers' ``default_model``, the margins picked for it)."""
     prior = np.asarray(profiles, dtype=bool).mean(axis=1)  # [T] each model's accuracy on the anchors
-    params = fit_decision(views, labels, prior)
+    col = held_out_default(labels) if default == "held_out" else None
+    params = fit_decision(views, labels, prior, default=col)
     task = None
     if query_tasks is not None and anchor_tasks is not None:
-        task = fit_task_layer(views, labels, prior, profiles=np.asarray(profiles, dtype=bool), query_tasks=query_tasks, anchor_tasks=anchor_tasks)
-    return replace(params, fitted={**params.fitted, "models": list(models)}, task=task)
+        task = fit_task_layer(views, labels, prior, profiles=np.asarray(profiles, dtype=bool), query_tasks=query_tasks, anchor_tasks=anchor_tasks,
+                              default=col)
+    params = replace(params, fitted={**params.fitted, "models": list(models)}, task=task)
+    return params if col is None else with_default(params, list(models)[col])
 
 
 def refit_guard(
-    router: object, params: DecisionParams, *, profiles: np.ndarray, anchor_tasks: Sequence[str] | None = None, folds: int = 10, seed: int = 0
+    router: object, params: DecisionParams, *, profiles: np.ndarray, models: Sequence[str] | None = None, anchor_tasks: Sequence[str] | None = None,
+    folds: int = 10, seed: int = 0,
 ) -> DecisionParams:
-    """``params`` with ``min_gain`` refitted for the pool of T ``profiles`` (bool [T, K]) on the K anchors
-    (the task layer's too, on the anchors whose task other anchors have, given ``anchor_tasks`` [K]).
+    """``params`` with ``min_gain`` refitted for the pool of T ``models`` with ``profiles`` (bool [T, K]) on the
+    K anchors (the task layer's too, on the anchors whose task other anchors have, given ``anchor_tasks`` [K]).
+    A default the fit chose (``decision.fitted_default``) stays if ``models`` has it; else the best prior is
+    the default (unnamed ``models``: it is dropped).
 
     Each fold of anchors is scored by the router's evidence head from the other folds (its own
     outcomes hidden), shrunk and calibrated with the stored parameters; the margin is then picked
@@ -139,9 +153,17 @@ def refit_guard(
     """
     profiles = np.asarray(profiles, dtype=bool)
     if getattr(router, "evidence", None) is None or len(profiles) < 2:
-        return params
+        return pool_default(params, models)
     p, sim = anchor_guard_p(router, profiles=profiles, folds=folds, seed=seed)
-    return guard_on_anchors(params, p=p, sim=sim, profiles=profiles, anchor_tasks=anchor_tasks)
+    return guard_on_anchors(params, p=p, sim=sim, profiles=profiles, models=models, anchor_tasks=anchor_tasks)
+
+
+def pool_default(params: DecisionParams, models: Sequence[str] | None) -> DecisionParams:
+    """``params`` for the pool ``models``: a default the fit chose that the pool lacks (or with the pool
+    unnamed) is dropped from both layers, so the best prior in the pool is the default."""
+    if not fitted_default(params) or (models is not None and params.default_model in models):
+        return params
+    return with_default(params, None)
 
 
 def anchor_guard_p(router: object, *, profiles: np.ndarray, folds: int = 10, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -165,28 +187,32 @@ def anchor_guard_p(router: object, *, profiles: np.ndarray, folds: int = 10, see
 
 
 def guard_on_anchors(
-    params: DecisionParams, *, p: np.ndarray, sim: np.ndarray, profiles: np.ndarray, anchor_tasks: Sequence[str] | None = None
+    params: DecisionParams, *, p: np.ndarray, sim: np.ndarray, profiles: np.ndarray, models: Sequence[str] | None = None,
+    anchor_tasks: Sequence[str] | None = None,
 ) -> DecisionParams:
     """``params`` with the margin picked on the anchors from ``anchor_guard_p``'s p [K, T] and sim [K, K]
-    (and the task layer's, on the anchors it routes, given ``anchor_tasks`` [K])."""
+    (and the task layer's, on the anchors it routes, given ``anchor_tasks`` [K]), for the default the pool
+    of T ``models`` routes with (``pool_default``)."""
     profiles = np.asarray(profiles, dtype=bool)
     prior = profiles.mean(axis=1)  # [T]
+    params = pool_default(params, models)
+    default = list(models).index(params.default_model) if fitted_default(params) else int(np.argmax(prior))
     p = np.clip(p, EPS, 1 - EPS)
     task = params.task
     if task is not None and anchor_tasks is not None:
         li = layer_input(p, sim, params=params, profiles=profiles, query_tasks=anchor_tasks, anchor_tasks=anchor_tasks)
         rows = li.task_rows
         if rows.any():
-            task = _guard(task, p=li.p[rows], mass=li.mass[rows], labels=profiles.T[rows], prior=prior)
-    return replace(_guard(params, p=p, mass=evidence_mass(sim, params.tau), labels=profiles.T, prior=prior), task=task)
+            task = _guard(task, p=li.p[rows], mass=li.mass[rows], labels=profiles.T[rows], prior=prior, default=default)
+    return replace(_guard(params, p=p, mass=evidence_mass(sim, params.tau), labels=profiles.T, prior=prior, default=default), task=task)
 
 
-def _guard(params: DecisionParams, *, p: np.ndarray, mass: np.ndarray, labels: np.ndarray, prior: np.ndarray) -> DecisionParams:
-    """``params`` with the margin of best routed accuracy on p [N, T] against labels bool [N, T]."""
+def _guard(params: DecisionParams, *, p: np.ndarray, mass: np.ndarray, labels: np.ndarray, prior: np.ndarray, default: int) -> DecisionParams:
+    """``params`` with the margin of best routed accuracy on p [N, T] against labels bool [N, T], leaving the ``default`` column."""
     q = calibrate(shrink(p, mass, prior, params.prior_weight), params.calibration)
     labels = labels.astype(np.float64)
     rows = np.arange(len(labels))
-    hits = {g: labels[rows, guarded_choice(q, int(np.argmax(prior)), g)] for g in MIN_GAINS}  # [N] per margin
+    hits = {g: labels[rows, guarded_choice(q, default, g)] for g in MIN_GAINS}  # [N] per margin
     g = pick_min_gain(hits)
     acc = 100 * float(np.nanmean(hits[g]))
     return replace(params, min_gain=g, fitted={**params.fitted, "guard": {"on": "anchors", "models": len(prior), "accuracy": round(acc, 3)}})
@@ -218,5 +244,5 @@ class PoolDecisions:
                 self._cache[key] = self.params
             else:
                 p, sim = self.anchors
-                self._cache[key] = guard_on_anchors(self.params, p=p[:, idx], sim=sim, profiles=self.profiles[idx])
+                self._cache[key] = guard_on_anchors(self.params, p=p[:, idx], sim=sim, profiles=self.profiles[idx], models=[self.models[i] for i in idx])
         return self._cache[key]

@@ -125,7 +125,8 @@ class OnlineRouter:
             # the pool the layer was fitted on keeps it as stored, and so does any pool for a layer that
             # records none (one written by hand, say)
             here = fitted_here(self.stored, self.scorer.models)
-            self.decision = self.stored if here else refit_guard(self.evidence, self.stored, profiles=self.profile_matrix, anchor_tasks=self.anchor_tasks)
+            self.decision = self.stored if here else refit_guard(self.evidence, self.stored, profiles=self.profile_matrix, models=self.scorer.models,
+                                                                anchor_tasks=self.anchor_tasks)
 
     def _sync_store(self) -> bool:
         """Reload the evidence store if its generation moved; whether it did."""

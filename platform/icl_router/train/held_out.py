@@ -101,7 +101,8 @@ def fit_decision_on_held_out(
 ) -> HeldOutFit:
     """The decision layer of the kept ``router`` for the pool ``cols`` (columns of ``rs``), fitted on every
     held-out query (``held_out_rows``). ``trained_on``: the query rows the kept router trained on (none
-    when step 0 is kept); those are scored by ``fold_router``s, ``decision.folds`` of them (or left out)."""
+    when step 0 is kept); those are scored by ``fold_router``s, ``decision.folds`` of them (or left out).
+    With ``decision.default: held_out`` the guard's default is the pool's best model on those queries."""
     held = held_out_rows(rs)
     seen = np.intersect1d(held, trained_on) if trained_on is not None else np.zeros(0, dtype=np.int64)
     folds = min(decision.folds, len(seen)) if fold_router is not None else 0
@@ -120,6 +121,7 @@ def fit_decision_on_held_out(
     params = fit_on_views(
         views, labels=rs.labels[rows][:, cols], profiles=profiles, models=[rs.models[c] for c in cols],
         query_tasks=[rs.tasks[i] for i in rows] if decision.tasks else None, anchor_tasks=[rs.tasks[i] for i in rs.anchor_rows],
+        default=decision.default,
     )
     by_kept = len(parts[0][1]) if parts and parts[0][0] is router else 0
     return HeldOutFit(params, rows=len(rows), by_kept=by_kept, by_folds=len(rows) - by_kept, folds=folds)
