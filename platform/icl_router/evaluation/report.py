@@ -105,10 +105,11 @@ def dataset_section(name: str, rep: dict[str, Any]) -> list[str]:
             lines.append(f"| {part.upper()} | {c['ece_raw']:.3f} -> {c['ece']:.3f} | {c['brier_raw']:.3f} -> {c['brier']:.3f} | {c['away_from_default']:.1f}% |")
     dec = [(seed, d) for seed, d in (rep.get("decision") or {}).items() if d]
     if dec:
-        lines += ["", "| seed | tau | prior_weight | min_gain | calibration | fitted on |", "|---|---|---|---|---|---|"]
+        lines += ["", "| seed | default | tau | prior_weight | min_gain | calibration | fitted on |", "|---|---|---|---|---|---|---|"]
         for seed, d in dec:
             lines.append(
-                f"| {seed} | {d['tau']} | {d['prior_weight']} | {d['min_gain']} | ({d['calibration'][0]:.2f}, {d['calibration'][1]:.2f}) | {d['fitted'].get('rows', '–')} queries |"
+                f"| {seed} | {d.get('default_model') or 'the best prior'} | {d['tau']} | {d['prior_weight']} | {d['min_gain']} "
+                f"| ({d['calibration'][0]:.2f}, {d['calibration'][1]:.2f}) | {d['fitted'].get('rows', '–')} queries |"
             )
     return lines
 
