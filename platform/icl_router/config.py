@@ -370,9 +370,10 @@ class DecisionFitConfig(Config):
     # when a trained step is kept, the held-out queries it trained on are scored by this many fold routers, each
     # trained as the kept one without its fold (train/held_out.py); 0: leave those queries out of the fit
     folds: int = Field(default=2, ge=0)
-    # the guard's default model: the best prior (its accuracy on the anchors, chosen when routing), or the best on the
-    # held-out queries the layer is fitted on (stored as the layer's default_model; a pool without it falls back to the best prior)
-    default: Literal["anchors", "held_out"] = "anchors"
+    # the guard's default model: the best on the held-out queries the layer is fitted on (stored as the layer's default_model;
+    # a pool without it falls back to the best prior), or the best prior (anchors: its accuracy on the anchors, chosen when
+    # routing; the behaviour before, docs/results.md "The guard's default fitted on the held-out queries")
+    default: Literal["anchors", "held_out"] = "held_out"
 
 
 class TrainStepsConfig(Config):
