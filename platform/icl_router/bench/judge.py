@@ -57,13 +57,10 @@ def graded_answers(dataset: str, *, models: list[str] | None, limit: int, seed: 
 
 def score_judge(rows: list[dict[str, Any]], scores: list[float | None], args: argparse.Namespace) -> dict[str, Any]:
     """Agreement of one judge's scores with the graders on ``rows``: overall, by task and by answering model, and the gate."""
-    from icl_router.data.judge import agreement, gate
+    from icl_router.data.judge import gate, score_agreement
 
     def agree(idx: list[int]) -> dict[str, Any]:
-        ok = [i for i in idx if scores[i] is not None]
-        out = agreement([scores[i] >= 0.5 for i in ok], [rows[i]["correct"] for i in ok])
-        out["unparsed"] = len(idx) - len(ok)
-        return out
+        return score_agreement([scores[i] for i in idx], [rows[i]["correct"] for i in idx])
 
     res = agree(list(range(len(rows))))
     for key in ("task", "model_id"):

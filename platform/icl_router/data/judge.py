@@ -91,6 +91,15 @@ def agreement(judge: Sequence[bool], graders: Sequence[bool]) -> dict[str, Any]:
     return out
 
 
+def score_agreement(scores: Sequence[float | None], correct: Sequence[bool]) -> dict[str, Any]:
+    """``agreement`` of a judge's scores (None: unreadable, left out and counted as ``unparsed``) with the
+    graders' labels on the same answers, a score reading correct at ``schemas.CORRECT_THRESHOLD``."""
+    ok = [(s, c) for s, c in zip(scores, correct, strict=True) if s is not None]
+    out = agreement([s >= schemas.CORRECT_THRESHOLD for s, _ in ok], [c for _, c in ok])
+    out["unparsed"] = len(scores) - len(ok)
+    return out
+
+
 def gate(agree: dict[str, Any], *, metric: str, min_agreement: float, min_calibration: int) -> tuple[bool, str]:
     """(passed, why): the judge's outcomes may join the evidence only when ``agree[metric]`` reaches
     ``min_agreement`` on at least ``min_calibration`` calibration answers."""

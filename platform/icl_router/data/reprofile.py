@@ -51,7 +51,16 @@ from icl_router.config import (
     load_config,
 )
 from icl_router.data.dataset import Dataset, new_run_id
-from icl_router.data.judge import DEFAULT_RUBRIC, agreement, chat, gate, judge_http, judge_vllm, render, verdict_rows
+from icl_router.data.judge import (
+    DEFAULT_RUBRIC,
+    chat,
+    gate,
+    judge_http,
+    judge_vllm,
+    render,
+    score_agreement,
+    verdict_rows,
+)
 from icl_router.graders import GRADERS
 from icl_router.raycluster import ensure_ray
 
@@ -105,19 +114,15 @@ def _working_dataset(path: Path, queries: pa.Table) -> Dataset:
     return ds
 
 
-def _answers_dir(ds: Dataset, kind: str) -> Path:
-    return ds.root / kind
-
-
 def read_parts(ds: Dataset, kind: str) -> list[dict]:
     """The rows of ``<work>/<kind>/`` (``answers``: ungraded answers; ``judgements``: a judge's verdicts), oldest first."""
-    d = _answers_dir(ds, kind)
+    d = ds.root / kind
     return [r for f in sorted(d.glob("*.parquet")) for r in pq.read_table(f).to_pylist()] if d.is_dir() else []
 
 
 def _append_part(ds: Dataset, kind: str, rows: list[dict]) -> None:
     if rows:
-        d = _answers_dir(ds, kind)
+        d = ds.root / kind
         d.mkdir(parents=True, exist_ok=True)
         pq.write_table(pa.Table.from_pylist(rows), d / f"{new_run_id()}.parquet")
 
@@ -181,7 +186,9 @@ def _run_pool(cfg: ReprofileConfig, serve: ServeConfig | None, ds: Dataset, todo
     """Every pool model on every query of ``todo_all`` not answered yet: {model: {ran, via}}."""
     gold = pc.is_valid(todo_all.column(schemas.GOLD))
     to_grade, to_judge = todo_all.filter(gold), todo_all.filter(pc.invert(gold))
-    answered = {m: {r[schemas.QUERY_ID] for r in read_parts(ds, "answers") if r[schemas.MODEL_ID] == m} for m in names}
+    answered: dict[str, set[str]] = {m: set() for m in names}
+    for r in read_parts(ds, "answers"):
+        answered.setdefault(r[schemas.MODEL_ID], set()).add(r[schemas.QUERY_ID])
     out: dict[str, dict] = {}
 
     def todo(m: str) -> pa.Table:
@@ -310,9 +317,7 @@ def run_judge(cfg: ReprofileConfig, serve: ServeConfig | None, ds: Dataset, *, j
     _append_part(ds, "judgements", [r for r in new if r["reply"] is not None])  # a failed request is asked again next run
     known.update({(r[schemas.QUERY_ID], r[schemas.MODEL_ID]): r for r in new})
     scores = {qm: known[qm][schemas.SCORE] for qm in known}
-    cal = [(scores.get((q, m)), c) for q, m, _, c in calib]
-    agree = agreement([s >= schemas.CORRECT_THRESHOLD for s, _ in cal if s is not None], [c for s, c in cal if s is not None])
-    agree["unparsed"] = sum(1 for s, _ in cal if s is None)
+    agree = score_agreement([scores.get((q, m)) for q, m, _, _ in calib], [c for *_, c in calib])
     passed, why = gate(agree, metric=j.metric, min_agreement=j.min_agreement, min_calibration=j.min_calibration)
     verdicts = [(q, m, scores.get((q, m))) for q, m in targets]
     readable = [(q, m, s) for q, m, s in verdicts if s is not None]
